@@ -1,0 +1,206 @@
+"""Configuration of one HMoE layer: a typed, self-validating dataclass.
+
+Every choice is a :class:`StrEnum`, so YAML/JSON strings (``"top_p"``) and the
+enum members compare equal, and every error names the field, the bad value and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+
+    class StrEnum(str, enum.Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class RoutingMethod(StrEnum):
+    """How each token picks its experts (HMoE paper, Sec. 3.1)."""
+
+    TOP_K = "top_k"  # a fixed number of experts per token (Eq. 8)
+    TOP_P = "top_p"  # the smallest set whose probability mass reaches p (Eq. 9-11)
+
+
+class ExpertActivation(StrEnum):
+    """Expert FFN type. The gated ones have three matrices, the others two."""
+
+    SWIGLU = "swiglu"
+    GEGLU = "geglu"
+    GELU = "gelu"
+    RELU = "relu"
+
+    @property
+    def gated(self) -> bool:
+        return self in (ExpertActivation.SWIGLU, ExpertActivation.GEGLU)
+
+
+class SizeNormalization(StrEnum):
+    """How expert sizes h_i are normalised inside the P-Penalty loss (Eq. 4).
+
+    ``mean`` (h_i / mean(h)) makes P-Penalty equal the load-balance loss when
+    all experts have the same size, which is the property the paper states;
+    ``max`` (h_i / max(h)) keeps every weight <= 1.
+    """
+
+    MEAN = "mean"
+    MAX = "max"
+
+
+class PlacementStrategy(StrEnum):
+    """How logical experts are laid out over expert-parallel ranks."""
+
+    CONTIGUOUS = "contiguous"  # DeepSpeed's: rank r holds experts [r*E/ep, (r+1)*E/ep)
+    BALANCED = "balanced"  # equalise expected work (size x routed share) per rank
+
+
+def _choice(enum_cls: type[StrEnum], name: str, value: Any) -> Any:
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {allowed}") from None
+
+
+@dataclass
+class HMoELayerConfig:
+    """Everything that defines one heterogeneous MoE layer (besides ``hidden_size``).
+
+    Attributes:
+        expert_sizes: FFN hidden size h_i of each expert, one per expert; all
+            experts map d_model -> d_model. Unequal sizes make the layer an HMoE.
+        routing: ``top_k`` (Eq. 8) or ``top_p`` (Eq. 9-11).
+        top_k: experts per token for Top-K routing (1 <= k <= number of experts).
+        top_p: probability-mass threshold p in (0, 1] for Top-P routing. The
+            expert whose cumulative probability crosses p is included, so at
+            least one expert is always active (Eq. 9).
+        renormalize_gates: renormalise the gate weights over the chosen experts
+            (Eq. 8 and 11, the paper's default); ``False`` keeps raw softmax
+            probabilities as in the dynamic-routing code (Huang et al., 2024).
+        activation: expert FFN type; SwiGLU as in the paper's LLaMA experts.
+        capacity_factor: ``None`` (default) is dropless: every chosen (token,
+            expert) pair is computed, as in the paper. A number enables the
+            capacity path: each expert takes at most
+            ``max(min_capacity, ceil(capacity_factor * assignments / E))`` tokens
+            and the rest are dropped and counted.
+        eval_capacity_factor: capacity factor in eval mode (defaults to
+            ``capacity_factor``).
+        min_capacity: lower bound of the per-expert capacity.
+        jitter_eps: multiplicative input jitter for the router during training
+            (DeepSpeed's "Jitter" policy); 0 disables it.
+        load_balance_coef: weight of the Switch/GShard load-balance loss (Eq. 3).
+        p_penalty_coef: weight of the HMoE parameter-penalty loss (Eq. 4); the
+            paper uses 0.1 and *replaces* load balance with it for HMoE.
+        entropy_coef: weight of the router-entropy loss (Eq. 5, Top-P; 3e-2 in
+            the paper).
+        z_loss_coef: weight of the router z-loss (ST-MoE); off in the paper.
+        size_normalization: normalisation of h_i inside P-Penalty.
+        ep_size: expert-parallel world size; must divide the number of experts.
+        placement: how experts are placed over the ``ep_size`` ranks.
+    """
+
+    expert_sizes: list[int]
+    routing: RoutingMethod = RoutingMethod.TOP_P
+    top_k: int = 2
+    top_p: float = 0.6
+    renormalize_gates: bool = True
+    activation: ExpertActivation = ExpertActivation.SWIGLU
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 4
+    jitter_eps: float = 0.0
+    load_balance_coef: float = 0.0
+    p_penalty_coef: float = 0.1
+    entropy_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    size_normalization: SizeNormalization = SizeNormalization.MEAN
+    ep_size: int = 1
+    placement: PlacementStrategy = PlacementStrategy.CONTIGUOUS
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.extra:
+            raise ValueError(f"'extra' is reserved; got {self.extra!r}")
+        self.validate()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_sizes)
+
+    def validate(self) -> "HMoELayerConfig":
+        """Check every field; raise ``ValueError`` naming the field and the fix."""
+        sizes = self.expert_sizes
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") or len(sizes) == 0:
+            raise ValueError(
+                f"expert_sizes={sizes!r}: need a non-empty list of positive ints "
+                "(one FFN hidden size per expert), e.g. [256, 384, 512, 640]"
+            )
+        bad = [s for s in sizes if isinstance(s, bool) or not isinstance(s, int) or s <= 0]
+        if bad:
+            raise ValueError(
+                f"expert_sizes={list(sizes)!r}: every size must be a positive int; bad entries: {bad}"
+            )
+        self.expert_sizes = [int(s) for s in sizes]
+        n = len(self.expert_sizes)
+        self.routing = _choice(RoutingMethod, "routing", self.routing)
+        self.activation = _choice(ExpertActivation, "activation", self.activation)
+        self.size_normalization = _choice(SizeNormalization, "size_normalization", self.size_normalization)
+        self.placement = _choice(PlacementStrategy, "placement", self.placement)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= n:
+            raise ValueError(f"top_k={self.top_k!r}: must be an int with 1 <= top_k <= number of experts ({n})")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < float(self.top_p) <= 1.0):
+            raise ValueError(f"top_p={self.top_p!r}: must be a number in (0, 1]")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value)):
+                raise ValueError(f"{name}={value!r}: must be a positive number, or null/None for dropless routing")
+        if not isinstance(self.min_capacity, int) or self.min_capacity < 0:
+            raise ValueError(f"min_capacity={self.min_capacity!r}: must be an int >= 0")
+        if not isinstance(self.jitter_eps, (int, float)) or not 0.0 <= self.jitter_eps < 1.0:
+            raise ValueError(f"jitter_eps={self.jitter_eps!r}: must be in [0, 1)")
+        for name in ("load_balance_coef", "p_penalty_coef", "entropy_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r}: must be a finite number >= 0 (0 disables the loss)")
+        if isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1:
+            raise ValueError(f"ep_size={self.ep_size!r}: must be an int >= 1")
+        if n % self.ep_size != 0:
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            raise ValueError(
+                f"ep_size={self.ep_size} does not divide the number of experts ({n}); "
+                f"allowed ep_size values: {divisors}"
+            )
+        return self
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (enums as strings), e.g. for ``PretrainedConfig``."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, enum.Enum) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HMoELayerConfig":
+        """Build from a mapping; unknown keys are an error that lists the allowed ones."""
+        allowed = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ValueError(f"unknown MoE layer option(s) {unknown}; allowed: {sorted(allowed)}")
+        if "expert_sizes" not in data:
+            raise ValueError("expert_sizes is required (one FFN hidden size per expert)")
+        return cls(**dict(data))

@@ -1,0 +1,115 @@
+"""Expert FFNs of unequal width and their grouped computation.
+
+Shape legend: R rows (tokens routed to this rank's experts, grouped by expert),
+D model width, H an expert's hidden width.
+
+An HMoE expert is a LLaMA-style FFN whose hidden width h_i differs per expert
+(HMoE paper, Sec. 3.1). Experts are computed one after the other on
+contiguous slices of the grouped token buffer ("option 1" of
+``DEEPSPEED_NOTES.md``): exact FLOPs, no padding to the widest expert and no
+capacity buffer. Every expert runs even on an empty slice so that each expert
+parameter receives a (zero) gradient every step: ZeRO's gradient hooks then
+fire on every rank and no reduction waits for an expert that got no tokens
+(DeepSpeed issue 4808).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ExpertActivation
+
+
+def ffn_forward(
+    x_RD: torch.Tensor,
+    w1_HD: torch.Tensor,
+    w2_DH: torch.Tensor,
+    w3_HD: torch.Tensor | None,
+    activation: ExpertActivation | str,
+) -> torch.Tensor:
+    """One expert FFN on a slice of tokens.
+
+    Gated (SwiGLU/GeGLU): ``w2(act(w1 x) * w3 x)``; plain (GELU/ReLU):
+    ``w2(act(w1 x))``. Weights use ``nn.Linear``'s [out, in] layout so packed
+    weights (a later ZeRO-3 layer) and module weights share this function.
+    """
+    activation = ExpertActivation(activation)
+    h_RH = F.linear(x_RD, w1_HD)
+    if activation is ExpertActivation.SWIGLU:
+        h_RH = F.silu(h_RH) * F.linear(x_RD, w3_HD)
+    elif activation is ExpertActivation.GEGLU:
+        h_RH = F.gelu(h_RH) * F.linear(x_RD, w3_HD)
+    elif activation is ExpertActivation.GELU:
+        h_RH = F.gelu(h_RH)
+    else:
+        h_RH = F.relu(h_RH)
+    return F.linear(h_RH, w2_DH)
+
+
+class FFNExpert(nn.Module):
+    """A single expert: ``hidden_size -> ffn_size -> hidden_size``, no biases.
+
+    Attribute names follow LLaMA/Mixtral (w1 gate, w3 up, w2 down), so weights
+    load into HF Mixtral-style layouts and into DeepSpeed's ``MoE`` unchanged.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, activation: ExpertActivation | str = "swiglu") -> None:
+        super().__init__()
+        self.activation = ExpertActivation(activation)
+        self.hidden_size = hidden_size
+        self.ffn_size = ffn_size
+        self.w1 = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.w2 = nn.Linear(ffn_size, hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, ffn_size, bias=False) if self.activation.gated else None
+
+    def forward(self, x_RD: torch.Tensor) -> torch.Tensor:
+        w3 = self.w3.weight if self.w3 is not None else None
+        return ffn_forward(x_RD, self.w1.weight, self.w2.weight, w3, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size} -> {self.ffn_size} -> {self.hidden_size}, {self.activation}"
+
+
+class HeteroExperts(nn.Module):
+    """This rank's experts, each of its own width, held as a ``ModuleList``.
+
+    The attribute is called ``deepspeed_experts`` on purpose: DeepSpeed's
+    engine finds expert parameters for its per-expert checkpoint files by the
+    name ``.deepspeed_moe.experts.deepspeed_experts.<local id>.``.
+
+    Args:
+        hidden_size: model width D.
+        expert_sizes: hidden widths of the experts held on this rank, in local
+            slot order.
+        activation: expert FFN type.
+        expert_group_name: DeepSpeed expert-parallel group name; tagged on each
+            parameter (with ``allreduce=False``) exactly as DeepSpeed's
+            ``Experts`` does, so the engine reduces these gradients over the
+            expert-data-parallel group and puts them in MoE optimizer groups.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expert_sizes: Sequence[int],
+        activation: ExpertActivation | str,
+        expert_group_name: str,
+    ) -> None:
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(FFNExpert(hidden_size, h, activation) for h in expert_sizes)
+        self.num_local_experts = len(self.deepspeed_experts)
+        for param in self.deepspeed_experts.parameters():
+            param.allreduce = False
+            param.group_name = expert_group_name
+
+    def forward_grouped(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Apply local expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
+        if len(counts) != self.num_local_experts:
+            raise ValueError(f"got {len(counts)} token counts for {self.num_local_experts} local experts")
+        chunks = torch.split(x_RD, list(counts), dim=0)
+        outputs = [expert(chunk) for expert, chunk in zip(self.deepspeed_experts, chunks)]
+        return torch.cat(outputs, dim=0)

@@ -1,0 +1,10 @@
+# Sourced by the run/ scripts: pick DeepSpeed's CPU accelerator when no CUDA
+# device exists, so the same command works on a laptop, in CI and on GPU nodes.
+if [ -z "${DS_ACCELERATOR:-}" ]; then
+  if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+    export DS_ACCELERATOR=cpu
+  fi
+fi
+# Never reach for a model or dataset hub at run time.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Idempotent set-up: create (or reuse) .venv in the repository and install
+# hmoe-ds with its test extras. Safe to run again; reinstalls only when
+# pyproject.toml changed.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+python="${PYTHON:-python3}"
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "hmoe-ds needs Python >= 3.10; '$python' is $("$python" --version 2>&1). Set PYTHON=/path/to/python3.11." >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$python" -m venv .venv
+fi
+stamp=".venv/.hmoe-ds-installed"
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[setup] .venv is up to date"
+  exit 0
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+"${pip[@]}" install -q --upgrade pip
+# torch first: pinned to the tested release. Without a GPU this resolves to the
+# CPU wheel (set HMOE_TORCH_INDEX_URL to a CPU wheel index elsewhere); with CUDA
+# the same version's CUDA build is used. Installing it first stops any other
+# package from pulling an unpinned, multi-GB CUDA build.
+torch_args=(torch==2.13.0)
+if [ -n "${HMOE_TORCH_INDEX_URL:-}" ]; then torch_args+=(--index-url "$HMOE_TORCH_INDEX_URL"); fi
+echo "[setup] installing torch==2.13.0"
+"${pip[@]}" install -q "${torch_args[@]}"
+echo "[setup] installing hmoe-ds and its test extras"
+"${pip[@]}" install -q -e ".[test]"
+echo "$want" > "$stamp"
+echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")')"
