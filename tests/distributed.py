@@ -1,0 +1,86 @@
+"""Run a function on N CPU ranks (gloo), like OLMo-core's ``run_distributed_test``.
+
+Each rank is a fresh spawned process with the usual launcher environment
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and
+``DS_ACCELERATOR=cpu``, so ``deepspeed.init_distributed()`` works as under
+the deepspeed launcher. Return values come back per rank; an exception on any
+rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, queue) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+    )
+    try:
+        import deepspeed
+        import torch
+
+        torch.set_num_threads(1)
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        result = fn(rank=rank, world_size=world_size, **kwargs)
+        queue.put((rank, "ok", result))
+    except BaseException:  # noqa: BLE001 - reported to the parent verbatim
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, timeout: float = 300.0, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank=..., world_size=..., **kwargs)`` on ``world_size`` gloo ranks; return results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, kwargs, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world_size:
+        if time.monotonic() > deadline:
+            break
+        if queue.empty():
+            if not any(p.is_alive() for p in procs) and queue.empty():
+                break
+            time.sleep(0.05)
+            continue
+        rank, status, payload = queue.get()
+        if status == "ok":
+            results[rank] = payload
+        else:
+            errors.append(f"rank {rank}:\n{payload}")
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if errors:
+        raise AssertionError("distributed test failed\n" + "\n".join(errors))
+    if len(results) != world_size:
+        raise AssertionError(f"only ranks {sorted(results)} of {world_size} reported (timeout {timeout}s or crash)")
+    return [results[r] for r in range(world_size)]

@@ -1,0 +1,100 @@
+"""Slow, obviously-correct reference implementations the optimised paths are checked against.
+
+Everything here loops over tokens (and experts) in plain Python.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def top_p_set(probs: Sequence[float], p: float) -> set[int]:
+    """Sort descending, accumulate until the mass reaches p (the crossing expert included)."""
+    order = sorted(range(len(probs)), key=lambda i: (-probs[i], i))
+    chosen, mass = set(), torch.zeros((), dtype=torch.float32)
+    for i in order:
+        chosen.add(i)
+        mass = mass + torch.tensor(probs[i], dtype=torch.float32)  # fp32 running sum, as the router
+        if mass >= p:
+            break
+    return chosen
+
+
+def top_k_set(probs: Sequence[float], k: int) -> set[int]:
+    return set(sorted(range(len(probs)), key=lambda i: (-probs[i], i))[:k])
+
+
+def route_reference(logits: torch.Tensor, method: str, k: int, p: float, renormalize: bool):
+    """Per token: (chosen set, {expert: gate weight})."""
+    out = []
+    for row in logits.float():
+        probs = torch.softmax(row, dim=0)
+        plist = probs.tolist()
+        chosen = top_k_set(plist, k) if method == "top_k" else top_p_set(plist, p)
+        total = sum(probs[i] for i in chosen)
+        gates = {i: (probs[i] / total if renormalize else probs[i]) for i in chosen}
+        out.append((chosen, gates))
+    return out
+
+
+def moe_reference(x_TD: torch.Tensor, logits_TE: torch.Tensor, experts, method: str, k: int, p: float,
+                  renormalize: bool = True, capacity: int | None = None) -> torch.Tensor:
+    """out_t = sum over chosen experts of gate * expert(x_t), one token at a time.
+
+    With a capacity, expert e serves only the first ``capacity`` tokens (in token order) that chose it.
+    """
+    routes = route_reference(logits_TE, method, k, p, renormalize)
+    served = [0] * logits_TE.shape[1]
+    rows = []
+    for t in range(x_TD.shape[0]):
+        chosen, gates = routes[t]
+        acc = torch.zeros_like(x_TD[t])
+        for e in sorted(chosen):
+            if capacity is not None:
+                if served[e] >= capacity:
+                    continue
+                served[e] += 1
+            acc = acc + gates[e] * experts[e](x_TD[t:t + 1])[0]
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def load_balance_reference(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    T, E = probs.shape
+    total = probs.new_zeros(())
+    for i in range(E):
+        share = sum(float(mask[t, i]) for t in range(T)) / T
+        mean_p = sum(probs[t, i] for t in range(T)) / T
+        total = total + share * mean_p
+    return E * total
+
+
+def p_penalty_reference(probs: torch.Tensor, mask: torch.Tensor, sizes: Sequence[float]) -> torch.Tensor:
+    T, E = probs.shape
+    mean_h = sum(sizes) / len(sizes)
+    total = probs.new_zeros(())
+    for i in range(E):
+        m_i = sum(float(mask[t, i]) * sizes[i] / mean_h for t in range(T)) / T
+        mean_p = sum(probs[t, i] for t in range(T)) / T
+        total = total + m_i * mean_p
+    return E * total
+
+
+def entropy_reference(probs: torch.Tensor) -> torch.Tensor:
+    T = probs.shape[0]
+    total = probs.new_zeros(())
+    for t in range(T):
+        total = total - sum(pi * torch.log(pi) for pi in probs[t] if float(pi.detach()) > 0)
+    return total / T
+
+
+def z_loss_reference(logits: torch.Tensor) -> torch.Tensor:
+    T = logits.shape[0]
+    return sum(torch.log(sum(torch.exp(v) for v in logits[t])) ** 2 for t in range(T)) / T
+
+
+def isclose(a: float, b: float, tol: float = 1e-6) -> bool:
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
