@@ -102,9 +102,18 @@ class HeteroExperts(nn.Module):
         super().__init__()
         self.deepspeed_experts = nn.ModuleList(FFNExpert(hidden_size, h, activation) for h in expert_sizes)
         self.num_local_experts = len(self.deepspeed_experts)
+        self.expert_group_name = expert_group_name
+        self.tag_expert_parameters()
+
+    def tag_expert_parameters(self) -> None:
+        """Mark every expert parameter as DeepSpeed's ``Experts`` does.
+
+        Call again after anything that replaces the parameter objects (e.g. HF
+        ``from_pretrained``), since the tags are attributes of the objects.
+        """
         for param in self.deepspeed_experts.parameters():
             param.allreduce = False
-            param.group_name = expert_group_name
+            param.group_name = self.expert_group_name
 
     def forward_grouped(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""

@@ -116,14 +116,10 @@ class HMoEBlock(nn.Module):
         self.experts = HeteroExperts(
             hidden_size, [config.expert_sizes[e] for e in self.local_expert_ids], config.activation, expert_group_name
         )
-        self.register_buffer(
-            "slot_to_expert", torch.tensor(placement.slot_to_expert, dtype=torch.long), persistent=False
-        )
-        self.register_buffer(
-            "normalized_sizes",
-            L.normalized_expert_sizes(config.expert_sizes, config.size_normalization),
-            persistent=False,
-        )
+        # Small constants built lazily on the compute device from Python data, not
+        # buffers: HF loading builds modules on the meta device and leaves
+        # non-persistent buffers uninitialised.
+        self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
         self.expert_params = tuple(
             expert_param_count(hidden_size, h, gated=config.activation.gated) for h in config.expert_sizes
         )
@@ -132,6 +128,17 @@ class HMoEBlock(nn.Module):
         self.l_aux: torch.Tensor | None = None
         self.exp_counts: torch.Tensor | None = None
         self.last_stats: RoutingStats | None = None
+
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._constants:
+            if name == "slot_to_expert":
+                value = torch.tensor(self.placement.slot_to_expert, dtype=torch.long, device=device)
+            else:
+                cfg = self.config
+                value = L.normalized_expert_sizes(cfg.expert_sizes, cfg.size_normalization, device=device)
+            self._constants[key] = value
+        return self._constants[key]
 
     def _set_ep_group(self, ep_group: Any) -> None:
         """Called by DeepSpeed (through ``MoE.set_deepspeed_parallelism``) and by ``HMoE``."""
@@ -145,7 +152,11 @@ class HMoEBlock(nn.Module):
             "load_balance": (cfg.load_balance_coef, lambda: L.load_balance_loss(probs_TE=probs_TE, mask_TE=mask_TE)),
             "p_penalty": (
                 cfg.p_penalty_coef,
-                lambda: L.p_penalty_loss(probs_TE=probs_TE, mask_TE=mask_TE, expert_sizes_E=self.normalized_sizes),
+                lambda: L.p_penalty_loss(
+                    probs_TE=probs_TE,
+                    mask_TE=mask_TE,
+                    expert_sizes_E=self._constant("normalized_sizes", probs_TE.device),
+                ),
             ),
             "entropy": (cfg.entropy_coef, lambda: L.router_entropy_loss(probs_TE=probs_TE)),
             "z_loss": (cfg.z_loss_coef, lambda: L.router_z_loss(logits_TE=router_logits_TE)),
@@ -190,7 +201,7 @@ class HMoEBlock(nn.Module):
 
         selected_E = router.mask_TE.sum(dim=0)
         capacity = self._capacity(int(selected_E.sum())) if cfg.capacity_factor is not None else None
-        plan = plan_dispatch(router, capacity=capacity, slot_to_expert_S=self.slot_to_expert)
+        plan = plan_dispatch(router, capacity=capacity, slot_to_expert_S=self._constant("slot_to_expert", x.device))
         x_AD = x_TD.index_select(0, plan.token_idx_A)
         x_RD, local_counts, context = self.exchange.dispatch(x_AD, plan.counts)
         y_RD = self.experts.forward_grouped(x_RD, local_counts)

@@ -14,7 +14,8 @@ import socket
 import traceback
 from typing import Any, Callable
 
-import torch.multiprocessing as mp
+import io
+import multiprocessing as mp
 
 
 def free_port() -> int:
@@ -35,7 +36,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, q
         torch.set_num_threads(1)
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
         result = fn(rank=rank, world_size=world_size, **kwargs)
-        queue.put((rank, "ok", result))
+        # Serialised to bytes: tensors sent as shared-memory handles would die with this process.
+        buffer = io.BytesIO()
+        torch.save(result, buffer)
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - reported to the parent verbatim
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -71,7 +75,9 @@ def run_distributed(fn: Callable[..., Any], world_size: int, timeout: float = 30
             continue
         rank, status, payload = queue.get()
         if status == "ok":
-            results[rank] = payload
+            import torch
+
+            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{payload}")
     for p in procs:

@@ -332,4 +332,5 @@ def test_parameter_summary_activated_estimate():
     assert top_k["activated_params_per_token"] == pytest.approx(top_k["non_expert_params"] + 2 * experts_per_layer / 2)
     # Top-P, p=0.6 with a uniform router over 4 experts keeps ceil(2.4) = 3 experts.
     top_p = parameter_summary(debug_config())
-    assert top_p["activated_params_per_token"] == pytest.approx(top_p["non_expert_params"] + 2 * experts_per_layer * 3 / 4)
+    expected = top_p["non_expert_params"] + 2 * experts_per_layer * 3 / 4
+    assert top_p["activated_params_per_token"] == pytest.approx(expected)
