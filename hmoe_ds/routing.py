@@ -74,7 +74,10 @@ def top_p_mask(probs_TE: torch.Tensor, p: float) -> torch.Tensor:
     included, and always the most probable expert (its prefix mass is 0 < p).
     """
     sorted_TE, order_TE = torch.sort(probs_TE, dim=1, descending=True, stable=True)
-    mass_before_TE = torch.cumsum(sorted_TE, dim=1) - sorted_TE
+    cumulative_TE = torch.cumsum(sorted_TE, dim=1)
+    # Shifted rather than ``cumsum - sorted``: the subtraction rounds differently
+    # from the running sum and could flip a decision when p is within an ulp.
+    mass_before_TE = torch.cat([torch.zeros_like(cumulative_TE[:, :1]), cumulative_TE[:, :-1]], dim=1)
     keep_sorted_TE = mass_before_TE < p
     return torch.zeros_like(keep_sorted_TE).scatter_(1, order_TE, keep_sorted_TE)
 
