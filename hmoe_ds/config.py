@@ -62,6 +62,19 @@ class PlacementStrategy(StrEnum):
     BALANCED = "balanced"  # equalise expected work (size x routed share) per rank
 
 
+class MoEFrontend(StrEnum):
+    """How the layer presents its parameters to DeepSpeed (the math is identical).
+
+    ``moe``: a ``deepspeed.moe.layer.MoE`` subclass with one module per expert
+    (ZeRO stages 0-2; what DeepSpeed users know). ``autoep``: an
+    ``AutoEPMoELayer`` subclass with each rank's experts packed into three
+    parameters, the only form DeepSpeed partitions under ZeRO stage 3.
+    """
+
+    MOE = "moe"
+    AUTOEP = "autoep"
+
+
 def _choice(enum_cls: type[StrEnum], name: str, value: Any) -> Any:
     try:
         return enum_cls(value)
@@ -105,6 +118,8 @@ class HMoELayerConfig:
         size_normalization: normalisation of h_i inside P-Penalty.
         ep_size: expert-parallel world size; must divide the number of experts.
         placement: how experts are placed over the ``ep_size`` ranks.
+        frontend: the DeepSpeed base class (``moe`` for ZeRO 0-2, ``autoep``
+            for ZeRO-3); the trainer picks it from the DeepSpeed config.
     """
 
     expert_sizes: list[int]
@@ -124,6 +139,7 @@ class HMoELayerConfig:
     size_normalization: SizeNormalization = SizeNormalization.MEAN
     ep_size: int = 1
     placement: PlacementStrategy = PlacementStrategy.CONTIGUOUS
+    frontend: MoEFrontend = MoEFrontend.MOE
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +170,7 @@ class HMoELayerConfig:
         self.activation = _choice(ExpertActivation, "activation", self.activation)
         self.size_normalization = _choice(SizeNormalization, "size_normalization", self.size_normalization)
         self.placement = _choice(PlacementStrategy, "placement", self.placement)
+        self.frontend = _choice(MoEFrontend, "frontend", self.frontend)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= n:
             raise ValueError(f"top_k={self.top_k!r}: must be an int with 1 <= top_k <= number of experts ({n})")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < float(self.top_p) <= 1.0):

@@ -15,6 +15,7 @@ fire on every rank and no reduction waits for an expert that got no tokens
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -115,10 +116,71 @@ class HeteroExperts(nn.Module):
             param.allreduce = False
             param.group_name = self.expert_group_name
 
-    def forward_grouped(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of each local expert, as views."""
+        return [
+            (e.w1.weight, e.w2.weight, e.w3.weight if e.w3 is not None else None) for e in self.deepspeed_experts
+        ]
+
+    def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
         if len(counts) != self.num_local_experts:
             raise ValueError(f"got {len(counts)} token counts for {self.num_local_experts} local experts")
         chunks = torch.split(x_RD, list(counts), dim=0)
         outputs = [expert(chunk) for expert, chunk in zip(self.deepspeed_experts, chunks)]
         return torch.cat(outputs, dim=0)
+
+
+class PackedHeteroExperts(nn.Module):
+    """This rank's unequal experts packed into three 3-D parameters.
+
+    ``w1``/``w3``: ``[1, H_rank, D]``, ``w2``: ``[1, D, H_rank]`` with
+    ``H_rank = sum`` of the local experts' widths; expert j owns rows (columns
+    for ``w2``) ``[sum(h[:j]), sum(h[:j+1]))``. This is the layout DeepSpeed's
+    AutoEP layer uses for one expert per rank, which is what lets ZeRO-3
+    partition these parameters over the expert-data-parallel group (see
+    ``DEEPSPEED_NOTES.md``); the leading 1 keeps DeepSpeed's per-expert
+    checkpoint and universal-checkpoint code on its 3-D path.
+
+    Each slice is initialised as the matching ``nn.Linear`` would be, so a
+    packed layer and a :class:`HeteroExperts` layer are statistically alike.
+    """
+
+    def __init__(self, hidden_size: int, expert_sizes: Sequence[int], activation: ExpertActivation | str) -> None:
+        super().__init__()
+        self.activation = ExpertActivation(activation)
+        self.hidden_size = hidden_size
+        self.expert_sizes = [int(h) for h in expert_sizes]
+        total = sum(self.expert_sizes)
+        self.w1 = nn.Parameter(torch.empty(1, total, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(1, hidden_size, total))
+        self.w3 = nn.Parameter(torch.empty(1, total, hidden_size)) if self.activation.gated else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w1, w2, w3 in self.per_expert_weights():
+            for weight in (w1, w2, w3):
+                if weight is not None:  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                    bound = 1.0 / math.sqrt(weight.shape[1])
+                    weight.uniform_(-bound, bound)
+
+    def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Views ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of each local expert."""
+        w1s = self.w1[0].split(self.expert_sizes, dim=0)
+        w2s = self.w2[0].split(self.expert_sizes, dim=1)
+        w3s = self.w3[0].split(self.expert_sizes, dim=0) if self.w3 is not None else [None] * len(w1s)
+        return list(zip(w1s, w2s, w3s))
+
+    def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        if len(counts) != len(self.expert_sizes):
+            raise ValueError(f"got {len(counts)} token counts for {len(self.expert_sizes)} local experts")
+        chunks = torch.split(x_RD, list(counts), dim=0)
+        outputs = [
+            ffn_forward(chunk, w1, w2, w3, self.activation)
+            for chunk, (w1, w2, w3) in zip(chunks, self.per_expert_weights())
+        ]
+        return torch.cat(outputs, dim=0)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.expert_sizes}, hidden={self.hidden_size}, {self.activation}"

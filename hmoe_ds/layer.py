@@ -26,7 +26,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from . import losses as L
-from .config import HMoELayerConfig
+from .config import HMoELayerConfig, MoEFrontend
 from .dispatch import AllToAllExchange, LocalExchange, TokenExchange, combine, expert_capacity, plan_dispatch
 from .experts import HeteroExperts
 from .placement import ExpertPlacement, make_placement
@@ -84,38 +84,41 @@ class Router(nn.Module):
         return F.linear(x_TD.float(), self.wg.weight.float())
 
 
-class HMoEBlock(nn.Module):
+class HMoEComputeMixin:
     """Router -> losses -> dispatch -> exchange -> experts -> combine.
 
-    Independent of DeepSpeed's base classes so that other layer front-ends
-    (e.g. for ZeRO-3) share every piece of the math.
-
-    Args:
-        hidden_size: model width D.
-        config: the layer configuration.
-        placement: which experts each expert-parallel rank holds.
-        ep_rank: this process's rank in the expert-parallel group.
-        expert_group_name: DeepSpeed expert group name, for parameter tags.
+    Shared by every DeepSpeed front-end: :class:`HMoEBlock` (inside the
+    ``deepspeed.moe.layer.MoE`` subclass, ZeRO 0-2) and
+    :class:`hmoe_ds.layer_autoep.HMoEAutoEP` (an ``AutoEPMoELayer`` subclass,
+    any ZeRO stage including 3). They differ only in how they present
+    parameters to DeepSpeed; this mixin holds all the math and never depends on
+    a DeepSpeed base class. The host module must be an ``nn.Module`` and calls
+    :meth:`_init_moe` from its constructor.
     """
 
-    def __init__(
+    hidden_size: int
+    config: HMoELayerConfig
+    placement: ExpertPlacement
+    gate: Router
+    experts: nn.Module
+
+    def _init_moe(
         self,
         hidden_size: int,
         config: HMoELayerConfig,
         placement: ExpertPlacement,
         ep_rank: int,
-        expert_group_name: str,
+        experts: nn.Module,
     ) -> None:
-        super().__init__()
         self.hidden_size = hidden_size
         self.config = config
         self.placement = placement
-        self.ep_rank = ep_rank
+        self.moe_ep_rank = ep_rank
         self.local_expert_ids = placement.local_experts(ep_rank)
         self.gate = Router(hidden_size, config.num_experts)
-        self.experts = HeteroExperts(
-            hidden_size, [config.expert_sizes[e] for e in self.local_expert_ids], config.activation, expert_group_name
-        )
+        # ``experts`` is called as a module (``experts(x, counts)``), never through
+        # a method: ZeRO-3 gathers a module's parameters in its forward hooks.
+        self.experts = experts
         # Small constants built lazily on the compute device from Python data, not
         # buffers: HF loading builds modules on the meta device and leaves
         # non-persistent buffers uninitialised.
@@ -129,6 +132,42 @@ class HMoEBlock(nn.Module):
         self.exp_counts: torch.Tensor | None = None
         self.last_stats: RoutingStats | None = None
 
+    def local_expert_weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """This rank's experts by *logical* id: ``{e: {"w1": [h_e, D], "w2": [D, h_e], "w3": ...}}``.
+
+        Detached copies, in ``nn.Linear`` layout whatever the front-end's storage
+        (module list or packed). Under ZeRO-3 gather the parameters first
+        (``deepspeed.zero.GatheredParameters``).
+        """
+        out = {}
+        for logical, (w1, w2, w3) in zip(self.local_expert_ids, self.experts.per_expert_weights()):
+            out[logical] = {"w1": w1.detach().clone(), "w2": w2.detach().clone()}
+            if w3 is not None:
+                out[logical]["w3"] = w3.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def load_local_expert_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Copy logical experts' weights (as from :meth:`local_expert_weights`) into this rank's slots.
+
+        ``weights`` may hold every logical expert; only the local ones are read.
+        Shapes are checked so a checkpoint of other expert sizes fails loudly.
+        """
+        for logical, views in zip(self.local_expert_ids, self.experts.per_expert_weights()):
+            if logical not in weights:
+                raise KeyError(f"no weights for logical expert {logical} (have {sorted(weights)})")
+            for name, view in zip(("w1", "w2", "w3"), views):
+                if view is None:
+                    continue
+                source = weights[logical][name]
+                if tuple(source.shape) != tuple(view.shape):
+                    raise ValueError(
+                        f"expert {logical} {name}: checkpoint shape {tuple(source.shape)} does not match the "
+                        f"layer's {tuple(view.shape)} (expert_sizes {self.config.expert_sizes}, hidden "
+                        f"{self.hidden_size})"
+                    )
+                view.copy_(source)
+
     def _constant(self, name: str, device: torch.device) -> torch.Tensor:
         key = (name, device)
         if key not in self._constants:
@@ -141,7 +180,7 @@ class HMoEBlock(nn.Module):
         return self._constants[key]
 
     def _set_ep_group(self, ep_group: Any) -> None:
-        """Called by DeepSpeed (through ``MoE.set_deepspeed_parallelism``) and by ``HMoE``."""
+        """Bind the expert-parallel process group (DeepSpeed calls this on set-up)."""
         self.ep_group = ep_group
         if self.placement.ep_size > 1:
             self.exchange = AllToAllExchange(ep_group, self.placement.ep_size, self.placement.num_local_experts)
@@ -180,7 +219,7 @@ class HMoEBlock(nn.Module):
             return None
         return expert_capacity(num_assignments, cfg.num_experts, factor, cfg.min_capacity)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _moe_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         if x.shape[-1] != self.hidden_size:
             raise ValueError(
@@ -204,7 +243,7 @@ class HMoEBlock(nn.Module):
         plan = plan_dispatch(router, capacity=capacity, slot_to_expert_S=self._constant("slot_to_expert", x.device))
         x_AD = x_TD.index_select(0, plan.token_idx_A)
         x_RD, local_counts, context = self.exchange.dispatch(x_AD, plan.counts)
-        y_RD = self.experts.forward_grouped(x_RD, local_counts)
+        y_RD = self.experts(x_RD, local_counts)
         y_AD = self.exchange.combine(y_RD, context)
         out = combine(y_AD, plan, num_tokens).reshape(x.shape)
 
@@ -220,6 +259,51 @@ class HMoEBlock(nn.Module):
             expert_params=self.expert_params,
         )
         return out, l_aux, self.exp_counts
+
+
+class HMoEBlock(HMoEComputeMixin, nn.Module):
+    """The module that replaces DeepSpeed's ``MOELayer`` as ``HMoE.deepspeed_moe``.
+
+    Its children are named ``gate`` and ``experts.deepspeed_experts.<i>`` as in
+    DeepSpeed, so state dicts of equal-size layers load into DeepSpeed's ``MoE``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: HMoELayerConfig,
+        placement: ExpertPlacement,
+        ep_rank: int,
+        expert_group_name: str,
+    ) -> None:
+        super().__init__()
+        local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
+        experts = HeteroExperts(hidden_size, local_sizes, config.activation, expert_group_name)
+        self._init_moe(hidden_size, config, placement, ep_rank, experts)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._moe_forward(x)
+
+
+def expert_parallel_rank(ep_size: int, group_name: str) -> int:
+    """This process's rank in its expert-parallel group, creating DeepSpeed's groups if needed.
+
+    Needed at construction time because each rank builds only the experts the
+    placement gives it, and those differ in size.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError(
+            f"ep_size={ep_size} needs the distributed backend before the layer is built, because each "
+            "rank builds only its own (unequal) experts: call deepspeed.init_distributed() first, or use ep_size=1"
+        )
+    world = dist.get_world_size()
+    if world % ep_size != 0:
+        raise ValueError(f"ep_size={ep_size} must divide the world size ({world}); choose a divisor of {world}")
+    if group_name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_rank(group_name)
 
 
 class _Placeholder(nn.Module):
@@ -269,6 +353,11 @@ class HMoE(MoE):
         elif expert_sizes is not None or options:
             raise ValueError("pass either config=HMoELayerConfig(...) or expert_sizes/options, not both")
         config.validate()
+        if config.frontend is not MoEFrontend.MOE:
+            raise ValueError(
+                f"HMoE is the frontend='moe' layer; got frontend={str(config.frontend)!r}: "
+                "use hmoe_ds.build_moe_layer(hidden_size, config) to get the matching class"
+            )
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size!r}: must be a positive int")
         super().__init__(
@@ -282,26 +371,11 @@ class HMoE(MoE):
         )
         self.config = config
         self.hidden_size = hidden_size
-        ep_rank = self._early_expert_parallel_rank() if config.ep_size > 1 else 0
+        ep_rank = expert_parallel_rank(config.ep_size, self.expert_group_name) if config.ep_size > 1 else 0
         placement = make_placement(config.placement, config.expert_sizes, config.ep_size)
         self.deepspeed_moe = HMoEBlock(hidden_size, config, placement, ep_rank, self.expert_group_name)
         if config.ep_size > 1:
             self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
-
-    def _early_expert_parallel_rank(self) -> int:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise ValueError(
-                f"ep_size={self.ep_size} needs the distributed backend before the layer is built, because each "
-                "rank builds only its own (unequal) experts: call deepspeed.init_distributed() first, or use ep_size=1"
-            )
-        world = dist.get_world_size()
-        if world % self.ep_size != 0:
-            raise ValueError(f"ep_size={self.ep_size} must divide the world size ({world})")
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(self.ep_size)
-        return groups._get_expert_parallel_rank(self.expert_group_name)
 
     @property
     def expert_sizes(self) -> list[int]:
@@ -314,6 +388,22 @@ class HMoE(MoE):
     @property
     def last_stats(self) -> RoutingStats | None:
         return self.deepspeed_moe.last_stats
+
+    @property
+    def gate(self) -> Router:
+        return self.deepspeed_moe.gate
+
+    @property
+    def local_expert_ids(self) -> tuple[int, ...]:
+        return self.deepspeed_moe.local_expert_ids
+
+    def local_expert_weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """See :meth:`HMoEComputeMixin.local_expert_weights`."""
+        return self.deepspeed_moe.local_expert_weights()
+
+    def load_local_expert_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        """See :meth:`HMoEComputeMixin.load_local_expert_weights`."""
+        self.deepspeed_moe.load_local_expert_weights(weights)
 
     def forward(
         self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None
@@ -331,6 +421,14 @@ class HMoE(MoE):
         return self.deepspeed_moe(hidden_states)
 
 
-def build_moe_layer(hidden_size: int, config: HMoELayerConfig) -> HMoE:
-    """The one place models build MoE layers, so the DeepSpeed front-end can be chosen centrally."""
+def build_moe_layer(hidden_size: int, config: HMoELayerConfig) -> nn.Module:
+    """The one place models build MoE layers: picks the DeepSpeed front-end from ``config.frontend``.
+
+    Both front-ends return ``(output, l_aux, exp_counts)`` and expose
+    ``last_stats``, ``config``, ``placement`` and ``expert_sizes``.
+    """
+    if config.frontend is MoEFrontend.AUTOEP:
+        from .layer_autoep import HMoEAutoEP
+
+        return HMoEAutoEP(hidden_size, config=config)
     return HMoE(hidden_size, config=config)

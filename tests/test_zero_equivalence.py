@@ -1,12 +1,14 @@
-"""HMoE under DeepSpeed ZeRO-1/2 (+ CPU offload) and expert parallelism equals one plain process.
+"""HMoE under DeepSpeed ZeRO-1/2/3 (+ CPU offload) and expert parallelism equals one plain process.
 
 A tiny model (Linear -> HMoE -> Linear, MSE + aux loss) is trained for 10 steps
 through ``deepspeed.initialize`` on 2 or 4 gloo ranks, each rank with its own
 micro-batch, and compared with a single process without DeepSpeed that sees
-all micro-batches and averages their losses. Per-step losses and the final
-parameters (every expert, mapped back to its logical id through the
-placement) must agree: losses to 1e-5 absolute, parameters to 1e-4
-absolute (1% of one step's learning rate). The parameter tolerance is
+all micro-batches and averages their losses. ZeRO-3 runs use the AutoEP
+front-end (``frontend="autoep"``), ZeRO 1/2 the ``deepspeed.moe`` one.
+
+Tolerances: per-step losses to 1e-5 absolute; final parameters (every expert
+mapped back to its logical id through the placement, gathered under ZeRO-3)
+to 1e-4 absolute, 1% of one step's learning rate. The parameter tolerance is
 wider because DeepSpeed sums gradients across ranks in a different order than
 one process does, and Adam divides by sqrt(v): on a gradient that is almost
 zero, a 1e-9 reduction-order difference becomes an O(lr) step difference for
@@ -27,97 +29,112 @@ SIZES = [16, 24, 32, 40, 48, 56, 64, 72]
 STEPS = 10
 LR = 1e-2
 PARAM_ATOL = LR / 100
-EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts."
 
 
 class Toy(torch.nn.Module):
-    def __init__(self, ep_size: int, routing: str, placement: str) -> None:
+    def __init__(self, ep_size: int, routing: str, placement: str, frontend: str) -> None:
         super().__init__()
-        from hmoe_ds import HMoE
+        from hmoe_ds import HMoELayerConfig, build_moe_layer
 
         self.inp = torch.nn.Linear(D, D)
-        self.moe = HMoE(D, SIZES, routing=routing, top_k=2, top_p=0.6, ep_size=ep_size, placement=placement,
-                        p_penalty_coef=0.1, entropy_coef=0.03 if routing == "top_p" else 0.0)
+        self.moe = build_moe_layer(D, HMoELayerConfig(
+            expert_sizes=SIZES, routing=routing, top_k=2, top_p=0.6, ep_size=ep_size, placement=placement,
+            p_penalty_coef=0.1, entropy_coef=0.03 if routing == "top_p" else 0.0, frontend=frontend))
         self.out = torch.nn.Linear(D, D)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h, aux, _ = self.moe(self.inp(x))
         return torch.nn.functional.mse_loss(self.out(h), y) + aux
 
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        state = {f"inp.{k}": v for k, v in self.inp.state_dict().items()}
+        state.update({f"out.{k}": v for k, v in self.out.state_dict().items()})
+        state["gate"] = self.moe.gate.wg.weight
+        return {k: v.detach().clone() for k, v in state.items()}
 
-def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def load_dense_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.inp.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("inp.")})
+        self.out.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("out.")})
+        self.moe.gate.wg.weight.copy_(state["gate"])
+
+
+def _batch(rank: int, step: int, empty_rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(12, D, generator=g), torch.randn(12, D, generator=g)
+    x, y = torch.randn(12, D, generator=g), torch.randn(12, D, generator=g)
+    if empty_rank is not None:
+        x = x.abs()  # with the biased gate below, every token goes to experts 0 and 1 only
+    return x, y
 
 
-def _initial_state(routing: str) -> dict[str, torch.Tensor]:
+def _reference_model(routing: str, empty_rank: int | None) -> Toy:
     torch.manual_seed(0)
-    return Toy(1, routing, "contiguous").state_dict()
-
-
-def _to_logical(state: dict[str, torch.Tensor], local_ids) -> dict[str, torch.Tensor]:
-    """Rename local expert slots to logical expert ids."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(EXPERT_PREFIX):
-            slot, rest = key[len(EXPERT_PREFIX):].split(".", 1)
-            key = f"{EXPERT_PREFIX}{local_ids[int(slot)]}.{rest}"
-        out[key] = value
-    return out
+    model = Toy(1, routing, "contiguous", "moe")
+    if empty_rank is not None:
+        with torch.no_grad():
+            model.inp.weight.copy_(torch.eye(D))
+            model.inp.bias.zero_()
+            model.moe.gate.wg.weight.zero_()
+            model.moe.gate.wg.weight[0].fill_(5.0)
+            model.moe.gate.wg.weight[1].fill_(4.0)
+    return model
 
 
 def _train_with_deepspeed(rank: int, world_size: int, ep_size: int, stage: int, offload: bool, routing: str,
-                          placement: str) -> dict:
+                          placement: str, empty_rank: int | None = None) -> dict:
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    full = _initial_state(routing)
-    model = Toy(ep_size, routing, placement)
-    local_ids = model.moe.deepspeed_moe.local_expert_ids
-    logical_to_slot = {logical: slot for slot, logical in enumerate(local_ids)}
-    initial = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(EXPERT_PREFIX):
-            slot, rest = key[len(EXPERT_PREFIX):].split(".", 1)
-            key_full = f"{EXPERT_PREFIX}{local_ids[int(slot)]}.{rest}"
-            initial[key] = full[key_full]
-        else:
-            initial[key] = full[key]
-    assert set(logical_to_slot) == set(local_ids)
-    model.load_state_dict(initial, strict=True)
+    reference = _reference_model(routing, empty_rank)
+    frontend = "autoep" if stage == 3 else "moe"
+    model = Toy(ep_size, routing, placement, frontend)
+    model.load_dense_state(reference.dense_state())
+    model.moe.load_local_expert_weights(reference.moe.local_expert_weights())
 
-    zero = {"stage": stage}
+    zero: dict = {"stage": stage}
     optimizer = {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}  # DeepSpeedCPUAdam (AdamW mode)
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
     else:
         optimizer["params"]["torch_adam"] = True
     config = {"train_micro_batch_size_per_gpu": 12, "gradient_accumulation_steps": 1, "optimizer": optimizer,
               "zero_optimization": zero, "steps_per_print": 10_000}
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()), "name": "all"})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
-    losses = []
+    losses, tokens_per_expert = [], torch.zeros(len(SIZES), dtype=torch.long)
     for step in range(STEPS):
-        loss = engine(*_batch(rank, step))
+        loss = engine(*_batch(rank, step, empty_rank))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    final = {k: v.detach().clone() for k, v in _to_logical(model.state_dict(), local_ids).items()}
-    return {"losses": losses, "state": final, "local_experts": list(local_ids)}
+        tokens_per_expert += model.moe.last_stats.tokens_per_expert.cpu()
+    partitioned = None
+    if stage == 3:
+        expert_params = list(model.moe.experts.parameters())
+        partitioned = all(p.ds_tensor.numel() < p.ds_numel for p in expert_params)
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            dense, experts = model.dense_state(), model.moe.local_expert_weights()
+    else:
+        dense, experts = model.dense_state(), model.moe.local_expert_weights()
+    engine.destroy()
+    return {"losses": losses, "dense": dense, "experts": experts, "partitioned": partitioned,
+            "tokens_per_expert": tokens_per_expert,
+            "local_experts": list(model.moe.local_expert_ids)}
 
 
-def _train_reference(world_size: int, routing: str) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
-    model = Toy(1, routing, "contiguous")
-    model.load_state_dict(_initial_state(routing))
+def _train_reference(world_size: int, routing: str, empty_rank: int | None):
+    model = _reference_model(routing, empty_rank)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     history = []
     for step in range(STEPS):
         opt.zero_grad()
-        losses = [model(*_batch(r, step)) for r in range(world_size)]
+        losses = [model(*_batch(r, step, empty_rank)) for r in range(world_size)]
         (sum(losses) / world_size).backward()
         opt.step()
         history.append([loss.item() for loss in losses])
-    return history, model.state_dict()
+    return history, model.dense_state(), model.moe.local_expert_weights()
 
 
 CASES = {
@@ -129,6 +146,14 @@ CASES = {
                                          placement="contiguous"),
     "4 ranks, EP=2 x DP=2, ZeRO-2, Top-K, balanced": dict(world_size=4, ep_size=2, stage=2, offload=False,
                                                           routing="top_k", placement="balanced"),
+    "4 ranks, EP=2 x DP=2, ZeRO-3 + CPU offload, Top-P, balanced": dict(
+        world_size=4, ep_size=2, stage=3, offload=True, routing="top_p", placement="balanced"),
+    "2 ranks, EP=2, ZeRO-3, Top-K, balanced": dict(world_size=2, ep_size=2, stage=3, offload=False,
+                                                   routing="top_k", placement="balanced"),
+    "2 ranks, EP=1, ZeRO-3, Top-P": dict(world_size=2, ep_size=1, stage=3, offload=False, routing="top_p",
+                                         placement="contiguous"),
+    "2 ranks, EP=2, ZeRO-3, the experts of EP rank 1 get no token": dict(
+        world_size=2, ep_size=2, stage=3, offload=False, routing="top_k", placement="contiguous", empty_rank=1),
 }
 
 
@@ -138,12 +163,22 @@ CASES = {
 def test_deepspeed_training_matches_single_process(case):
     spec = dict(CASES[case])
     world_size = spec.pop("world_size")
-    results = run_distributed(_train_with_deepspeed, world_size=world_size, **spec)
-    ref_losses, ref_state = _train_reference(world_size, spec["routing"])
+    results = run_distributed(_train_with_deepspeed, world_size=world_size, timeout=600, **spec)
+    ref_losses, ref_dense, ref_experts = _train_reference(world_size, spec["routing"], spec.get("empty_rank"))
     for rank, result in enumerate(results):
         for step in range(STEPS):
             assert result["losses"][step] == pytest.approx(ref_losses[step][rank], abs=1e-5), (rank, step)
-        for key, value in result["state"].items():
-            torch.testing.assert_close(value, ref_state[key], rtol=0, atol=PARAM_ATOL, msg=f"rank {rank}: {key}")
-    held = sorted(e for r in results[: spec["ep_size"]] for e in r["local_experts"])
+        for key, value in result["dense"].items():
+            torch.testing.assert_close(value, ref_dense[key], rtol=0, atol=PARAM_ATOL, msg=f"rank {rank}: {key}")
+        for logical, weights in result["experts"].items():
+            for name, value in weights.items():
+                torch.testing.assert_close(value, ref_experts[logical][name], rtol=0, atol=PARAM_ATOL,
+                                           msg=f"rank {rank}: expert {logical} {name}")
+    ep_size = spec["ep_size"]
+    held = sorted(e for r in results[:ep_size] for e in r["local_experts"])
     assert held == list(range(len(SIZES)))
+    if spec.get("empty_rank") is not None:  # DeepSpeed issue 4808: must not deadlock
+        idle = [e for e in results[spec["empty_rank"]]["local_experts"]]
+        assert all(int(r["tokens_per_expert"][idle].sum()) == 0 for r in results)
+    if spec["stage"] == 3 and world_size // ep_size > 1:
+        assert all(r["partitioned"] for r in results), "expert weights were not partitioned under ZeRO-3"

@@ -1,0 +1,117 @@
+"""The HMoE layer for ZeRO stage 3: the same math on DeepSpeed's AutoEP base class.
+
+DeepSpeed 0.19.8 refuses ``deepspeed.moe.layer.MoE`` (and subclasses) under
+ZeRO-3, and partitions expert parameters over the expert-data-parallel group
+only on ``AutoEPMoELayer`` instances whose parameters carry its placement tags
+(``DEEPSPEED_NOTES.md``). :class:`HMoEAutoEP` is such an instance: it skips
+AutoEP's HF-module-replacing constructor (``nn.Module.__init__`` instead),
+sets the attributes the engine reads, and presents each rank's unequal experts
+as ONE packed expert per EP rank (:class:`~hmoe_ds.experts.PackedHeteroExperts`).
+Routing, losses, dispatch, exchange and expert math are the shared
+:class:`~hmoe_ds.layer.HMoEComputeMixin`; no DeepSpeed guard is patched.
+
+What DeepSpeed sees: ``num_experts == ep_size`` packed experts, one local
+expert per EP rank, contiguous placement of those packs. The *logical*
+experts, their sizes and placement are in ``self.config`` and
+``self.placement`` (recorded in checkpoints for export).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from deepspeed.checkpoint.autoep_affine import autoep_placement_to_affine_map, legacy_uniform_autoep_placement_descriptor
+from deepspeed.checkpoint.constants import (
+    AFFINE_MAP,
+    AUTOEP_EXPERT_PLACEMENT,
+    AUTOEP_PARAM_EP_RANK,
+    AUTOEP_PARAM_LOCAL_EXPERTS,
+    AUTOEP_PARAM_LOGICAL_SHAPE,
+    DS_AUTOEP_UC_META,
+)
+from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+from deepspeed.utils import groups
+from torch import nn
+
+from .config import HMoELayerConfig, MoEFrontend
+from .experts import PackedHeteroExperts
+from .layer import HMoEComputeMixin, RoutingStats, expert_parallel_rank
+from .placement import make_placement
+
+
+class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
+    """Heterogeneous MoE layer that DeepSpeed partitions under ZeRO-3 (and trains under 0-2).
+
+    Same constructor and ``forward`` contract as :class:`hmoe_ds.HMoE`; build it
+    with ``build_moe_layer(hidden_size, HMoELayerConfig(..., frontend="autoep"))``.
+    The process group must exist before construction (``deepspeed.init_distributed()``),
+    even with ``ep_size=1``, because DeepSpeed's expert groups are created here.
+    """
+
+    def __init__(self, hidden_size: int, *, config: HMoELayerConfig) -> None:
+        # AutoEPMoELayer.__init__ converts an existing HF MoE block; we build our own.
+        nn.Module.__init__(self)
+        config.validate()
+        if config.frontend is not MoEFrontend.AUTOEP:
+            raise ValueError(f"HMoEAutoEP needs frontend='autoep'; got {str(config.frontend)!r}")
+        ep_size = config.ep_size
+        group_name = f"ep_size_{ep_size}"
+        ep_rank = expert_parallel_rank(ep_size, group_name)
+        placement = make_placement(config.placement, config.expert_sizes, ep_size)
+        local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
+        self._init_moe(hidden_size, config, placement, ep_rank, PackedHeteroExperts(hidden_size, local_sizes,
+                                                                                     config.activation))
+        # The attributes DeepSpeed's engine reads from AutoEP layers.
+        self.ep_size = ep_size
+        self.ep_rank = ep_rank
+        self.ep_group_name = group_name
+        self.expert_group_name = group_name
+        self.num_experts = ep_size
+        self.num_local_experts = 1
+        self.expert_placement_descriptor = legacy_uniform_autoep_placement_descriptor(ep_size, 1, ep_size)
+        self.wall_clock_breakdown = False
+        self._tag_parameters()
+        self._set_ep_group(groups._get_expert_parallel_group(group_name))
+
+    def _tag_parameters(self) -> None:
+        """The tags AutoEP sets: expert-data-parallel reduction and ZeRO-3 partition group."""
+        for param in self.experts.parameters():
+            param.allreduce = False
+            param.group_name = self.ep_group_name
+            param.ds_zero_placement_family = "autoep_expert"
+            param.ds_zero_partition_group_name = self.ep_group_name
+            logical_shape = [self.num_experts, *param.shape[1:]]
+            affine_map = autoep_placement_to_affine_map(self.expert_placement_descriptor, logical_shape)
+            setattr(
+                param,
+                DS_AUTOEP_UC_META,
+                {
+                    AUTOEP_EXPERT_PLACEMENT: self.expert_placement_descriptor,
+                    AFFINE_MAP: affine_map.to_dict(),
+                    AUTOEP_PARAM_LOGICAL_SHAPE: logical_shape,
+                    AUTOEP_PARAM_EP_RANK: self.ep_rank,
+                    AUTOEP_PARAM_LOCAL_EXPERTS: [self.ep_rank],
+                },
+            )
+        for param in self.gate.parameters():
+            param.allreduce = True
+            param.ds_zero_placement_family = "replicated"
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                  folding_group_handles: Any = None) -> None:
+        """Called by the engine; the groups already exist (created at construction)."""
+        if folding_group_handles is not None:
+            raise ValueError("HMoE does not support AutoEP tensor-parallel folding; set tensor_parallel.autotp_size=1")
+        self._set_ep_group(groups._get_expert_parallel_group(self.ep_group_name))
+
+    @property
+    def expert_sizes(self) -> list[int]:
+        return list(self.config.expert_sizes)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        """``(output, l_aux, exp_counts)``, exactly as :meth:`hmoe_ds.HMoE.forward`."""
+        return self._moe_forward(hidden_states)
+
+
+__all__ = ["HMoEAutoEP", "RoutingStats"]
