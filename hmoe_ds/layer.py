@@ -147,6 +147,25 @@ class HMoEComputeMixin:
         return out
 
     @torch.no_grad()
+    def init_expert_weights(self, std: float, seed: int) -> None:
+        """normal(0, std) for every local expert, drawn per *logical* expert.
+
+        Each expert's values come from a generator seeded by ``(seed, logical
+        id)``, so the initial model is the same whatever the EP size, the
+        placement or the front-end (module list or packed): runs that differ
+        only in parallelism start identical. Parameters that HF loading marked
+        as initialised (``_is_hf_initialized``) are left alone.
+        """
+        if any(getattr(p, "_is_hf_initialized", False) for p in self.experts.parameters()):
+            return
+        for logical, views in zip(self.local_expert_ids, self.experts.per_expert_weights()):
+            generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(logical))
+            for view in views:
+                if view is not None:
+                    values = torch.empty(view.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+                    view.copy_(values.to(device=view.device, dtype=view.dtype))
+
+    @torch.no_grad()
     def load_local_expert_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
         """Copy logical experts' weights (as from :meth:`local_expert_weights`) into this rank's slots.
 
@@ -404,6 +423,10 @@ class HMoE(MoE):
     def load_local_expert_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
         """See :meth:`HMoEComputeMixin.load_local_expert_weights`."""
         self.deepspeed_moe.load_local_expert_weights(weights)
+
+    def init_expert_weights(self, std: float, seed: int) -> None:
+        """See :meth:`HMoEComputeMixin.init_expert_weights`."""
+        self.deepspeed_moe.init_expert_weights(std, seed)
 
     def forward(
         self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None

@@ -244,6 +244,7 @@ class HMoEDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layer_idx = layer_idx
         self.mlp = (build_moe_layer(config.hidden_size, config.moe_layer_config()) if self.is_moe
                     else SwiGLU(config.hidden_size, config.dense_intermediate_size))
 
@@ -308,6 +309,21 @@ class HMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+
+    def initialize_weights(self) -> None:
+        """HF's initialisation, then experts drawn per logical expert.
+
+        Each expert's weights are seeded by (layer index, logical expert id), so
+        the initial model does not depend on EP size, placement or the ZeRO
+        front-end (module list or packed). Done here rather than in
+        ``_init_weights`` because HF skips modules without direct parameters in
+        custom-code models, and expert containers have none. Loaded weights are
+        left alone (``init_expert_weights`` honours ``_is_hf_initialized``).
+        """
+        super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, HMoEDecoderLayer) and module.is_moe:
+                module.mlp.init_expert_weights(self.config.initializer_range, seed=module.layer_idx)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:

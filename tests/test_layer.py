@@ -203,3 +203,33 @@ def test_config_round_trip_and_unknown_keys():
     assert HMoELayerConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown MoE layer option\(s\) \['top_kk'\]"):
         HMoELayerConfig.from_dict({"expert_sizes": SIZES, "top_kk": 2})
+
+
+def test_expert_init_is_per_logical_expert_whatever_the_frontend_or_placement():
+    """Deterministic per-expert init: the packed (ZeRO-3) and module-list layers start identical."""
+    from hmoe_ds.experts import PackedHeteroExperts
+    from hmoe_ds.layer import HMoEBlock
+    from hmoe_ds.placement import balanced_placement
+
+    a = HMoE(D, SIZES)
+    a.init_expert_weights(0.02, seed=3)
+    packed = HMoEBlock.__new__(HMoEBlock)
+    torch.nn.Module.__init__(packed)
+    placement = balanced_placement(SIZES, 1)
+    packed._init_moe(D, a.config, placement, 0, PackedHeteroExperts(D, SIZES, "swiglu"))
+    packed.init_expert_weights(0.02, seed=3)
+    wa, wb = a.local_expert_weights(), packed.local_expert_weights()
+    for e in range(len(SIZES)):
+        for name in ("w1", "w2", "w3"):
+            torch.testing.assert_close(wa[e][name], wb[e][name], rtol=0, atol=0)
+    assert wa[0]["w1"].std().item() == pytest.approx(0.02, rel=0.2)
+    other = HMoE(D, SIZES)
+    other.init_expert_weights(0.02, seed=4)
+    assert not torch.equal(other.local_expert_weights()[0]["w1"], wa[0]["w1"])
+
+
+def test_load_local_expert_weights_rejects_other_sizes():
+    a = HMoE(D, SIZES)
+    b = HMoE(D, [s + 8 for s in SIZES])
+    with pytest.raises(ValueError, match=r"expert 0 w1: checkpoint shape \(32, 24\) does not match.*\(40, 24\)"):
+        b.load_local_expert_weights(a.local_expert_weights())

@@ -334,3 +334,17 @@ def test_parameter_summary_activated_estimate():
     top_p = parameter_summary(debug_config())
     expected = top_p["non_expert_params"] + 2 * experts_per_layer * 3 / 4
     assert top_p["activated_params_per_token"] == pytest.approx(expected)
+
+
+def test_expert_init_is_seeded_per_layer_and_expert_not_by_global_rng():
+    """Runs that differ only in parallelism (EP size, ZeRO front-end) must start from the same experts."""
+    torch.manual_seed(1)
+    a = HMoEForCausalLM(debug_config())
+    torch.manual_seed(2)
+    b = HMoEForCausalLM(debug_config())
+    sa, sb = a.state_dict(), b.state_dict()
+    expert_keys = [k for k in sa if ".deepspeed_experts." in k]
+    assert expert_keys and all(torch.equal(sa[k], sb[k]) for k in expert_keys)
+    assert not torch.equal(sa["model.embed_tokens.weight"], sb["model.embed_tokens.weight"])
+    layer0, layer1 = (a.model.layers[i].mlp.local_expert_weights()[0]["w1"] for i in (0, 1))
+    assert not torch.equal(layer0, layer1)
