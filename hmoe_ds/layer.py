@@ -26,6 +26,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from . import losses as L
+from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .dispatch import AllToAllExchange, LocalExchange, TokenExchange, combine, expert_capacity, plan_dispatch
 from .experts import HeteroExperts
@@ -371,6 +372,7 @@ class HMoE(MoE):
             config = HMoELayerConfig(expert_sizes=list(expert_sizes), **options)
         elif expert_sizes is not None or options:
             raise ValueError("pass either config=HMoELayerConfig(...) or expert_sizes/options, not both")
+        check_deepspeed_version()
         config.validate()
         if config.frontend is not MoEFrontend.MOE:
             raise ValueError(

@@ -34,6 +34,7 @@ from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 from deepspeed.utils import groups
 from torch import nn
 
+from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .experts import PackedHeteroExperts
 from .layer import HMoEComputeMixin, RoutingStats, expert_parallel_rank
@@ -52,6 +53,7 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
     def __init__(self, hidden_size: int, *, config: HMoELayerConfig) -> None:
         # AutoEPMoELayer.__init__ converts an existing HF MoE block; we build our own.
         nn.Module.__init__(self)
+        check_deepspeed_version()
         config.validate()
         if config.frontend is not MoEFrontend.AUTOEP:
             raise ValueError(f"HMoEAutoEP needs frontend='autoep'; got {str(config.frontend)!r}")

@@ -233,3 +233,15 @@ def test_load_local_expert_weights_rejects_other_sizes():
     b = HMoE(D, [s + 8 for s in SIZES])
     with pytest.raises(ValueError, match=r"expert 0 w1: checkpoint shape \(32, 24\) does not match.*\(40, 24\)"):
         b.load_local_expert_weights(a.local_expert_weights())
+
+
+def test_deepspeed_outside_the_tested_range_is_refused(monkeypatch):
+    from hmoe_ds.compat import check_deepspeed_version
+
+    check_deepspeed_version("0.19.8")
+    with pytest.raises(RuntimeError, match=r"tested with deepspeed >= 0.19.8, < 0.20.0; found 0.21.0.*deepspeed==0.19.8"):
+        check_deepspeed_version("0.21.0")
+    with pytest.raises(RuntimeError, match="found 0.18.3"):
+        check_deepspeed_version("0.18.3")
+    monkeypatch.setenv("HMOE_DS_SKIP_VERSION_CHECK", "1")
+    check_deepspeed_version("0.21.0")
