@@ -1,0 +1,239 @@
+"""Validation loss, perplexity and routing statistics, in the trainer and in ``run/eval.py``.
+
+:func:`evaluate` runs ``max_batches`` validation micro-batches per rank through a
+DeepSpeed engine or a plain module and all-reduces the sums once at the end. Every
+rank runs the same number of batches (the minimum over ranks), because a forward
+pass with expert parallelism holds all-to-alls that every rank must join.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .metrics import LayerLoad, RoutingAccumulator, _all_reduce_sum, routing_scalars
+
+__all__ = ["EvalResult", "evaluate", "format_routing_table"]
+
+
+@dataclass
+class EvalResult:
+    """Mean next-token loss over the evaluated tokens (LM loss only, no aux terms) and the routing."""
+
+    loss: float
+    tokens: int
+    batches: int
+    loads: list[LayerLoad] = field(default_factory=list)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss) if self.loss < 50 else float("inf")
+
+    def scalars(self, prefix: str = "val") -> dict[str, float]:
+        return {f"{prefix}/loss": self.loss, f"{prefix}/ppl": self.ppl}
+
+    def to_dict(self, non_expert_params: int | None = None) -> dict[str, Any]:
+        """JSON form: loss, ppl, tokens and per-layer routing (fractions, experts/token, activated params)."""
+        layers = [
+            {
+                "moe_layer": i,
+                "expert_sizes": list(load.expert_sizes),
+                "token_fraction": load.token_fraction,
+                "experts_per_token": load.experts_per_token,
+                "dropped_assignments": load.dropped_assignments,
+                "activated_expert_params_per_token": load.activated_params_per_token,
+            }
+            for i, load in enumerate(self.loads)
+        ]
+        out: dict[str, Any] = {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens, "batches": self.batches}
+        out["moe_layers"] = layers
+        if non_expert_params is not None and self.loads:
+            out.update(
+                {k.removeprefix("moe/"): v for k, v in routing_scalars(self.loads, non_expert_params).items()
+                 if k.count("/") == 1}
+            )
+        return out
+
+
+def _count_min(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
+@torch.no_grad()
+def evaluate(
+    model: Callable[..., Any] | torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    num_batches: int,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
+    """Mean LM loss over up to ``num_batches`` micro-batches per rank (collective when distributed).
+
+    ``model`` is a DeepSpeed engine or an ``HMoEForCausalLM``; it is put in eval
+    mode and back in train mode afterwards if it was training.
+    """
+    module = getattr(model, "module", model)
+    was_training = bool(getattr(module, "training", False))
+    getattr(model, "eval")()
+    n = _count_min(min(num_batches, len(batches)) if hasattr(batches, "__len__") else num_batches)  # type: ignore[arg-type]
+    routing = RoutingAccumulator()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    done = 0
+    try:
+        for batch in batches:
+            if done >= n:
+                break
+            input_ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            out = model(input_ids=input_ids, labels=labels)
+            counted = int((labels[:, 1:] != -100).sum())  # the model shifts: position t predicts labels[t+1]
+            loss_sum += out.lm_loss.detach().double().cpu() * counted
+            tokens += counted
+            routing.update(out.routing_stats or [])
+            done += 1
+    finally:
+        if was_training:
+            getattr(model, "train")()
+    sums = _all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64)]))
+    total_tokens = int(sums[1].item())
+    loss = float(sums[0].item()) / total_tokens if total_tokens else float("nan")
+    return EvalResult(loss=loss, tokens=total_tokens, batches=done, loads=routing.reduce())
+
+
+def format_routing_table(result: EvalResult, non_expert_params: int | None = None) -> str:
+    """Human-readable table: one row per MoE layer, token fraction per expert (size in the header)."""
+    lines = [f"validation loss {result.loss:.4f}  ppl {result.ppl:.2f}  ({result.tokens} tokens)"]
+    if not result.loads:
+        return "\n".join(lines)
+    sizes = result.loads[0].expert_sizes
+    header = ["layer"] + [f"e{e}:{s}" for e, s in enumerate(sizes)] + ["exp/tok", "act.params/tok"]
+    rows = [
+        [str(i)]
+        + [f"{f:.3f}" for f in load.token_fraction]
+        + [f"{load.experts_per_token:.2f}", f"{load.activated_params_per_token:,.0f}"]
+        for i, load in enumerate(result.loads)
+    ]
+    widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
+    lines.append("token fraction per expert (header: expert index:FFN size)")
+    for row in [header] + rows:
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    if non_expert_params is not None:
+        total = non_expert_params + sum(load.activated_params_per_token for load in result.loads)
+        mean_ept = sum(load.experts_per_token for load in result.loads) / len(result.loads)
+        lines.append(
+            f"activated params per token: {total:,.0f} (non-expert {non_expert_params:,} + experts); "
+            f"mean experts per token {mean_ept:.2f}"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- run/eval.py
+
+
+@dataclass
+class EvalTarget:
+    """What ``run/eval.py`` was pointed at: a training run's DeepSpeed checkpoint or an exported HF model."""
+
+    kind: str  # "deepspeed" or "hf"
+    run_dir: Path | None  # the training run (experiment.yaml, ds_config.json)
+    checkpoint_dir: Path | None  # <run>/checkpoints
+    tag: str | None
+    model_dir: Path | None  # HF export
+
+
+def resolve_target(path: str | Path, tag: str | None = None) -> EvalTarget:
+    """Accept a run dir, its checkpoints/ dir, one checkpoint tag dir, or an HF model dir."""
+    from .experiment import ExperimentError
+
+    path = Path(path)
+    if (path / "config.json").is_file() and not (path / "experiment.yaml").is_file():
+        return EvalTarget("hf", None, None, None, path)
+    candidates = [(path, None), (path.parent, None), (path.parent.parent, path.name)]
+    for run_dir, implied_tag in candidates:
+        ckpt = run_dir / "checkpoints"
+        if (run_dir / "experiment.yaml").is_file() and ckpt.is_dir():
+            chosen = tag or implied_tag or _read_latest(ckpt)
+            if chosen is None or not (ckpt / chosen).is_dir():
+                have = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+                raise ExperimentError(f"{ckpt}: no checkpoint {chosen!r}; available: {', '.join(have) or 'none'}")
+            return EvalTarget("deepspeed", run_dir, ckpt, chosen, None)
+    raise ExperimentError(
+        f"{path}: neither a training run (experiment.yaml + checkpoints/) nor an exported HF model (config.json)"
+    )
+
+
+def _read_latest(ckpt: Path) -> str | None:
+    latest = ckpt / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _eval_ds_config(run_dir: Path, world_size: int) -> dict[str, Any]:
+    """The run's DeepSpeed config reduced to what inference needs (no optimizer, no ZeRO, no TensorBoard)."""
+    cfg = json.loads((run_dir / "ds_config.json").read_text(encoding="utf-8"))
+    micro = int(cfg.get("train_micro_batch_size_per_gpu", 8))
+    keep = {k: cfg[k] for k in ("fp16", "bf16") if k in cfg}
+    return {**keep, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+            "train_batch_size": micro * world_size, "steps_per_print": 10**9}
+
+
+def run_evaluation(target: EvalTarget, config: str | None, overrides: list[str], eval_batches: int | None,
+                   output: str | None) -> dict[str, Any]:
+    """Evaluate ``target`` on the validation split of its experiment's data; print + write JSON on rank 0."""
+    import torch.distributed as dist
+
+    from hmoe_ds.data import EvalBatchIterator, build_lm_datasets
+    from hmoe_ds.modeling import parameter_summary
+
+    from .experiment import ExperimentError, load_experiment
+    from .trainer import _rank0_first, build_engine
+
+    exp_path = Path(config) if config else (target.run_dir or target.model_dir or Path(".")) / "experiment.yaml"
+    if not exp_path.is_file():
+        raise ExperimentError(f"{exp_path}: not found; pass --config <experiment.yaml> to say which data to use")
+    exp = load_experiment(exp_path, overrides)
+    if target.kind == "hf" and exp.data.get("tokenizer") is None and (target.model_dir / "tokenizer.json").is_file():
+        exp.data["tokenizer"] = str(target.model_dir)  # the export's own tokenizer
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
+    if target.kind == "deepspeed":
+        assert target.run_dir is not None and target.checkpoint_dir is not None
+        ds_config = _eval_ds_config(target.run_dir, world)
+        engine, _ = build_engine(exp, ds_config, len(data.tokenizer), training=False)
+        engine.load_checkpoint(str(target.checkpoint_dir), tag=target.tag, load_module_only=True,
+                               load_optimizer_states=False, load_lr_scheduler_states=False)
+        model, device, micro = engine, engine.device, ds_config["train_micro_batch_size_per_gpu"]
+        module = engine.module
+        default_out = target.run_dir / f"eval_{target.tag}.json"
+    else:
+        import hmoe_ds.modeling  # noqa: F401  (registers the hmoe model type with the Auto classes)
+        from transformers import AutoModelForCausalLM
+
+        module = AutoModelForCausalLM.from_pretrained(str(target.model_dir))
+        model, device, micro = module, "cpu", 8
+        default_out = target.model_dir / "eval.json"
+    loader = EvalBatchIterator(data.validation, micro, rank=rank, world_size=world)
+    result = evaluate(model, loader, eval_batches or len(loader), device)
+    non_expert = int(parameter_summary(module)["non_expert_params"])
+    payload = {"target": str(target.checkpoint_dir / target.tag if target.kind == "deepspeed" else target.model_dir),
+               **result.to_dict(non_expert)}
+    if rank == 0:
+        print(format_routing_table(result, non_expert), flush=True)
+        out_path = Path(output) if output else default_out
+        write_json(out_path, payload)
+        print(f"wrote {out_path}", flush=True)
+    return payload

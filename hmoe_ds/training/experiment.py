@@ -1,0 +1,611 @@
+"""Experiment YAML: schema, validation and the cross-checks against the DeepSpeed JSON.
+
+An experiment is one YAML file with three sections::
+
+    model:  HMoEConfig fields (``vocab_size: auto`` = the tokenizer's size), ``moe:`` HMoELayerConfig fields
+    data:   DataConfig fields
+    run:    RunConfig fields below (output_dir, train_steps, log_every, ...)
+
+Everything about *how* to optimise (batch sizes, accumulation, precision,
+optimizer, scheduler, ZeRO, clipping, TensorBoard) lives in the plain DeepSpeed
+JSON; this module never duplicates it, it only cross-checks it
+(:func:`load_ds_config`, :func:`effective_ds_config`). Every mistake is an
+:class:`ExperimentError` whose message names the file, the key and the fix;
+``run/train.py`` prints it once (rank 0) and exits non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import enum
+import inspect
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = [
+    "Experiment",
+    "ExperimentError",
+    "RunConfig",
+    "effective_ds_config",
+    "load_ds_config",
+    "load_experiment",
+    "resolve_batch_sizes",
+    "tensorboard_dir",
+]
+
+SECTIONS = ("model", "data", "run")
+
+
+class ExperimentError(Exception):
+    """A user mistake in the experiment, the DeepSpeed config or the output directory.
+
+    The message is complete (file, key, fix); callers print it as is.
+    """
+
+
+@dataclass
+class RunConfig:
+    """The ``run:`` section: what the loop does, not how it optimises.
+
+    Attributes:
+        output_dir: where the run lives (checkpoints/, tensorboard/, metrics.jsonl,
+            experiment.yaml, ds_config.json). Default ``outputs/<run_name>``.
+        run_name: TensorBoard job name; default the YAML file's stem.
+        train_steps: optimizer steps (one step = one global batch of
+            ``train_batch_size`` sequences, after gradient accumulation).
+        log_every: optimizer steps between TensorBoard/metrics.jsonl points.
+        eval_every: optimizer steps between validations; 0 = only at the end.
+        eval_batches: validation micro-batches per rank per evaluation.
+        eval_at_start: also evaluate before the first step (the step-0 baseline).
+        save_every: optimizer steps between checkpoints; 0 = only at the end.
+        seed: seeds torch/numpy/random and the data order.
+        progress_bar: tqdm bar on rank 0.
+    """
+
+    output_dir: str | None = None
+    run_name: str | None = None
+    train_steps: int = 1000
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    eval_at_start: bool = True
+    save_every: int = 0
+    seed: int = 1234
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError("<field>=<value>: <why>")`` for an out-of-range value."""
+        for name in ("train_steps", "log_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be an int >= 1")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be an int >= 0 (0 = only at the end)")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed!r}: must be an int >= 0")
+        for name in ("output_dir", "run_name"):
+            if getattr(self, name) is not None and not str(getattr(self, name)).strip():
+                raise ValueError(f"{name}: must not be empty")
+
+
+@dataclass
+class Experiment:
+    """A validated experiment. ``model``/``data`` are plain dicts of constructor kwargs.
+
+    ``model['vocab_size']`` may still be ``"auto"``; :meth:`model_config` resolves it.
+    """
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    run: RunConfig
+    source: str = "<experiment>"
+
+    @property
+    def output_dir(self) -> Path:
+        assert self.run.output_dir is not None  # filled by load_experiment
+        return Path(self.run.output_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able form; this is what ``<output_dir>/experiment.yaml`` holds."""
+        return {
+            "model": _plain(self.model),
+            "data": _plain(self.data),
+            "run": _plain(dataclasses.asdict(self.run)),
+        }
+
+    def data_config(self) -> Any:
+        from hmoe_ds.data import DataConfig
+
+        return DataConfig(**copy.deepcopy(self.data))
+
+    def model_config(self, tokenizer_vocab_size: int | None = None) -> Any:
+        """``HMoEConfig`` with ``vocab_size: auto`` replaced by the tokenizer's size."""
+        from hmoe_ds.modeling import HMoEConfig
+
+        kwargs = _resolve_expert_sizes(copy.deepcopy(self.model))
+        if kwargs.get("vocab_size", "auto") == "auto":
+            if tokenizer_vocab_size is None:
+                raise ExperimentError(f"{self.source}: model.vocab_size is 'auto' but no tokenizer is known yet")
+            kwargs["vocab_size"] = int(tokenizer_vocab_size)
+        elif tokenizer_vocab_size is not None and kwargs["vocab_size"] < tokenizer_vocab_size:
+            raise ExperimentError(
+                f"{self.source}: model.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer's "
+                f"vocabulary ({tokenizer_vocab_size}); set model.vocab_size: auto (or >= {tokenizer_vocab_size})"
+            )
+        return HMoEConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------- YAML reading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; syntax errors become ``<file>:<line>:<col>: ...`` messages."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ExperimentError(f"{path}: cannot read the experiment file ({exc.strerror or exc})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{context}; {problem}" if context else problem
+        raise ExperimentError(f"{where}: YAML syntax error: {detail}. Fix the file at that line.") from None
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> set[str]:
+    """Apply ``key.sub=value`` strings in place (value parsed as YAML); return the keys set.
+
+    Only the container shape is checked here; unknown keys are reported by
+    :func:`check_schema` like any other key, marked as coming from ``--set``.
+    """
+    keys: set[str] = set()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ExperimentError(f"--set {item!r}: expected key.sub=value, e.g. --set run.train_steps=200")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # an unparsable value is taken as the literal string and type-checked later
+        parts = key.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict):
+                raise ExperimentError(f"--set {key}: {'.'.join(parts[:depth])} is not a section")
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ExperimentError(f"--set {key}: {'.'.join(parts[:-1])} is not a section")
+        node[parts[-1]] = value
+        keys.add(key)
+    return keys
+
+
+# --------------------------------------------------------------------------- schema checks
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """A small structural type check for config values (YAML scalars, lists, dicts)."""
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return isinstance(value, (str, annotation))  # the class names the allowed values itself
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        return len(inner) != 1 or all(_type_ok(v, inner[0]) for v in value)
+    if origin in (dict, typing.Mapping) or annotation is dict:
+        return isinstance(value, dict)
+    return True  # anything more exotic is left to the class's own validation
+
+
+# Keys people put in the experiment that belong to the DeepSpeed JSON.
+_DEEPSPEED_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "micro_batch_size",
+    "batch_size", "optimizer", "scheduler", "lr", "learning_rate", "weight_decay", "warmup_steps", "fp16", "bf16",
+    "precision", "zero_optimization", "zero_stage", "gradient_clipping", "grad_clip", "tensorboard",
+}
+
+
+def _unknown(where: str, key: str, allowed: list[str], from_set: bool) -> ExperimentError:
+    dotted = f"{where}.{key}" if where else key
+    origin = " (from --set)" if from_set else ""
+    if key in _DEEPSPEED_KEYS:
+        return ExperimentError(
+            f"{dotted}: unknown key{origin}; batch sizes, optimizer, schedule, precision, ZeRO and clipping are set "
+            "in the DeepSpeed JSON (--deepspeed_config), not in the experiment YAML"
+        )
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ExperimentError(f"{dotted}: unknown key{origin}{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def check_schema(
+    values: Mapping[str, Any],
+    schema: Mapping[str, Any],
+    where: str,
+    source: str,
+    overridden: set[str] = frozenset(),  # type: ignore[assignment]
+) -> None:
+    """Check keys and value types of one section against ``{name: annotation}``."""
+    for key, value in values.items():
+        dotted = f"{where}.{key}"
+        if key not in schema:
+            raise ExperimentError(f"{source}: " + str(_unknown(where, str(key), list(schema), dotted in overridden)))
+        if not _type_ok(value, schema[key]):
+            origin = " (from --set)" if dotted in overridden else ""
+            raise ExperimentError(
+                f"{source}: {dotted}={value!r}{origin}: expected {getattr(schema[key], '__name__', None) or schema[key]}, got {type(value).__name__}"
+            )
+
+
+def dataclass_schema(cls: type) -> dict[str, Any]:
+    """``{field: annotation}`` of a dataclass, with string annotations resolved."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.name != "extra"}
+
+
+def model_schema() -> dict[str, Any]:
+    """The keys ``model:`` accepts: the fields HMoEConfig declares itself (not every PretrainedConfig knob)."""
+    from hmoe_ds.modeling import HMoEConfig
+
+    own = HMoEConfig.__dict__.get("__annotations__", {})
+    namespace = vars(sys.modules[HMoEConfig.__module__])
+    schema: dict[str, Any] = {}
+    for key, annotation in own.items():
+        if key.startswith("_"):
+            continue
+        # One at a time: typing.get_type_hints fails on PretrainedConfig's own annotations.
+        try:
+            schema[key] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
+        except Exception:
+            schema[key] = Any  # HMoEConfig validates the value itself
+    schema["vocab_size"] = Any  # int or "auto", checked below
+    schema["moe"] = dict
+    return schema
+
+
+def model_default(name: str) -> Any:
+    """Default of an HMoEConfig field (e.g. max_position_embeddings when the YAML omits it)."""
+    from hmoe_ds.modeling import HMoEConfig
+
+    f = getattr(HMoEConfig, "__dataclass_fields__", {}).get(name)
+    if f is not None and f.default is not dataclasses.MISSING:
+        return f.default
+    return getattr(HMoEConfig, name, None)
+
+
+def _plain(value: Any) -> Any:
+    """Enums -> strings, tuples -> lists, recursively (so the saved YAML is plain)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _resolve_expert_sizes(model: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``model`` with ``moe.expert_sizes`` given as a size spec (a mapping) solved into a list."""
+    from hmoe_ds.sizes import parse_expert_sizes
+
+    model = copy.deepcopy(model)
+    moe = model.get("moe")
+    if isinstance(moe, dict) and isinstance(moe.get("expert_sizes"), dict):
+        moe["expert_sizes"] = parse_expert_sizes(moe["expert_sizes"])
+    return model
+
+
+def _validate_model(model: dict[str, Any], source: str, overridden: set[str]) -> None:
+    from hmoe_ds.config import HMoELayerConfig
+    from hmoe_ds.modeling import HMoEConfig
+
+    check_schema(model, model_schema(), "model", source, overridden)
+    vocab = model.get("vocab_size", "auto")
+    if vocab != "auto" and (isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1):
+        raise ExperimentError(f"{source}: model.vocab_size={vocab!r}: must be 'auto' (the tokenizer's size) or an int")
+    moe = model.get("moe")
+    if moe is not None:
+        check_schema(moe, dataclass_schema(HMoELayerConfig) | {"expert_sizes": Any}, "model.moe", source, overridden)
+        try:
+            HMoELayerConfig.from_dict(_resolve_expert_sizes(model)["moe"])
+        except (ValueError, TypeError) as exc:
+            raise ExperimentError(f"{source}: model.moe: {exc}") from None
+    trial = _resolve_expert_sizes(model)
+    if trial.get("vocab_size", "auto") == "auto":
+        trial["vocab_size"] = 1 << 15  # any valid size: the real one comes from the tokenizer
+    try:
+        HMoEConfig(**trial)
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise ExperimentError(f"{source}: model: {exc}") from None
+
+
+def _validate_data(data: dict[str, Any], source: str, overridden: set[str]) -> None:
+    from hmoe_ds.data import DataConfig
+
+    check_schema(data, dataclass_schema(DataConfig), "data", source, overridden)
+    try:
+        DataConfig(**data).validate()  # cheap: paths and ranges, no tokenisation
+    except (ValueError, TypeError, OSError) as exc:
+        message = str(exc).replace("DataConfig.", "data.")
+        raise ExperimentError(f"{source}: {message if 'data.' in message else 'data: ' + message}") from None
+
+
+def experiment_from_dict(
+    raw: Any, source: str, overridden: set[str] = frozenset(), default_name: str = "run"  # type: ignore[assignment]
+) -> Experiment:
+    """Validate a parsed YAML document (plus applied overrides) into an :class:`Experiment`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{source}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ExperimentError(f"{source}: " + str(_unknown("", str(key), list(SECTIONS), key in overridden)))
+    for key in SECTIONS:
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ExperimentError(f"{source}: {key}: must be a mapping of {key} settings, got {raw[key]!r}")
+    model = dict(raw.get("model") or {})
+    data = dict(raw.get("data") or {})
+    run_raw = dict(raw.get("run") or {})
+    check_schema(run_raw, dataclass_schema(RunConfig), "run", source, overridden)
+    run = RunConfig(**run_raw)
+    try:
+        run.validate()
+    except ValueError as exc:
+        raise ExperimentError(f"{source}: run.{exc}") from None
+    run.run_name = run.run_name or default_name
+    run.output_dir = run.output_dir or str(Path("outputs") / run.run_name)
+    _validate_model(model, source, overridden)
+    _validate_data(data, source, overridden)
+    model.setdefault("vocab_size", "auto")
+    return Experiment(model=model, data=data, run=run, source=source)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override (``--set``) and validate an experiment YAML."""
+    path = Path(path)
+    raw = load_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ExperimentError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}")
+    overridden = apply_overrides(raw, overrides or [])
+    return experiment_from_dict(raw, str(path), overridden, default_name=path.stem)
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+
+ZERO_STAGES_SUPPORTED = (0, 1, 2)
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"duplicate key(s) {dupes}")
+    return dict(pairs)
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON; syntax errors become ``<file>:<line>:<col>: ...`` messages."""
+    import json
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ExperimentError(f"{path}: cannot read the DeepSpeed config ({exc.strerror or exc})") from None
+    try:
+        config = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ExperimentError(
+            f"{path}:{exc.lineno}:{exc.colno}: JSON syntax error: {exc.msg}. Fix the file at that line "
+            "(plain JSON: no comments, no trailing commas)."
+        ) from None
+    except ValueError as exc:
+        raise ExperimentError(f"{path}: {exc}; keep one of each") from None
+    if not isinstance(config, dict):
+        raise ExperimentError(f"{path}: the top level must be a JSON object")
+    return config
+
+
+def _find_auto(node: Any, prefix: str = "") -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found = _find_auto(value, f"{prefix}{key}.")
+            if found:
+                return found
+    elif node == "auto":
+        return prefix.rstrip(".")
+    return None
+
+
+def resolve_batch_sizes(ds: dict[str, Any], world_size: int, where: str) -> tuple[int, int, int]:
+    """(train_batch_size, micro batch per rank, accumulation) as DeepSpeed derives them, or a clear error."""
+    given = {k: ds.get(k) for k in _BATCH_KEYS if ds.get(k) is not None}
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ExperimentError(f"{where}: {key}={value!r}: must be an int >= 1")
+    tbs, mbs, gas = (given.get(k) for k in _BATCH_KEYS)
+    if mbs is None and tbs is None:
+        raise ExperimentError(f"{where}: set train_micro_batch_size_per_gpu (sequences per rank per forward)")
+    if mbs is None:
+        gas = gas or 1
+        if tbs % (gas * world_size):
+            raise ExperimentError(
+                f"{where}: train_batch_size={tbs} is not divisible by gradient_accumulation_steps ({gas}) x "
+                f"data-parallel world size ({world_size}); set train_micro_batch_size_per_gpu instead"
+            )
+        mbs = tbs // (gas * world_size)
+    elif gas is None:
+        gas = 1 if tbs is None else tbs // (mbs * world_size)
+        if tbs is not None and (gas < 1 or tbs != mbs * gas * world_size):
+            raise ExperimentError(
+                f"{where}: train_batch_size={tbs} is not a multiple of train_micro_batch_size_per_gpu ({mbs}) x "
+                f"world size ({world_size}); set train_batch_size to a multiple of {mbs * world_size} "
+                "or remove it"
+            )
+    if tbs is None:
+        tbs = mbs * gas * world_size
+    if tbs != mbs * gas * world_size:
+        raise ExperimentError(
+            f"{where}: train_batch_size={tbs} != train_micro_batch_size_per_gpu ({mbs}) x "
+            f"gradient_accumulation_steps ({gas}) x data-parallel world size ({world_size}) = "
+            f"{mbs * gas * world_size}. Set train_batch_size to {mbs * gas * world_size}, or remove it and "
+            "let DeepSpeed derive it"
+        )
+    return tbs, mbs, gas
+
+
+def effective_ds_config(
+    ds: dict[str, Any], ds_path: str | Path, exp: Experiment, world_size: int, fp16_supported: bool = True
+) -> tuple[dict[str, Any], list[str]]:
+    """Check the DeepSpeed JSON against the experiment and the world; return (config to use, warnings).
+
+    The returned copy has the batch triple spelled out and a TensorBoard section
+    (``<output_dir>/tensorboard``, job ``run_name``) when the JSON had none, so a
+    run always has its curves; it is saved as ``<output_dir>/ds_config.json``.
+    """
+    where = str(ds_path)
+    warnings: list[str] = []
+    auto = _find_auto(ds)
+    if auto:
+        raise ExperimentError(
+            f"{where}: {auto}=\"auto\": 'auto' is only understood by the HF Trainer integration; give a number"
+        )
+    cfg = copy.deepcopy(ds)
+    cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = (
+        resolve_batch_sizes(ds, world_size, where)
+    )
+
+    zero = cfg.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if stage == 3:
+        raise ExperimentError(
+            f"{where}: zero_optimization.stage=3 is not yet supported: DeepSpeed refuses its native MoE layer under "
+            "ZeRO-3 and hmoe-ds's ZeRO-3 expert layer is still being built. Use stage 1 or 2 for now "
+            "(ds_configs/cpu_default.json, or ds_configs/zero2_offload.json to offload optimizer state to CPU)"
+        )
+    if stage not in ZERO_STAGES_SUPPORTED:
+        raise ExperimentError(f"{where}: zero_optimization.stage={stage!r}: allowed values are 0, 1, 2")
+
+    if not isinstance(cfg.get("optimizer"), dict) or not cfg["optimizer"].get("type"):
+        raise ExperimentError(
+            f'{where}: no "optimizer" section; the trainer builds none itself. Add e.g. '
+            '"optimizer": {"type": "AdamW", "params": {"lr": 0.0003, "weight_decay": 0.01}}'
+        )
+    fp16 = bool((cfg.get("fp16") or {}).get("enabled", False))
+    bf16 = bool((cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False))
+    if fp16 and bf16:
+        raise ExperimentError(f"{where}: fp16.enabled and bf16.enabled are both true; enable at most one")
+    if fp16 and not fp16_supported:
+        raise ExperimentError(
+            f"{where}: fp16.enabled=true but this accelerator has no fp16 support; "
+            "set fp16.enabled to false (fp32) or use bf16.enabled=true"
+        )
+
+    moe = exp.model.get("moe") or {}
+    ep_size = int(moe.get("ep_size", 1))
+    if world_size % ep_size:
+        raise ExperimentError(
+            f"{exp.source}: model.moe.ep_size={ep_size} does not divide the world size ({world_size}); "
+            "launch a multiple of ep_size ranks or change ep_size"
+        )
+    block = exp.data.get("block_size", _data_default("block_size"))
+    max_pos = exp.model.get("max_position_embeddings", model_default("max_position_embeddings"))
+    if block is not None and max_pos is not None and block > max_pos:
+        raise ExperimentError(
+            f"{exp.source}: data.block_size={block} > model.max_position_embeddings={max_pos}; "
+            f"lower data.block_size or raise model.max_position_embeddings to >= {block}"
+        )
+
+    sched = cfg.get("scheduler") or {}
+    total = (sched.get("params") or {}).get("total_num_steps")
+    if total is not None and total != exp.run.train_steps:
+        warnings.append(
+            f"{where}: scheduler.params.total_num_steps={total} differs from run.train_steps="
+            f"{exp.run.train_steps}; the learning-rate schedule will not end with the run"
+        )
+
+    tb = cfg.get("tensorboard")
+    if tb is None:
+        cfg["tensorboard"] = {
+            "enabled": True,
+            "output_path": str(exp.output_dir / "tensorboard"),
+            "job_name": exp.run.run_name,
+        }
+    elif isinstance(tb, dict) and tb.get("enabled") and not tb.get("output_path"):
+        cfg["tensorboard"] = {**tb, "output_path": str(exp.output_dir / "tensorboard")}
+    if isinstance(cfg["tensorboard"], dict) and cfg["tensorboard"].get("enabled"):
+        cfg["tensorboard"].setdefault("job_name", exp.run.run_name)
+    else:
+        warnings.append(f"{where}: tensorboard.enabled is false: only metrics.jsonl will be written")
+    return cfg, warnings
+
+
+def _data_default(name: str) -> Any:
+    from hmoe_ds.data import DataConfig
+
+    fields = {f.name: f for f in dataclasses.fields(DataConfig)}
+    f = fields.get(name)
+    return None if f is None or f.default is dataclasses.MISSING else f.default
+
+
+def tensorboard_dir(ds_effective: dict[str, Any]) -> Path | None:
+    """The directory DeepSpeed's TensorBoard monitor writes to (output_path/job_name), if enabled."""
+    tb = ds_effective.get("tensorboard") or {}
+    if not tb.get("enabled"):
+        return None
+    return Path(tb.get("output_path") or "") / str(tb.get("job_name") or "DeepSpeedJobName")

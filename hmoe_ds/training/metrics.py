@@ -1,0 +1,312 @@
+"""Training metrics: accumulate between log points, reduce over ranks, write TensorBoard + metrics.jsonl.
+
+Scalars go through DeepSpeed's monitor (``engine.monitor.write_events``; since
+DeepSpeed 0.18.3 the engine no longer logs the train loss itself) and, as one
+JSON object per logged step, to ``<output_dir>/metrics.jsonl``. The expert-load
+picture needs an image summary, which the monitor cannot write, so rank 0 keeps
+its own ``SummaryWriter`` on the monitor's directory (TensorBoard merges the
+event files of one directory into one run).
+
+Routing statistics are summed over every micro-batch since the last log point
+and all-reduced over the data-parallel ranks, so they describe the global
+batches, not the last micro-batch of rank 0.
+
+Tag reference (E experts, layer index i over MoE layers only)::
+
+    train/lm_loss, train/aux_loss, train/aux/<term>, train/lr, train/grad_norm, perf/tokens_per_s
+    moe/layer_<i>/expert_<e>_token_fraction     share of the layer's (token, expert) assignments; sums to 1
+    moe/layer_<i>/experts_per_token             mean number of experts a token uses
+    moe/layer_<i>/dropped_assignments           (token, expert) pairs dropped by capacity (0 when dropless)
+    moe/layer_<i>/activated_params_per_token    expert parameters a token activates in that layer
+    moe/activated_params_per_token              non-expert params + sum over layers of the above
+    moe/mean_experts_per_token                  mean over layers
+    val/loss, val/ppl                           at every evaluation
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import torch
+
+__all__ = [
+    "LayerLoad",
+    "MetricsWriter",
+    "RoutingAccumulator",
+    "TrainAccumulator",
+    "expert_load_figure",
+    "format_postfix",
+    "read_jsonl",
+    "routing_scalars",
+]
+
+
+class _Monitor(Protocol):
+    def write_events(self, event_list: list[tuple[str, float, int]]) -> None: ...
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over all ranks when a process group exists (the data-parallel world here)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values
+
+
+@dataclass
+class LayerLoad:
+    """Routing of one MoE layer over a window of micro-batches, summed over ranks."""
+
+    expert_sizes: tuple[int, ...]
+    num_tokens: float
+    tokens_per_expert: list[float]  # kept (token, expert) assignments per logical expert
+    selected_assignments: float  # assignments the router chose, before any capacity drop
+    dropped_assignments: float
+    activated_params_sum: float  # sum over tokens of the expert parameters they activated
+
+    @property
+    def token_fraction(self) -> list[float]:
+        """Each expert's share of the kept assignments (sums to 1; 1/E is perfectly even)."""
+        total = sum(self.tokens_per_expert)
+        return [c / total if total else 0.0 for c in self.tokens_per_expert]
+
+    @property
+    def experts_per_token(self) -> float:
+        return self.selected_assignments / self.num_tokens if self.num_tokens else 0.0
+
+    @property
+    def activated_params_per_token(self) -> float:
+        return self.activated_params_sum / self.num_tokens if self.num_tokens else 0.0
+
+
+_HEAD = 4  # per-layer row: [tokens, selected, dropped, activated_sum, counts per expert...]
+
+
+@dataclass
+class RoutingAccumulator:
+    """Sums ``RoutingStats`` (one per MoE layer per forward) until :meth:`reduce`.
+
+    Sums stay tensors on the stats' device so accumulating never waits for the
+    device; the only host sync is the reduction at a log point.
+    """
+
+    _rows: list[torch.Tensor] = field(default_factory=list)
+    _params: list[torch.Tensor] = field(default_factory=list)
+    _sizes: list[tuple[int, ...]] = field(default_factory=list)
+
+    def update(self, routing_stats: Sequence[Any]) -> None:
+        if not routing_stats:
+            return
+        if not self._rows:
+            self._sizes = [tuple(int(s) for s in st.expert_sizes) for st in routing_stats]
+            device = routing_stats[0].tokens_per_expert.device
+            self._rows = [torch.zeros(_HEAD + len(s), dtype=torch.float64, device=device) for s in self._sizes]
+            self._params = [torch.tensor(st.expert_params, dtype=torch.float64, device=device) for st in routing_stats]
+        for row, params, st in zip(self._rows, self._params, routing_stats, strict=True):
+            kept = st.tokens_per_expert.detach().to(torch.float64)
+            row[0] += st.num_tokens
+            row[1] += st.selected_per_expert.detach().sum().to(torch.float64)
+            row[2] += st.dropped.detach().to(torch.float64)
+            row[3] += (kept * params).sum() if params.numel() else 0.0
+            row[_HEAD:] += kept
+
+    def reduce(self) -> list[LayerLoad]:
+        """Collective: every rank must call it (same number of layers everywhere). Resets the sums."""
+        if not self._rows:
+            return []
+        flat = _all_reduce_sum(torch.cat(self._rows)).tolist()
+        loads, offset = [], 0
+        for sizes in self._sizes:
+            row = flat[offset : offset + _HEAD + len(sizes)]
+            offset += _HEAD + len(sizes)
+            loads.append(LayerLoad(sizes, row[0], row[_HEAD:], row[1], row[2], row[3]))
+        self._rows = [torch.zeros_like(r) for r in self._rows]
+        return loads
+
+
+@dataclass
+class TrainAccumulator:
+    """Losses, tokens and routing since the last log point; :meth:`reduce` gives the scalars."""
+
+    routing: RoutingAccumulator = field(default_factory=RoutingAccumulator)
+    _sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    _micro: int = 0
+    _tokens: int = 0
+    _since: float = field(default_factory=time.perf_counter)
+
+    def update(self, out: Any, num_tokens: int) -> None:
+        """Add one micro-batch's model output (``lm_loss``, ``aux_loss``, ``aux_losses``, ``routing_stats``)."""
+        terms = {"train/lm_loss": out.lm_loss, "train/aux_loss": out.aux_loss}
+        terms.update({f"train/aux/{k}": v for k, v in (getattr(out, "aux_losses", None) or {}).items()})
+        for key, value in terms.items():
+            if value is not None:
+                value = torch.as_tensor(value).detach().to(torch.float64).reshape(())
+                self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._micro += 1
+        self._tokens += int(num_tokens)
+        self.routing.update(getattr(out, "routing_stats", None) or [])
+
+    def reduce(self) -> tuple[dict[str, float], list[LayerLoad]]:
+        """Collective. Mean losses over micro-batches and ranks, global tokens/s, routing loads; then reset.
+
+        Every rank must have logged the same loss terms (they come from the same model).
+        """
+        keys = sorted(self._sums)
+        counts = torch.tensor([self._micro, self._tokens], dtype=torch.float64)
+        device = self._sums[keys[0]].device if keys else counts.device
+        packed = torch.cat([torch.stack([self._sums[k] for k in keys]).cpu() if keys else counts[:0], counts])
+        packed = _all_reduce_sum(packed.to(device)).tolist()
+        micro, tokens = packed[-2], packed[-1]
+        elapsed = max(time.perf_counter() - self._since, 1e-9)
+        scalars = {k: v / max(micro, 1) for k, v in zip(keys, packed)}
+        scalars["perf/tokens_per_s"] = tokens / elapsed
+        loads = self.routing.reduce()
+        self._sums, self._micro, self._tokens, self._since = {}, 0, 0, time.perf_counter()
+        return scalars, loads
+
+    def exclude_time(self, seconds: float) -> None:
+        """Leave time spent outside training (evaluation, checkpoints) out of tokens/s."""
+        self._since += seconds
+
+
+def routing_scalars(loads: Sequence[LayerLoad], non_expert_params: int, prefix: str = "moe") -> dict[str, float]:
+    """Per-layer and model-level routing scalars (tags in the module docstring)."""
+    scalars: dict[str, float] = {}
+    for i, load in enumerate(loads):
+        for e, frac in enumerate(load.token_fraction):
+            scalars[f"{prefix}/layer_{i}/expert_{e}_token_fraction"] = frac
+        scalars[f"{prefix}/layer_{i}/experts_per_token"] = load.experts_per_token
+        scalars[f"{prefix}/layer_{i}/dropped_assignments"] = load.dropped_assignments
+        scalars[f"{prefix}/layer_{i}/activated_params_per_token"] = load.activated_params_per_token
+    if loads:
+        scalars[f"{prefix}/activated_params_per_token"] = non_expert_params + sum(
+            load.activated_params_per_token for load in loads
+        )
+        scalars[f"{prefix}/mean_experts_per_token"] = sum(load.experts_per_token for load in loads) / len(loads)
+    return scalars
+
+
+def expert_load_figure(loads: Sequence[LayerLoad], title: str = "") -> Any:
+    """Token fraction per expert vs expert size (left) and a layer x expert heat map (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training nodes
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    for i, load in enumerate(loads):
+        order = sorted(range(len(load.expert_sizes)), key=lambda e: load.expert_sizes[e])
+        left.plot(
+            [load.expert_sizes[e] for e in order], [load.token_fraction[e] for e in order], marker="o", label=f"layer {i}"
+        )
+    if loads:
+        left.axhline(1.0 / len(loads[0].expert_sizes), color="grey", linestyle="--", linewidth=1, label="uniform")
+        grid = [[f for f in load.token_fraction] for load in loads]
+        image = right.imshow(grid, aspect="auto", cmap="viridis")
+        fig.colorbar(image, ax=right, label="token fraction")
+        right.set_xticks(range(len(loads[0].expert_sizes)))
+        right.set_xticklabels([f"{e}\n{s}" for e, s in enumerate(loads[0].expert_sizes)], fontsize=7)
+        right.set_yticks(range(len(loads)))
+    left.set_xlabel("expert FFN hidden size")
+    left.set_ylabel("share of (token, expert) assignments")
+    left.legend(fontsize=7, ncol=2)
+    right.set_xlabel("expert (index / size)")
+    right.set_ylabel("MoE layer")
+    fig.suptitle(title or "expert load")
+    fig.tight_layout()
+    return fig
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN/inf
+
+
+class MetricsWriter:
+    """Rank-0 writer: scalars to the DeepSpeed monitor and metrics.jsonl, images to TensorBoard.
+
+    On other ranks every method is a no-op, so the loop can call it unconditionally.
+
+    Args:
+        output_dir: the run directory (``metrics.jsonl`` goes there).
+        monitor: ``engine.monitor`` (anything with ``write_events([(tag, value, step)])``) or None.
+        tensorboard_dir: the monitor's log directory (output_path/job_name) for images; None disables images.
+        is_writer: True on rank 0.
+        append: keep an existing metrics.jsonl (resume) instead of starting it anew.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        monitor: _Monitor | None,
+        tensorboard_dir: str | Path | None,
+        is_writer: bool,
+        append: bool = False,
+    ) -> None:
+        self.is_writer = is_writer
+        self.output_dir = Path(output_dir)
+        self.jsonl_path = self.output_dir / "metrics.jsonl"
+        self._monitor = monitor
+        self._images: Any = None
+        self._jsonl = None
+        if not is_writer:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = self.jsonl_path.open("a" if append else "w", encoding="utf-8")
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A distinct filename suffix keeps our event file apart from the monitor's in the same directory.
+            self._images = SummaryWriter(log_dir=str(tensorboard_dir), filename_suffix=".images")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        """One logged step: every scalar to TensorBoard (via the monitor) and one JSON line."""
+        if not self.is_writer or not scalars:
+            return
+        if self._monitor is not None:
+            self._monitor.write_events([(tag, float(value), step) for tag, value in scalars.items()])
+        record = {"step": step, "time": round(time.time(), 3)}
+        record.update({k: _finite_or_none(float(v)) for k, v in scalars.items()})
+        assert self._jsonl is not None
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def write_expert_load(self, step: int, loads: Sequence[LayerLoad], title: str = "") -> None:
+        """The expert-load picture as an image summary (tag ``moe/expert_load``) and ``expert_load.png``."""
+        if not self.is_writer or not loads:
+            return
+        import matplotlib.pyplot as plt
+
+        fig = expert_load_figure(loads, title or f"expert load at step {step}")
+        fig.savefig(self.output_dir / "expert_load.png", dpi=90)
+        if self._images is not None:
+            self._images.add_figure("moe/expert_load", fig, global_step=step, close=False)
+            self._images.flush()
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._images is not None:
+            self._images.close()
+            self._images = None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read metrics.jsonl back (one dict per logged step)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def format_postfix(scalars: dict[str, float]) -> dict[str, str]:
+    """Compact tqdm postfix from a scalar dict."""
+    out = {}
+    if "train/lm_loss" in scalars:
+        out["loss"] = f"{scalars['train/lm_loss']:.3f}"
+    if "perf/tokens_per_s" in scalars:
+        out["tok/s"] = f"{scalars['perf/tokens_per_s']:.0f}"
+    return out
+

@@ -1,0 +1,451 @@
+"""The training loop on DeepSpeed: validate -> build (data, model, engine) -> train/eval/save -> clean exit.
+
+Order matters: everything a user can get wrong (YAML, ``--set``, the DeepSpeed
+JSON, the batch arithmetic, the output directory) is checked before anything is
+written or built, so a mistake costs seconds, prints one message (rank 0) and
+leaves the disk untouched. The optimisation itself (batch sizes, accumulation,
+precision, optimizer, scheduler, ZeRO, clipping) is entirely DeepSpeed's, from
+the JSON.
+
+Step counting: one *step* is one optimizer step (a global batch), counted at
+``engine.is_gradient_accumulation_boundary()``; ``run.train_steps``,
+``log_every``, ``eval_every`` and ``save_every`` are in steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+import torch
+import yaml
+
+from .experiment import (
+    Experiment,
+    ExperimentError,
+    effective_ds_config,
+    load_ds_config,
+    load_experiment,
+    tensorboard_dir,
+)
+
+__all__ = ["TrainPlan", "check_output_dir", "plan_run", "run_training"]
+
+T = TypeVar("T")
+CHECKPOINTS = "checkpoints"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def log0(message: str) -> None:
+    """Print on rank 0 only (tqdm-safe)."""
+    if _rank() == 0:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stdout)
+        sys.stdout.flush()
+
+
+@dataclass
+class TrainPlan:
+    """Everything validated before any process group exists."""
+
+    exp: Experiment
+    ds_path: Path
+    ds_config: dict[str, Any]  # effective: batch triple spelled out, TensorBoard filled in
+    warnings: list[str]
+    resume: bool
+
+
+def plan_run(config: str, ds_path: str | None, overrides: list[str], resume: bool, world_size: int) -> TrainPlan:
+    """Read and cross-check the experiment and the DeepSpeed JSON (no side effects)."""
+    if not ds_path:
+        raise ExperimentError("--deepspeed_config is required, e.g. --deepspeed_config ds_configs/cpu_default.json")
+    exp = load_experiment(config, overrides)
+    ds = load_ds_config(ds_path)
+    from deepspeed.accelerator import get_accelerator
+
+    cfg, warnings = effective_ds_config(
+        ds, ds_path, exp, world_size, fp16_supported=bool(get_accelerator().is_fp16_supported())
+    )
+    return TrainPlan(exp=exp, ds_path=Path(ds_path), ds_config=cfg, warnings=warnings, resume=resume)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def latest_checkpoint(output_dir: Path) -> str | None:
+    """Tag named in ``<output_dir>/checkpoints/latest`` (DeepSpeed's convention), if any."""
+    latest = output_dir / CHECKPOINTS / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def check_output_dir(exp: Experiment, resume: bool, world_size: int | None = None) -> tuple[str | None, list[str]]:
+    """Decide what the output directory allows: (checkpoint tag to resume from, notes). Writes nothing.
+
+    A directory holding a different experiment, or checkpoints of this one, is
+    an error unless ``--resume``; so is a non-empty directory that is no run.
+    """
+    out = exp.output_dir
+    notes: list[str] = []
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if resume:
+            notes.append(f"--resume: {out} holds no run yet; starting from scratch")
+        return None, notes
+    if not out.is_dir():
+        raise ExperimentError(f"{exp.source}: run.output_dir={out} is a file; choose a directory path")
+    saved_path = out / "experiment.yaml"
+    if not saved_path.is_file():
+        raise ExperimentError(
+            f"{exp.source}: run.output_dir={out} exists, is not empty and holds no experiment.yaml, so it is not an "
+            "hmoe-ds run; refusing to write into it. Choose another run.output_dir (or --set run.output_dir=...)"
+        )
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        saved = {}
+    old, new = _flat(saved), _flat(exp.to_dict())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    tag = latest_checkpoint(out)
+    if changed and not resume:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ExperimentError(
+            f"{exp.source}: run.output_dir={out} holds a different run (its experiment.yaml differs: {shown}{more}). "
+            "Choose another run.output_dir, delete the directory, or pass --resume to continue it with these settings"
+        )
+    if tag and not resume:
+        raise ExperimentError(
+            f"{exp.source}: run.output_dir={out} already holds checkpoint '{tag}' of this run. Pass --resume to "
+            "continue from it, or choose another run.output_dir"
+        )
+    saved_ranks = len(list((out / CHECKPOINTS / tag).glob("zero_pp_rank_*_optim_states.pt"))) if tag else 0
+    if saved_ranks and world_size and saved_ranks != world_size:
+        raise ExperimentError(
+            f"{out / CHECKPOINTS / tag}: saved by {saved_ranks} ranks, resumed on {world_size}; exact resume needs "
+            f"the same number of ranks (launch {saved_ranks}), or choose a new run.output_dir"
+        )
+    if changed:
+        notes.append(f"--resume with changed settings: {', '.join(changed)}")
+    if resume and not tag:
+        notes.append(f"--resume: no checkpoint in {out / CHECKPOINTS}; starting from scratch")
+    return tag, notes
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def _share(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 and give every rank its result, or raise its ExperimentError everywhere."""
+    import torch.distributed as dist
+
+    payload: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [("ok", fn())]
+        except ExperimentError as exc:
+            payload = [("error", str(exc))]
+    dist.broadcast_object_list(payload, src=0)
+    status, value = payload[0]
+    if status == "error":
+        raise ExperimentError(value)
+    return value
+
+
+def _rank0_first(fn: Callable[[], T]) -> T:
+    """Rank 0 runs ``fn`` first (e.g. builds the data cache), then the others (reusing it)."""
+    import torch.distributed as dist
+
+    def guarded() -> T:
+        try:
+            return fn()
+        except (ValueError, FileNotFoundError) as exc:  # the data module's user-facing errors
+            raise ExperimentError(str(exc).replace("DataConfig.", "data.")) from None
+
+    if dist.get_rank() == 0:
+        result = guarded()
+        _share(lambda: None)
+        return result
+    _share(lambda: None)
+    return guarded()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _threads_per_rank() -> None:
+    """Without OMP_NUM_THREADS, torch on each of N local ranks would use every core: share them instead."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, int(os.environ.get("LOCAL_SIZE", "1")))))
+
+
+def quiet_deepspeed() -> None:
+    """Keep the progress bar readable: DeepSpeed's INFO chatter and two known-harmless warnings off.
+
+    ``HMOE_DS_VERBOSE=1`` restores DeepSpeed's INFO logging (config dump, timings).
+    """
+    import warnings
+
+    if os.environ.get("HMOE_DS_VERBOSE") == "1":
+        return
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_logger.setLevel(logging.WARNING)
+    # Logged once per rank while the engine is built, before the scheduler's first step: not a problem.
+    ds_logger.addFilter(lambda record: "before it has started" not in record.getMessage())
+    # ZeRO-1/2 inside DeepSpeed call a torch collective that torch 2.13 marks deprecated.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float | None) -> list[dict[str, Any]]:
+    """Decay matrices, not norms/biases; MoE parameters split into their own groups (DeepSpeed requires it)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups: list[dict[str, Any]] = [{"name": "decay", "params": decay}]
+    if weight_decay is not None:
+        groups[0]["weight_decay"] = weight_decay
+    if no_decay:
+        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def build_engine(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, training: bool = True) -> tuple[Any, Any]:
+    """(engine, HMoEConfig): model from the experiment, wrapped by ``deepspeed.initialize``."""
+    import deepspeed
+
+    from hmoe_ds.modeling import HMoEForCausalLM
+
+    model_cfg = exp.model_config(vocab_size)
+    model = HMoEForCausalLM(model_cfg)
+    wd = ((ds_config.get("optimizer") or {}).get("params") or {}).get("weight_decay")
+    params = param_groups(model, wd) if training else list(model.parameters())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine, model_cfg
+
+
+def run_training(args: argparse.Namespace) -> int:
+    """The whole run; returns the process exit code. ``args`` from ``run/train.py``'s parser."""
+    quiet_deepspeed()
+    try:
+        plan = plan_run(args.config, args.deepspeed_config, [s for group in args.set for s in group],
+                        args.resume, _world_size())
+    except ExperimentError as exc:
+        if _rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    _threads_per_rank()
+    import deepspeed
+
+    deepspeed.init_distributed()
+    try:
+        return _train(plan)
+    except ExperimentError as exc:
+        if _rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _prepare_output_dir(plan: TrainPlan) -> str | None:
+    """Rank 0: check the directory, then write experiment.yaml and ds_config.json. Returns the resume tag."""
+    exp = plan.exp
+    tag, notes = check_output_dir(exp, plan.resume, _world_size())
+    for line in plan.warnings + notes:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    exp.output_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# Resolved experiment (defaults filled, --set applied); source: {exp.source}\n"
+    (exp.output_dir / "experiment.yaml").write_text(
+        header + yaml.safe_dump(exp.to_dict(), sort_keys=False), encoding="utf-8"
+    )
+    (exp.output_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n", encoding="utf-8")
+    return tag
+
+
+def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str) -> int:
+    """Load ``checkpoints/tag`` (DeepSpeed state + our client state); return the step to continue from."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
+    client = client or {}
+    loaders = client.get("loader") or []
+    try:
+        if len(loaders) != world:
+            raise ValueError(f"saved by {len(loaders)} ranks, resumed on {world}; launch {len(loaders)} ranks")
+        train_iter.load_state_dict(loaders[rank])
+    except ValueError as exc:  # e.g. another micro batch size or other data: the batches would differ
+        raise ExperimentError(f"{checkpoints / tag}: {exc}") from None
+    if len(client.get("rng") or []) == world:
+        _set_rng_state(client["rng"][rank])  # the routers' noise continues as if never stopped
+    step = int(client.get("step", 0))
+    log0(f"resumed from {checkpoints / tag} at step {step}")
+    return step
+
+
+def _train(plan: TrainPlan) -> int:
+    """Build data, model and engine, then train/log/evaluate/save until ``run.train_steps`` (every rank)."""
+    import datasets
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from hmoe_ds.data import EvalBatchIterator, TrainBatchIterator, build_lm_datasets
+    from hmoe_ds.modeling import parameter_summary
+
+    from .evaluate import evaluate
+    from .metrics import MetricsWriter, TrainAccumulator, format_postfix, routing_scalars
+
+    exp, run = plan.exp, plan.exp.run
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tag = _share(lambda: _prepare_output_dir(plan))
+
+    datasets.disable_progress_bars()
+    data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
+    _seed(run.seed)  # identical initial weights on every rank
+    engine, model_cfg = build_engine(exp, plan.ds_config, len(data.tokenizer))
+    _seed(run.seed + rank)  # different router noise per rank from here on
+
+    micro = engine.train_micro_batch_size_per_gpu()
+    train_iter = TrainBatchIterator(data.train, micro, rank=rank, world_size=world, seed=run.seed)
+    step = _restore(engine, train_iter, exp.output_dir / CHECKPOINTS, tag) if tag is not None else 0
+
+    summary = parameter_summary(engine.module)
+    non_expert = int(summary["non_expert_params"])
+    tb_dir = tensorboard_dir(plan.ds_config)
+    writer = MetricsWriter(exp.output_dir, engine.monitor, tb_dir, is_writer=rank == 0, append=tag is not None)
+    if rank == 0:
+        model_cfg.to_json_file(str(exp.output_dir / "model_config.json"))
+        data.tokenizer.save_pretrained(str(exp.output_dir / "tokenizer"))
+    block = int(data.train[0]["input_ids"].shape[-1])
+    log0(
+        f"model: {summary['total_params']:,} parameters on this rank ({summary['expert_params']:,} in experts), "
+        f"~{summary['activated_params_per_token']:,.0f} activated/token (uniform-router estimate)\n"
+        f"data: {data.num_train_tokens:,} train tokens, {len(data.validation)} validation blocks of {block}\n"
+        f"batch: {engine.train_batch_size()} sequences/step = {micro} per rank x "
+        f"{engine.gradient_accumulation_steps()} accumulation x {world} ranks "
+        f"({engine.train_batch_size() * block:,} tokens/step)\n"
+        f"run: {exp.output_dir}  (TensorBoard: {tb_dir or 'disabled'})"
+    )
+
+    def run_eval(at: int) -> float:
+        loader = EvalBatchIterator(data.validation, micro, rank=rank, world_size=world)
+        result = evaluate(engine, loader, run.eval_batches, engine.device)
+        writer.write(at, result.scalars())
+        writer.write_expert_load(at, result.loads, f"{run.run_name}: validation expert load, step {at}")
+        log0(f"step {at}: val/loss {result.loss:.4f}  val/ppl {result.ppl:.2f}")
+        return result.loss
+
+    def save(at: int) -> None:
+        client = {
+            "step": at,
+            "loader": _gather(train_iter.state_dict()),
+            "rng": _gather(_rng_state()),
+            "experiment": exp.to_dict(),
+        }
+        engine.save_checkpoint(str(exp.output_dir / CHECKPOINTS), tag=f"step_{at}", client_state=client)
+        log0(f"step {at}: checkpoint saved to {exp.output_dir / CHECKPOINTS / f'step_{at}'}")
+
+    first_val = run_eval(0) if step == 0 and run.eval_at_start else None
+    last_val = first_val
+    acc = TrainAccumulator()
+    bar = tqdm(total=run.train_steps, initial=step, desc=run.run_name, disable=rank != 0 or not run.progress_bar,
+               dynamic_ncols=True, file=sys.stderr)
+    engine.train()
+    try:
+        while step < run.train_steps:
+            batch = next(train_iter)
+            input_ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
+            out = engine(input_ids=input_ids, labels=labels)
+            engine.backward(out.loss)
+            boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
+            engine.step()
+            acc.update(out, input_ids.numel())
+            if not boundary:
+                continue
+            step += 1
+            bar.update(1)
+            final = step == run.train_steps
+            if step % run.log_every == 0 or final:
+                scalars, loads = acc.reduce()
+                scalars["train/lr"] = float(engine.get_lr()[0])
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    scalars["train/grad_norm"] = float(grad_norm)
+                scalars.update(routing_scalars(loads, non_expert))
+                writer.write(step, scalars)
+                bar.set_postfix(format_postfix(scalars), refresh=False)
+            paused = time.perf_counter()
+            if (run.eval_every and step % run.eval_every == 0) or final:
+                last_val = run_eval(step)
+            if (run.save_every and step % run.save_every == 0) or final:
+                save(step)
+            acc.exclude_time(time.perf_counter() - paused)
+    finally:
+        bar.close()
+        writer.close()
+    if rank == 0:
+        _final_report(exp, tb_dir, first_val, last_val, step)
+    engine.destroy()
+    return 0
+
+
+def _final_report(exp: Experiment, tb_dir: Path | None, first: float | None, last: float | None, step: int) -> None:
+    lines = [f"done: {step} steps"]
+    if first is not None and last is not None:
+        lines.append(f"validation loss {first:.4f} (step 0) -> {last:.4f} (step {step})")
+    elif last is not None:
+        lines.append(f"validation loss {last:.4f} (step {step})")
+    lines.append(f"checkpoint:  {exp.output_dir / CHECKPOINTS}  (latest: {latest_checkpoint(exp.output_dir)})")
+    lines.append(f"metrics:     {exp.output_dir / 'metrics.jsonl'}")
+    if tb_dir is not None:
+        lines.append(f"TensorBoard: tensorboard --logdir {tb_dir.parent}   then open http://localhost:6006")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Validation loss, perplexity and per-expert routing of a trained HMoE.
+
+    python run/eval.py outputs/quickstart                     # latest DeepSpeed checkpoint of a run
+    python run/eval.py outputs/quickstart --tag step_200      # a given checkpoint
+    deepspeed --num_accelerators 2 run/eval.py outputs/quickstart
+    python run/eval.py path/to/hf_export --config run/configs/quickstart.yaml   # an exported HF model
+
+Prints a table (token fraction per expert per MoE layer, experts per token,
+activated parameters per token) and writes it all as JSON (default
+<run>/eval_<tag>.json or <hf_dir>/eval.json). The data (validation split) comes
+from the run's saved experiment.yaml, or --config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="run dir, its checkpoints/ dir, one checkpoint dir, or an exported HF model dir")
+    parser.add_argument("--tag", help="checkpoint tag (default: the run's latest)")
+    parser.add_argument("--config", help="experiment YAML for the data (default: the run's experiment.yaml)")
+    parser.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                        help="override experiment keys, e.g. --set data.cache_dir=/data/cache")
+    parser.add_argument("--eval_batches", type=int, default=None,
+                        help="validation micro-batches per rank (default: the whole validation split)")
+    parser.add_argument("--output", help="JSON file to write (default next to the checkpoint / model)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    from hmoe_ds.training.evaluate import resolve_target, run_evaluation
+    from hmoe_ds.training.experiment import ExperimentError
+    from hmoe_ds.training.trainer import quiet_deepspeed
+
+    quiet_deepspeed()
+    import deepspeed
+    import torch.distributed as dist
+
+    try:
+        target = resolve_target(args.path, args.tag)
+        deepspeed.init_distributed()
+        run_evaluation(target, args.config, [s for group in args.set for s in group], args.eval_batches, args.output)
+        return 0
+    except ExperimentError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

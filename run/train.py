@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Train an HMoE causal LM on DeepSpeed.
+
+    deepspeed --num_accelerators 2 run/train.py --config run/configs/quickstart.yaml \\
+        --deepspeed_config ds_configs/cpu_default.json [--set run.train_steps=500 ...] [--resume]
+
+The experiment YAML says what to train (model, data, run); the DeepSpeed JSON
+says how to optimise it. The logic lives in ``hmoe_ds.training``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Same default as run/env.sh, for runs started without it: CPU accelerator when no GPU is visible.
+if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import deepspeed
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (sections model, data, run)")
+    parser.add_argument(
+        "--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+        help="override experiment keys, e.g. --set run.train_steps=200 model.moe.top_p=0.5 (values parsed as YAML)",
+    )
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in run.output_dir from its latest checkpoint (settings may differ)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return deepspeed.add_config_arguments(parser)
+
+
+def main() -> int:
+    from hmoe_ds.training.trainer import run_training
+
+    return run_training(build_parser().parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

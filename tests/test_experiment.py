@@ -1,0 +1,302 @@
+"""Experiment YAML schema, --set overrides, DeepSpeed-JSON cross-checks and the output-dir guard.
+
+Fast, single process, no launcher: everything here runs before any process group exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hmoe_ds.training.experiment import (
+    ExperimentError,
+    effective_ds_config,
+    load_ds_config,
+    load_experiment,
+    resolve_batch_sizes,
+    tensorboard_dir,
+)
+from hmoe_ds.training.trainer import check_output_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY: dict[str, Any] = {
+    "model": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 128,
+        "dense_intermediate_size": 128,
+        "moe": {"expert_sizes": [32, 64, 96, 128], "routing": "top_p", "top_p": 0.6},
+    },
+    "data": {"block_size": 64, "vocab_size": 512, "max_chars": 100_000},
+    "run": {"train_steps": 5, "log_every": 1},
+}
+DS: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 2,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+}
+
+
+def write_yaml(tmp_path: Path, doc: Any, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+def tiny(tmp_path: Path, **sections: dict[str, Any]) -> Path:
+    doc = {k: dict(v) for k, v in TINY.items()}
+    doc["run"]["output_dir"] = str(tmp_path / "out")
+    for key, value in sections.items():
+        doc[key] = {**doc.get(key, {}), **value}
+    return write_yaml(tmp_path, doc)
+
+
+def error_of(fn: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(ExperimentError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_tiny_experiment_loads_with_defaults(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    assert exp.model["vocab_size"] == "auto"
+    assert exp.run.run_name == "exp"  # the file's stem
+    assert exp.run.eval_at_start is True
+    cfg = exp.model_config(tokenizer_vocab_size=512)
+    assert cfg.vocab_size == 512 and cfg.hidden_size == 64
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "run" / "configs").glob("*.yaml")))
+def test_shipped_experiments_are_valid(name: str) -> None:
+    exp = load_experiment(REPO / "run" / "configs" / name)
+    assert exp.run.train_steps > 0
+
+
+def test_unknown_key_names_key_allowed_and_suggestion(tmp_path: Path) -> None:
+    msg = error_of(load_experiment, tiny(tmp_path, run={"train_stepz": 3}))
+    assert "run.train_stepz: unknown key" in msg
+    assert "did you mean 'train_steps'" in msg and "allowed:" in msg and "eval_every" in msg
+    assert str(tmp_path / "exp.yaml") in msg
+
+
+def test_unknown_moe_and_top_level_keys(tmp_path: Path) -> None:
+    path = tiny(tmp_path, model={"moe": {"expert_sizes": [32, 64], "top_q": 0.5}})
+    assert "model.moe.top_q: unknown key" in error_of(load_experiment, path)
+    assert "training: unknown key" in error_of(load_experiment, write_yaml(tmp_path, {"training": {}}))
+
+
+def test_deepspeed_keys_in_experiment_point_to_the_json(tmp_path: Path) -> None:
+    msg = error_of(load_experiment, tiny(tmp_path, run={"train_batch_size": 32}))
+    assert "run.train_batch_size" in msg and "DeepSpeed JSON" in msg
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "expected"),
+    [
+        ("run", {"train_steps": "ten"}, "run.train_steps='ten': expected int"),
+        ("run", {"train_steps": 0}, "run.train_steps=0: must be an int >= 1"),
+        ("run", {"eval_at_start": "yes"}, "run.eval_at_start='yes': expected bool"),
+        ("model", {"hidden_size": 60, "num_attention_heads": 8}, "divisible by num_attention_heads"),
+        ("model", {"vocab_size": "big"}, "model.vocab_size='big'"),
+        ("model", {"moe": {"expert_sizes": [32, 64], "top_p": 1.5}}, "model.moe: top_p=1.5"),
+        ("data", {"block_size": 1}, "data.block_size=1"),
+        ("data", {"files": ["/nonexistent/corpus.txt"]}, "/nonexistent/corpus.txt"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, section: str, values: dict[str, Any], expected: str) -> None:
+    assert expected in error_of(load_experiment, tiny(tmp_path, **{section: values}))
+
+
+def test_expert_size_spec_is_solved(tmp_path: Path) -> None:
+    spec = {"distribution": "arithmetic", "num_experts": 4, "total_hidden": 256, "multiple": 16}
+    exp = load_experiment(tiny(tmp_path, model={"moe": {"expert_sizes": spec}}))
+    sizes = exp.model_config(512).moe["expert_sizes"]
+    assert len(sizes) == 4 and sum(sizes) == 256 and sizes == sorted(sizes)
+
+
+def test_overrides_are_typed_and_marked(tmp_path: Path) -> None:
+    path = tiny(tmp_path)
+    exp = load_experiment(path, ["run.train_steps=7", "model.moe.top_p=0.5", "data.files=null"])
+    assert exp.run.train_steps == 7 and exp.model["moe"]["top_p"] == 0.5
+    assert "(from --set)" in error_of(load_experiment, path, ["run.nope=1"])
+    assert "key.sub=value" in error_of(load_experiment, path, ["run.train_steps"])
+    assert "run.train_steps.x" in error_of(load_experiment, path, ["run.train_steps.x=1"])
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "model:\n  hidden_size: 64\n run:\n   bad: [1, 2\n")
+    msg = error_of(load_experiment, path)
+    assert msg.startswith(f"{path}:") and "YAML syntax error" in msg
+    line = int(msg.split(":")[1])
+    assert 2 <= line <= 5
+
+
+def test_yaml_duplicate_key_is_an_error(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "run:\n  train_steps: 5\n  train_steps: 6\n")
+    msg = error_of(load_experiment, path)
+    assert f"{path}:3:" in msg and "duplicate key 'train_steps'" in msg
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def ds_file(tmp_path: Path, cfg: dict[str, Any] | str) -> Path:
+    path = tmp_path / "ds.json"
+    path.write_text(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=1), encoding="utf-8")
+    return path
+
+
+def test_json_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    path = ds_file(tmp_path, '{\n  "train_micro_batch_size_per_gpu": 4,\n  "optimizer": {"type": "AdamW",}\n}\n')
+    msg = error_of(load_ds_config, path)
+    assert msg.startswith(f"{path}:3:") and "JSON syntax error" in msg
+
+
+@pytest.mark.parametrize(
+    ("given", "world", "expected"),
+    [
+        ({"train_micro_batch_size_per_gpu": 4}, 2, (8, 4, 1)),
+        ({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3}, 2, (24, 4, 3)),
+        ({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}, 2, (32, 4, 4)),
+        ({"train_batch_size": 32, "gradient_accumulation_steps": 2}, 4, (32, 4, 2)),
+        ({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2}, 2, (16, 4, 2)),
+    ],
+)
+def test_batch_sizes_resolve_like_deepspeed(given: dict[str, int], world: int, expected: tuple[int, int, int]) -> None:
+    assert resolve_batch_sizes(given, world, "ds.json") == expected
+
+
+def test_batch_size_contradiction_names_all_three(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    cfg = {**DS, "train_batch_size": 100}
+    msg = error_of(effective_ds_config, cfg, "ds.json", exp, world_size=2)
+    assert "train_batch_size=100 != train_micro_batch_size_per_gpu (4) x gradient_accumulation_steps (2)" in msg
+    assert "world size (2) = 16" in msg and "Set train_batch_size to 16" in msg
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"zero_optimization": {"stage": 3}}, "stage=3 is not yet supported"),
+        ({"zero_optimization": {"stage": 4}}, "allowed values are 0, 1, 2"),
+        ({"train_micro_batch_size_per_gpu": "auto"}, "'auto' is only understood"),
+        ({"optimizer": None}, 'no "optimizer" section'),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "enable at most one"),
+        ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu=0"),
+    ],
+)
+def test_deepspeed_config_errors(tmp_path: Path, patch: dict[str, Any], expected: str) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    cfg = {k: v for k, v in {**DS, **patch}.items() if v is not None}
+    assert expected in error_of(effective_ds_config, cfg, "ds.json", exp, world_size=2)
+
+
+def test_fp16_without_accelerator_support(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    msg = error_of(effective_ds_config, {**DS, "fp16": {"enabled": True}}, "ds.json", exp, 1, fp16_supported=False)
+    assert "no fp16 support" in msg
+
+
+def test_experiment_cross_checks(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path, data={"block_size": 256}))
+    assert "data.block_size=256 > model.max_position_embeddings=128" in error_of(
+        effective_ds_config, DS, "ds.json", exp, 1
+    )
+    exp = load_experiment(tiny(tmp_path, model={"moe": {"expert_sizes": [32, 64, 96, 128], "ep_size": 4}}))
+    assert "ep_size=4 does not divide the world size (2)" in error_of(effective_ds_config, DS, "ds.json", exp, 2)
+
+
+def test_tensorboard_is_enabled_when_missing_and_kept_when_given(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    cfg, _ = effective_ds_config(DS, "ds.json", exp, world_size=2)
+    assert cfg["tensorboard"] == {"enabled": True, "output_path": str(tmp_path / "out" / "tensorboard"), "job_name": "exp"}
+    assert tensorboard_dir(cfg) == tmp_path / "out" / "tensorboard" / "exp"
+    assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (16, 2)
+    assert "train_batch_size" not in DS  # the input is not modified
+    given = {**DS, "tensorboard": {"enabled": True, "output_path": "/tb", "job_name": "mine"}}
+    cfg, _ = effective_ds_config(given, "ds.json", exp, world_size=2)
+    assert tensorboard_dir(cfg) == Path("/tb/mine")
+
+
+def test_scheduler_length_mismatch_is_a_warning(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    cfg = {**DS, "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 99}}}
+    _, warnings = effective_ds_config(cfg, "ds.json", exp, world_size=1)
+    assert any("total_num_steps=99" in w for w in warnings)
+
+
+def test_shipped_ds_configs(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    for name in ("cpu_default.json", "zero2_offload.json"):
+        cfg, _ = effective_ds_config(load_ds_config(REPO / "ds_configs" / name), name, exp, world_size=2)
+        assert cfg["gradient_clipping"] == 1.0 and cfg["tensorboard"]["enabled"]
+    zero3 = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    assert "not yet supported" in error_of(effective_ds_config, zero3, "zero3.json", exp, 2)
+
+
+# --------------------------------------------------------------------------- output directory
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def saved_run(tmp_path: Path, checkpoint: str | None = None) -> Path:
+    """An output dir as train.py leaves it: experiment.yaml (+ checkpoints/latest)."""
+    exp = load_experiment(tiny(tmp_path))
+    exp.output_dir.mkdir(parents=True)
+    (exp.output_dir / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict()), encoding="utf-8")
+    if checkpoint:
+        (exp.output_dir / "checkpoints" / checkpoint).mkdir(parents=True)
+        (exp.output_dir / "checkpoints" / "latest").write_text(checkpoint)
+    return exp.output_dir
+
+
+def test_fresh_and_same_run_directories_are_fine(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    assert check_output_dir(exp, resume=False) == (None, [])
+    saved_run(tmp_path)
+    assert check_output_dir(exp, resume=False)[0] is None
+
+
+def test_different_run_is_refused_and_nothing_is_touched(tmp_path: Path) -> None:
+    out = saved_run(tmp_path)
+    before = snapshot(out)
+    exp = load_experiment(tiny(tmp_path), ["run.train_steps=9"])
+    msg = error_of(check_output_dir, exp, False)
+    assert "holds a different run" in msg and "run.train_steps (5 -> 9)" in msg and "--resume" in msg
+    assert snapshot(out) == before
+    tag, notes = check_output_dir(exp, resume=True)
+    assert tag is None and any("run.train_steps" in n for n in notes)
+
+
+def test_existing_checkpoint_needs_resume(tmp_path: Path) -> None:
+    saved_run(tmp_path, checkpoint="step_5")
+    exp = load_experiment(tiny(tmp_path))
+    assert "already holds checkpoint 'step_5'" in error_of(check_output_dir, exp, False)
+    assert check_output_dir(exp, resume=True)[0] == "step_5"
+
+
+def test_foreign_non_empty_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    exp = load_experiment(tiny(tmp_path))
+    assert "holds no experiment.yaml" in error_of(check_output_dir, exp, True)
+
+
+def test_resume_on_another_world_size_is_refused(tmp_path: Path) -> None:
+    out = saved_run(tmp_path, checkpoint="step_5")
+    for r in range(2):
+        (out / "checkpoints" / "step_5" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    exp = load_experiment(tiny(tmp_path))
+    assert "saved by 2 ranks, resumed on 4" in error_of(check_output_dir, exp, True, 4)
+    assert check_output_dir(exp, True, 2)[0] == "step_5"

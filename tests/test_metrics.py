@@ -1,0 +1,141 @@
+"""Metrics: accumulation over micro-batches, routing scalars, metrics.jsonl and TensorBoard events.
+
+Single process. Scalars go through DeepSpeed's own ``TensorBoardMonitor`` (as in
+training) and are read back with TensorBoard's ``EventAccumulator``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from hmoe_ds.layer import RoutingStats
+from hmoe_ds.modeling import HMoEForCausalLM, debug_config, parameter_summary
+from hmoe_ds.training.evaluate import evaluate, format_routing_table
+from hmoe_ds.training.metrics import (
+    MetricsWriter,
+    RoutingAccumulator,
+    TrainAccumulator,
+    read_jsonl,
+    routing_scalars,
+)
+
+
+def stats(counts: list[int], num_tokens: int, sizes: tuple[int, ...] = (1, 2, 3), dropped: int = 0) -> RoutingStats:
+    """RoutingStats by hand; expert params = size, so activated params are easy to compute."""
+    kept = torch.tensor(counts)
+    return RoutingStats(
+        num_tokens=num_tokens,
+        tokens_per_expert=kept,
+        selected_per_expert=kept + torch.tensor([dropped] + [0] * (len(counts) - 1)),
+        dropped=torch.tensor(dropped),
+        loss_values={"p_penalty": torch.tensor(1.0)},
+        expert_sizes=sizes,
+        expert_params=sizes,
+    )
+
+
+def output(lm: float, aux: float, routing: list[RoutingStats]) -> SimpleNamespace:
+    return SimpleNamespace(lm_loss=torch.tensor(lm), aux_loss=torch.tensor(aux),
+                           aux_losses={"p_penalty": torch.tensor(aux * 10)}, routing_stats=routing)
+
+
+def test_routing_is_summed_over_micro_batches_not_last_only() -> None:
+    acc = RoutingAccumulator()
+    acc.update([stats([4, 0, 0], num_tokens=4)])
+    acc.update([stats([0, 2, 6], num_tokens=4, dropped=1)])
+    (load,) = acc.reduce()
+    assert load.token_fraction == pytest.approx([4 / 12, 2 / 12, 6 / 12])
+    assert load.experts_per_token == pytest.approx(13 / 8)  # chosen, drops included
+    assert load.dropped_assignments == 1
+    assert load.activated_params_per_token == pytest.approx((4 * 1 + 2 * 2 + 6 * 3) / 8)
+    assert acc.reduce()[0].num_tokens == 0  # reset after reduce
+
+
+def test_train_accumulator_means_and_throughput() -> None:
+    acc = TrainAccumulator()
+    acc.update(output(4.0, 0.1, [stats([1, 1, 2], 2)]), num_tokens=100)
+    acc.update(output(2.0, 0.3, [stats([1, 1, 2], 2)]), num_tokens=100)
+    scalars, loads = acc.reduce()
+    assert scalars["train/lm_loss"] == pytest.approx(3.0)
+    assert scalars["train/aux_loss"] == pytest.approx(0.2)
+    assert scalars["train/aux/p_penalty"] == pytest.approx(2.0)
+    assert scalars["perf/tokens_per_s"] > 0 and len(loads) == 1
+    moe = routing_scalars(loads, non_expert_params=1000)
+    assert sum(moe[f"moe/layer_0/expert_{e}_token_fraction"] for e in range(3)) == pytest.approx(1.0)
+    assert moe["moe/activated_params_per_token"] == pytest.approx(1000 + 2 * (1 * 1 + 1 * 2 + 2 * 3) / 4)
+    assert moe["moe/mean_experts_per_token"] == pytest.approx(2.0)
+
+
+@pytest.fixture
+def tb_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """DeepSpeed's real TensorBoard monitor, as engine.monitor builds it on rank 0 (no process group here)."""
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.monitor.monitor import MonitorMaster
+
+    monkeypatch.setattr("deepspeed.comm.get_rank", lambda *a, **k: 0)
+    config = get_monitor_config({"tensorboard": {"enabled": True, "output_path": str(tmp_path / "tb"), "job_name": "run"}})
+    return MonitorMaster(config)
+
+
+def test_writer_writes_jsonl_and_tensorboard(tmp_path: Path, tb_monitor: Any) -> None:
+    tb_dir = tmp_path / "tb" / "run"
+    writer = MetricsWriter(tmp_path, tb_monitor, tb_dir, is_writer=True)
+    acc = RoutingAccumulator()
+    acc.update([stats([3, 2, 1], 3), stats([1, 1, 4], 3)])
+    loads = acc.reduce()
+    writer.write(10, {"train/lm_loss": 3.5, "train/grad_norm": float("nan"), **routing_scalars(loads, 10)})
+    writer.write(20, {"train/lm_loss": 3.0, "val/loss": 3.2})
+    writer.write_expert_load(20, loads)
+    writer.close()
+
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [10, 20]
+    assert records[0]["train/grad_norm"] is None  # NaN has no JSON form
+    assert records[1]["val/loss"] == 3.2
+    assert (tmp_path / "expert_load.png").stat().st_size > 0
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/lm_loss", "val/loss", "moe/layer_1/expert_2_token_fraction"} <= set(tags["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("train/lm_loss")] == [(10, 3.5), (20, 3.0)]
+    assert "moe/expert_load" in tags["images"]
+
+
+def test_writer_is_silent_off_rank_zero(tmp_path: Path) -> None:
+    writer = MetricsWriter(tmp_path / "other", None, tmp_path / "tb", is_writer=False)
+    writer.write(1, {"train/lm_loss": 1.0})
+    writer.write_expert_load(1, [])
+    writer.close()
+    assert not (tmp_path / "other").exists() and not (tmp_path / "tb").exists()
+
+
+def test_append_keeps_earlier_records(tmp_path: Path) -> None:
+    for step, append in ((1, False), (2, True)):
+        writer = MetricsWriter(tmp_path, None, None, is_writer=True, append=append)
+        writer.write(step, {"train/lm_loss": 1.0})
+        writer.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def test_evaluate_on_a_tiny_model() -> None:
+    model = HMoEForCausalLM(debug_config())
+    batches = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 512, (5, 2, 16))]
+    result = evaluate(model, batches, num_batches=3)
+    assert result.batches == 3 and result.tokens == 3 * 2 * 15
+    assert math.isfinite(result.loss) and result.ppl == pytest.approx(math.exp(result.loss))
+    assert len(result.loads) == len(model.moe_layers())
+    assert model.training  # restored
+    non_expert = int(parameter_summary(model)["non_expert_params"])
+    table = format_routing_table(result, non_expert)
+    assert "e3:128" in table and "activated params per token" in table
+    payload = result.to_dict(non_expert)
+    assert payload["activated_params_per_token"] > non_expert
+    assert sum(payload["moe_layers"][0]["token_fraction"]) == pytest.approx(1.0)

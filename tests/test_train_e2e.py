@@ -1,0 +1,153 @@
+"""End to end through the deepspeed launcher, 2 CPU ranks: run/train.py trains, logs, evaluates, saves, resumes.
+
+Each test starts ``deepspeed --num_accelerators 2`` (2 ranks, gloo) as a subprocess on a
+free port with a tiny model on a 150k-character slice of the default corpus, then reads
+the TensorBoard event files back with TensorBoard's own reader. About a minute in all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+STEPS = 6
+
+EXPERIMENT: dict[str, Any] = {
+    "model": {
+        "vocab_size": "auto",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "dense_intermediate_size": 128,
+        "tie_word_embeddings": True,
+        "moe": {"expert_sizes": [32, 64, 96, 128], "routing": "top_p", "top_p": 0.6,
+                "p_penalty_coef": 0.1, "entropy_coef": 0.03},
+    },
+    "data": {"block_size": 64, "vocab_size": 512, "max_chars": 150_000},
+    "run": {"run_name": "tiny", "train_steps": STEPS, "log_every": 2, "eval_every": 3, "eval_batches": 2},
+}
+DS_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 2,
+    "gradient_clipping": 1.0,
+    "steps_per_print": 10**6,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3, "warmup_num_steps": 2}},
+    "zero_optimization": {"stage": 2},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp: Path, *extra: str, ds: dict[str, Any] = DS_CONFIG, timeout: float = 150) -> subprocess.CompletedProcess:
+    (tmp / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT), encoding="utf-8")
+    (tmp / "ds.json").write_text(json.dumps(ds), encoding="utf-8")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HMOE_DS_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(DEEPSPEED), "--num_accelerators", "2", "--master_port", str(free_port()), "run/train.py",
+           "--config", str(tmp / "exp.yaml"), "--deepspeed_config", str(tmp / "ds.json"),
+           "--set", f"run.output_dir={tmp / 'out'}", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    out = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    out["<images>"] = [(0, float(len(events.Tags()["images"])))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    return tmp, launch(tmp)
+
+
+def test_training_exits_cleanly_and_reports(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tmp, proc = trained
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "validation loss" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_tensorboard_has_every_metric(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tmp, proc = trained
+    assert proc.returncode == 0
+    tb = scalars(tmp / "out" / "tensorboard" / "tiny")
+    expected = ["train/lm_loss", "train/aux_loss", "train/lr", "train/grad_norm", "perf/tokens_per_s",
+                "moe/activated_params_per_token", "moe/mean_experts_per_token", "val/loss", "val/ppl"]
+    expected += [f"train/aux/{t}" for t in ("load_balance", "p_penalty", "entropy", "z_loss")]
+    for layer in range(2):
+        expected += [f"moe/layer_{layer}/{k}" for k in ("experts_per_token", "dropped_assignments",
+                                                        "activated_params_per_token")]
+    missing = [t for t in expected if t not in tb]
+    assert not missing, f"missing tags {missing}; have {sorted(tb)}"
+    for tag in expected:
+        assert all(math.isfinite(v) for _, v in tb[tag]), tag
+    assert [s for s, _ in tb["train/lm_loss"]] == [2, 4, 6]
+    assert [s for s, _ in tb["val/loss"]] == [0, 3, 6]
+    fractions: dict[tuple[int, int], float] = defaultdict(float)
+    for tag, points in tb.items():
+        if tag.endswith("_token_fraction"):
+            layer = int(tag.split("/")[1].split("_")[1])
+            for step, value in points:
+                fractions[(layer, step)] += value
+    assert len(fractions) == 2 * 3 and all(abs(v - 1) < 1e-4 for v in fractions.values())
+    assert tb["moe/activated_params_per_token"][-1][1] > 0
+    assert tb["<images>"][0][1] >= 1  # the expert-load picture
+
+
+def test_metrics_jsonl_checkpoint_and_saved_configs(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tmp, proc = trained
+    assert proc.returncode == 0
+    out = tmp / "out"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/lm_loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert all(math.isfinite(r["train/grad_norm"]) for r in train)
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS}"
+    assert (out / "checkpoints" / f"step_{STEPS}" / "mp_rank_00_model_states.pt").is_file()
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 and ds["tensorboard"]["enabled"]
+    assert yaml.safe_load((out / "experiment.yaml").read_text())["run"]["train_steps"] == STEPS
+
+
+def test_resume_continues_from_the_checkpoint(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    tmp, first = trained
+    assert first.returncode == 0
+    proc = launch(tmp, f"run.train_steps={STEPS + 2}", "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"at step {STEPS}" in proc.stdout
+    records = [json.loads(line) for line in (tmp / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == STEPS + 2
+
+
+def test_bad_batch_size_fails_once_without_traceback(tmp_path: Path) -> None:
+    proc = launch(tmp_path, ds={**DS_CONFIG, "train_batch_size": 100}, timeout=90)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert text.count("train_batch_size=100 != train_micro_batch_size_per_gpu (4)") == 1, text[-3000:]
+    assert "Traceback" not in text
+    assert not (tmp_path / "out").exists()
