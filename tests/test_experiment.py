@@ -186,7 +186,8 @@ def test_batch_size_contradiction_names_all_three(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("patch", "expected"),
     [
-        ({"zero_optimization": {"stage": 3}}, "stage=3 is not yet supported"),
+        ({"zero_optimization": {"stage": 4}}, r"stage=4: allowed values are 0, 1, 2, 3"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3"),
         ({"zero_optimization": {"stage": 4}}, "allowed values are 0, 1, 2"),
         ({"train_micro_batch_size_per_gpu": "auto"}, "'auto' is only understood"),
         ({"optimizer": None}, 'no "optimizer" section'),
@@ -236,11 +237,14 @@ def test_scheduler_length_mismatch_is_a_warning(tmp_path: Path) -> None:
 
 def test_shipped_ds_configs(tmp_path: Path) -> None:
     exp = load_experiment(tiny(tmp_path))
-    for name in ("cpu_default.json", "zero2_offload.json"):
+    from hmoe_ds.training.trainer import moe_frontend_for
+
+    frontends = {}
+    for name in ("cpu_default.json", "zero2_offload.json", "zero3.json"):
         cfg, _ = effective_ds_config(load_ds_config(REPO / "ds_configs" / name), name, exp, world_size=2)
         assert cfg["gradient_clipping"] == 1.0 and cfg["tensorboard"]["enabled"]
-    zero3 = load_ds_config(REPO / "ds_configs" / "zero3.json")
-    assert "not yet supported" in error_of(effective_ds_config, zero3, "zero3.json", exp, 2)
+        frontends[name] = moe_frontend_for(cfg)
+    assert frontends == {"cpu_default.json": "moe", "zero2_offload.json": "moe", "zero3.json": "autoep"}
 
 
 # --------------------------------------------------------------------------- output directory

@@ -151,3 +151,21 @@ def test_bad_batch_size_fails_once_without_traceback(tmp_path: Path) -> None:
     assert text.count("train_batch_size=100 != train_micro_batch_size_per_gpu (4)") == 1, text[-3000:]
     assert "Traceback" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_zero3_with_expert_parallelism_trains_by_editing_the_json_only(tmp_path: Path) -> None:
+    """Same experiment, ZeRO-3 JSON: the trainer switches to the AutoEP front-end itself; resume works too."""
+    ds = {**DS_CONFIG, "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}}
+    first = launch(tmp_path, "--set", "model.moe.ep_size=2", "model.moe.placement=balanced", ds=ds, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = tmp_path / "out"
+    saved = json.loads((out / "model_config.json").read_text())
+    assert saved["moe"]["ep_size"] == 2
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["train/lm_loss"] for line in lines if "train/lm_loss" in line]
+    assert losses and all(math.isfinite(v) for v in losses)
+    again = launch(tmp_path, "--set", "model.moe.ep_size=2", "model.moe.placement=balanced",
+                   f"run.train_steps={STEPS + 2}", "--resume", ds=ds, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert (out / "checkpoints" / f"step_{STEPS + 2}").is_dir()

@@ -426,7 +426,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 # --------------------------------------------------------------------------- DeepSpeed JSON
 
-ZERO_STAGES_SUPPORTED = (0, 1, 2)
+ZERO_STAGES_SUPPORTED = (0, 1, 2, 3)
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -532,14 +532,13 @@ def effective_ds_config(
 
     zero = cfg.get("zero_optimization") or {}
     stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
-    if stage == 3:
-        raise ExperimentError(
-            f"{where}: zero_optimization.stage=3 is not yet supported: DeepSpeed refuses its native MoE layer under "
-            "ZeRO-3 and hmoe-ds's ZeRO-3 expert layer is still being built. Use stage 1 or 2 for now "
-            "(ds_configs/cpu_default.json, or ds_configs/zero2_offload.json to offload optimizer state to CPU)"
-        )
     if stage not in ZERO_STAGES_SUPPORTED:
-        raise ExperimentError(f"{where}: zero_optimization.stage={stage!r}: allowed values are 0, 1, 2")
+        raise ExperimentError(f"{where}: zero_optimization.stage={stage!r}: allowed values are 0, 1, 2, 3")
+    if stage != 3 and isinstance(zero, dict) and zero.get("offload_param"):
+        raise ExperimentError(
+            f"{where}: zero_optimization.offload_param needs stage 3 (stage is {stage}); remove offload_param or "
+            "set stage to 3 (offload_optimizer works with stages 1-3)"
+        )
 
     if not isinstance(cfg.get("optimizer"), dict) or not cfg["optimizer"].get("type"):
         raise ExperimentError(

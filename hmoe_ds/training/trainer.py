@@ -257,6 +257,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float | None) -> list[dic
 # --------------------------------------------------------------------------- the run
 
 
+def moe_frontend_for(ds_config: dict[str, Any]) -> str:
+    """The MoE layer front-end the DeepSpeed config needs: ``autoep`` under ZeRO-3, else ``moe``.
+
+    DeepSpeed partitions expert parameters under ZeRO-3 only on AutoEP layers and
+    refuses its native ``MoE`` there; the math of both front-ends is the same, so
+    a user switches ZeRO stage by editing the JSON only.
+    """
+    zero = ds_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    return "autoep" if stage == 3 else "moe"
+
+
 def build_engine(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, training: bool = True) -> tuple[Any, Any]:
     """(engine, HMoEConfig): model from the experiment, wrapped by ``deepspeed.initialize``."""
     import deepspeed
@@ -264,6 +276,7 @@ def build_engine(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, tr
     from hmoe_ds.modeling import HMoEForCausalLM
 
     model_cfg = exp.model_config(vocab_size)
+    model_cfg.moe = {**model_cfg.moe, "frontend": moe_frontend_for(ds_config)}
     model = HMoEForCausalLM(model_cfg)
     wd = ((ds_config.get("optimizer") or {}).get("params") or {}).get("weight_decay")
     params = param_groups(model, wd) if training else list(model.parameters())
