@@ -18,11 +18,10 @@ import argparse
 import os
 import sys
 
-if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
-    os.environ["DS_ACCELERATOR"] = "cpu"
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from hmoe_ds.env import configure_environment
+
+# Before DeepSpeed is imported: CPU accelerator without CUDA, hubs offline (as run/env.sh).
+configure_environment()
 
 
 def build_parser() -> argparse.ArgumentParser:

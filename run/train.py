@@ -11,15 +11,12 @@ says how to optimise it. The logic lives in ``hmoe_ds.training``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# Same default as run/env.sh, for runs started without it: CPU accelerator when no GPU is visible.
-if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
-    os.environ["DS_ACCELERATOR"] = "cpu"
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from hmoe_ds.env import configure_environment
+
+# Before DeepSpeed is imported: CPU accelerator without CUDA, hubs offline (as run/env.sh).
+configure_environment()
 
 
 def build_parser() -> argparse.ArgumentParser:

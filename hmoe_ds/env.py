@@ -1,0 +1,23 @@
+"""Process environment defaults for hmoe-ds entry points (the Python twin of ``run/env.sh``).
+
+Call :func:`configure_environment` before DeepSpeed is imported: DeepSpeed picks
+its accelerator at import time, and the CPU accelerator must be chosen when no
+CUDA device exists so one command works on a laptop, in CI and on GPU nodes.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def configure_environment() -> None:
+    """Set ``DS_ACCELERATOR=cpu`` without CUDA, and keep every hub offline; never override the user."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    # Nothing is downloaded at run time: data and tokenizer come from installed packages or local files.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
