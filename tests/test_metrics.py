@@ -139,3 +139,59 @@ def test_evaluate_on_a_tiny_model() -> None:
     payload = result.to_dict(non_expert)
     assert payload["activated_params_per_token"] > non_expert
     assert sum(payload["moe_layers"][0]["token_fraction"]) == pytest.approx(1.0)
+
+
+def test_ep_load_scalars_per_rank_params_flops_and_imbalance() -> None:
+    """Hand-computed: params = (1, 2, 3, 4), kept tokens (10, 20, 30, 40), 2 steps on 4 ranks."""
+    from hmoe_ds.placement import ExpertPlacement
+    from hmoe_ds.training.metrics import ep_load_scalars
+
+    acc = RoutingAccumulator()
+    acc.update([stats([4, 8, 12, 16], 40, sizes=(1, 2, 3, 4))])
+    acc.update([stats([6, 12, 18, 24], 60, sizes=(1, 2, 3, 4))])
+    (load,) = acc.reduce()
+    assert load.expert_params == (1, 2, 3, 4)
+
+    contiguous = ExpertPlacement(((0, 1), (2, 3)))
+    s = ep_load_scalars([load], [contiguous], steps=2, world_size=4)
+    # ep 2 on 4 ranks: 2 replicas per EP rank; FLOPs = 2 * params * tokens / (steps * replicas)
+    assert s["moe/layer_0/ep_rank_0_expert_params"] == 3 and s["moe/layer_0/ep_rank_1_expert_params"] == 7
+    assert s["moe/layer_0/ep_rank_0_expert_flops_per_step"] == pytest.approx(2 * (1 * 10 + 2 * 20) / 4)  # 25
+    assert s["moe/layer_0/ep_rank_1_expert_flops_per_step"] == pytest.approx(2 * (3 * 30 + 4 * 40) / 4)  # 125
+    assert s["moe/layer_0/ep_params_imbalance"] == pytest.approx(7 / 5)
+    assert s["moe/layer_0/ep_flops_imbalance"] == pytest.approx(125 / 75)
+
+    paired = ExpertPlacement(((0, 3), (1, 2)))
+    s = ep_load_scalars([load], [paired], steps=2, world_size=4)
+    assert s["moe/layer_0/ep_params_imbalance"] == pytest.approx(1.0)
+    assert s["moe/layer_0/ep_rank_0_expert_flops_per_step"] == pytest.approx(2 * (10 + 160) / 4)  # 85
+    assert s["moe/layer_0/ep_flops_imbalance"] == pytest.approx(85 / 75)
+
+    single = ep_load_scalars([load], [ExpertPlacement(((0, 1, 2, 3),))], steps=2, world_size=2)
+    assert single["moe/layer_0/ep_rank_0_expert_params"] == 10
+    assert single["moe/layer_0/ep_rank_0_expert_flops_per_step"] == pytest.approx(2 * 300 / (2 * 2))
+    assert single["moe/layer_0/ep_flops_imbalance"] == 1.0
+    assert not any("ep_rank_1" in k for k in single)
+
+    with pytest.raises(ValueError, match="2 placements for 1 MoE layers"):
+        ep_load_scalars([load], [contiguous, paired], steps=1, world_size=4)
+
+
+def test_ep_load_scalars_count_three_d_h_per_token_on_a_real_layer() -> None:
+    """From a real HMoE layer: rank FLOPs = 2 * sum_e 3*d*h_e * tokens_e (SwiGLU experts, forward)."""
+    from hmoe_ds import HMoE
+    from hmoe_ds.training.metrics import ep_load_scalars
+
+    d, sizes = 8, [2, 4, 6, 8]
+    layer = HMoE(hidden_size=d, expert_sizes=sizes, routing="top_k", top_k=2)
+    layer(torch.randn(3, 5, d))
+    acc = RoutingAccumulator()
+    acc.update([layer.last_stats])
+    (load,) = acc.reduce()
+    s = ep_load_scalars([load], [layer.placement], steps=1, world_size=1)
+    counts = layer.last_stats.tokens_per_expert.tolist()
+    assert sum(counts) == 3 * 5 * 2
+    assert s["moe/layer_0/ep_rank_0_expert_params"] == sum(3 * d * h for h in sizes)
+    assert s["moe/layer_0/ep_rank_0_expert_flops_per_step"] == pytest.approx(
+        sum(2 * 3 * d * h * c for h, c in zip(sizes, counts))
+    )

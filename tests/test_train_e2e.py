@@ -169,3 +169,22 @@ def test_zero3_with_expert_parallelism_trains_by_editing_the_json_only(tmp_path:
                    f"run.train_steps={STEPS + 2}", "--resume", ds=ds, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert (out / "checkpoints" / f"step_{STEPS + 2}").is_dir()
+
+
+def test_per_ep_rank_load_tags(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
+    """ep_size=1 (the default) on 2 ranks: one EP rank holding every expert, so both ratios are 1."""
+    tmp, proc = trained
+    assert proc.returncode == 0
+    tb = scalars(tmp / "out" / "tensorboard" / "tiny")
+
+    def first_run(tag: str) -> list[float]:  # the resume test (if it ran first) appends later steps
+        return [v for step, v in tb[tag] if step <= STEPS]
+
+    for layer in range(2):
+        tag = f"moe/layer_{layer}"
+        assert first_run(f"{tag}/ep_rank_0_expert_params") == [3 * 64 * (32 + 64 + 96 + 128)] * 3
+        flops = first_run(f"{tag}/ep_rank_0_expert_flops_per_step")
+        # per device per step: 8 sequences x 64 tokens, each through 1 to 4 experts (3*64*32 to 3*64*320 params)
+        assert len(flops) == 3 and all(2 * 3 * 64 * 32 * 8 * 64 <= f <= 2 * 3 * 64 * 320 * 8 * 64 for f in flops)
+        assert first_run(f"{tag}/ep_flops_imbalance") == [1.0] * 3
+        assert f"{tag}/ep_rank_1_expert_params" not in tb

@@ -68,6 +68,11 @@ class RunConfig:
         save_every: optimizer steps between checkpoints; 0 = only at the end.
         seed: seeds torch/numpy/random and the data order.
         progress_bar: tqdm bar on rank 0.
+        init_from: start from these weights instead of a random initialisation: an HF
+            export (``run/export.py``), a checkpoint dir or a run dir (its newest complete
+            checkpoint). The EP size, placement and ZeRO stage may differ from the run that
+            produced them (re-sharding); the model structure must not. Ignored when
+            ``--resume`` finds a checkpoint of this run.
     """
 
     output_dir: str | None = None
@@ -80,6 +85,7 @@ class RunConfig:
     save_every: int = 0
     seed: int = 1234
     progress_bar: bool = True
+    init_from: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError("<field>=<value>: <why>")`` for an out-of-range value."""
@@ -91,7 +97,7 @@ class RunConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be an int >= 0 (0 = only at the end)")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed!r}: must be an int >= 0")
-        for name in ("output_dir", "run_name"):
+        for name in ("output_dir", "run_name", "init_from"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise ValueError(f"{name}: must not be empty")
 

@@ -20,6 +20,11 @@ Tag reference (E experts, layer index i over MoE layers only)::
     moe/layer_<i>/activated_params_per_token    expert parameters a token activates in that layer
     moe/activated_params_per_token              non-expert params + sum over layers of the above
     moe/mean_experts_per_token                  mean over layers
+    moe/layer_<i>/ep_rank_<r>_expert_params     expert parameters placed on EP rank r (static)
+    moe/layer_<i>/ep_rank_<r>_expert_flops_per_step
+                                                forward expert FLOPs of one device at EP rank r per step
+    moe/layer_<i>/ep_params_imbalance           max/mean over EP ranks of the above params (1 = balanced)
+    moe/layer_<i>/ep_flops_imbalance            max/mean over EP ranks of the FLOPs (1 = balanced)
     val/loss, val/ppl                           at every evaluation
 """
 
@@ -39,6 +44,7 @@ __all__ = [
     "MetricsWriter",
     "RoutingAccumulator",
     "TrainAccumulator",
+    "ep_load_scalars",
     "expert_load_figure",
     "format_postfix",
     "read_jsonl",
@@ -67,6 +73,7 @@ class LayerLoad:
     selected_assignments: float  # assignments the router chose, before any capacity drop
     dropped_assignments: float
     activated_params_sum: float  # sum over tokens of the expert parameters they activated
+    expert_params: tuple[int, ...] = ()  # weights of each logical expert (RoutingStats.expert_params)
 
     @property
     def token_fraction(self) -> list[float]:
@@ -120,10 +127,11 @@ class RoutingAccumulator:
             return []
         flat = _all_reduce_sum(torch.cat(self._rows)).tolist()
         loads, offset = [], 0
-        for sizes in self._sizes:
+        for sizes, params_t in zip(self._sizes, self._params, strict=True):
+            params = tuple(int(p) for p in params_t.tolist())
             row = flat[offset : offset + _HEAD + len(sizes)]
             offset += _HEAD + len(sizes)
-            loads.append(LayerLoad(sizes, row[0], row[_HEAD:], row[1], row[2], row[3]))
+            loads.append(LayerLoad(sizes, row[0], row[_HEAD:], row[1], row[2], row[3], params))
         self._rows = [torch.zeros_like(r) for r in self._rows]
         return loads
 
@@ -187,6 +195,67 @@ def routing_scalars(loads: Sequence[LayerLoad], non_expert_params: int, prefix: 
             load.activated_params_per_token for load in loads
         )
         scalars[f"{prefix}/mean_experts_per_token"] = sum(load.experts_per_token for load in loads) / len(loads)
+    return scalars
+
+
+class _Placement(Protocol):
+    rank_experts: Sequence[Sequence[int]]  # hmoe_ds.placement.ExpertPlacement
+
+
+def _imbalance(values: Sequence[float]) -> float | None:
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean > 0 else None
+
+
+def ep_load_scalars(
+    loads: Sequence[LayerLoad],
+    placements: Sequence[_Placement],
+    steps: int,
+    world_size: int,
+    prefix: str = "moe",
+) -> dict[str, float]:
+    """Per-EP-rank expert parameters and FLOPs of every MoE layer, so placement imbalance is visible.
+
+    ``placements[i]`` is MoE layer i's ``layer.placement`` (its ``rank_experts``);
+    ``loads`` cover ``steps`` optimizer steps of ``world_size`` ranks (as reduced
+    by :class:`RoutingAccumulator`). For EP rank r holding experts E_r:
+
+    * ``ep_rank_<r>_expert_params`` = sum_{e in E_r} params_e, with params_e =
+      3*d*h_e (gated experts; 2*d*h_e for plain MLPs), the router excluded.
+    * ``ep_rank_<r>_expert_flops_per_step`` = sum_{e in E_r} 2 * params_e * tokens_e
+      / (steps * world_size/ep_size): the FORWARD matmul FLOPs (one multiply-add
+      = 2 FLOPs) of the expert projections on one device at EP rank r, per
+      optimizer step, averaged over the world_size/ep_size data-parallel
+      replicas of that rank. tokens_e counts the kept (token, expert)
+      assignments of the window on all ranks. Not counted: the activation and
+      gate-weight products, the router, the all-to-all; backward adds about 2x
+      the forward (a training step is ~3x these numbers).
+    * ``ep_params_imbalance`` / ``ep_flops_imbalance`` = max / mean over EP
+      ranks (1.0 = balanced; ep_size = all the load on one rank). The FLOPs
+      ratio is left out of a window without tokens.
+
+    With ep_size 1 there is one rank and both ratios are 1.
+    """
+    if len(placements) != len(loads):
+        raise ValueError(f"{len(placements)} placements for {len(loads)} MoE layers")
+    scalars: dict[str, float] = {}
+    for i, (load, placement) in enumerate(zip(loads, placements)):
+        if len(load.expert_params) != len(load.expert_sizes):
+            raise ValueError(f"layer {i}: LayerLoad has no expert_params (build it with RoutingAccumulator)")
+        ep_size = len(placement.rank_experts)
+        replicas = max(world_size // ep_size, 1)
+        params = [float(sum(load.expert_params[e] for e in rank)) for rank in placement.rank_experts]
+        flops = [
+            sum(2.0 * load.expert_params[e] * load.tokens_per_expert[e] for e in rank) / (max(steps, 1) * replicas)
+            for rank in placement.rank_experts
+        ]
+        for r in range(ep_size):
+            scalars[f"{prefix}/layer_{i}/ep_rank_{r}_expert_params"] = params[r]
+            scalars[f"{prefix}/layer_{i}/ep_rank_{r}_expert_flops_per_step"] = flops[r]
+        for name, values in (("params", params), ("flops", flops)):
+            ratio = _imbalance(values)
+            if ratio is not None:
+                scalars[f"{prefix}/layer_{i}/ep_{name}_imbalance"] = ratio
     return scalars
 
 

@@ -29,6 +29,16 @@ import numpy as np
 import torch
 import yaml
 
+from hmoe_ds.checkpoint import (
+    PROBE_TOKENS,
+    find_resume_checkpoint,
+    has_checkpoint_dirs,
+    maybe_kill_during_step,
+    read_latest,
+    rng_state,
+    save_training_checkpoint,
+)
+
 from .experiment import (
     Experiment,
     ExperimentError,
@@ -44,12 +54,19 @@ T = TypeVar("T")
 CHECKPOINTS = "checkpoints"
 
 
+# Under mpirun (``deepspeed --launcher openmpi``, or plain ``mpirun``) RANK/WORLD_SIZE exist only after
+# deepspeed.init_distributed's MPI discovery, but the run is planned (batch sizes, ep_size) before it:
+# fall back to the MPI launcher's own variables (OpenMPI, then MPICH/Intel MPI's PMI).
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    return next((int(os.environ[n]) for n in names if os.environ.get(n)), default)
+
+
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return _env_int(("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), 0)
 
 
 def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env_int(("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"), 1)
 
 
 def log0(message: str) -> None:
@@ -96,9 +113,8 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
-    """Tag named in ``<output_dir>/checkpoints/latest`` (DeepSpeed's convention), if any."""
-    latest = output_dir / CHECKPOINTS / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """Tag named in ``<output_dir>/checkpoints/latest``, if any (written only after the checkpoint is complete)."""
+    return read_latest(output_dir / CHECKPOINTS)
 
 
 def check_output_dir(exp: Experiment, resume: bool, world_size: int | None = None) -> tuple[str | None, list[str]]:
@@ -127,7 +143,8 @@ def check_output_dir(exp: Experiment, resume: bool, world_size: int | None = Non
         saved = {}
     old, new = _flat(saved), _flat(exp.to_dict())
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    tag = latest_checkpoint(out)
+    checkpoints = out / CHECKPOINTS
+    present = has_checkpoint_dirs(checkpoints)
     if changed and not resume:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
@@ -135,22 +152,26 @@ def check_output_dir(exp: Experiment, resume: bool, world_size: int | None = Non
             f"{exp.source}: run.output_dir={out} holds a different run (its experiment.yaml differs: {shown}{more}). "
             "Choose another run.output_dir, delete the directory, or pass --resume to continue it with these settings"
         )
-    if tag and not resume:
+    if present and not resume:
+        # Complete or not: an interrupted run's directory is still someone's work, never overwritten silently.
+        name = read_latest(checkpoints) or present[-1]
         raise ExperimentError(
-            f"{exp.source}: run.output_dir={out} already holds checkpoint '{tag}' of this run. Pass --resume to "
+            f"{exp.source}: run.output_dir={out} already holds checkpoint '{name}' of this run. Pass --resume to "
             "continue from it, or choose another run.output_dir"
         )
-    saved_ranks = len(list((out / CHECKPOINTS / tag).glob("zero_pp_rank_*_optim_states.pt"))) if tag else 0
-    if saved_ranks and world_size and saved_ranks != world_size:
+    info, skipped = find_resume_checkpoint(checkpoints) if resume else (None, [])
+    notes.extend(f"--resume: {note}" for note in skipped)
+    saved_ranks = int(info.marker.get("world_size", 0)) if info else 0
+    if info and saved_ranks and world_size and saved_ranks != world_size:
         raise ExperimentError(
-            f"{out / CHECKPOINTS / tag}: saved by {saved_ranks} ranks, resumed on {world_size}; exact resume needs "
+            f"{info.path}: saved by {saved_ranks} ranks, resumed on {world_size}; exact resume needs "
             f"the same number of ranks (launch {saved_ranks}), or choose a new run.output_dir"
         )
     if changed:
         notes.append(f"--resume with changed settings: {', '.join(changed)}")
-    if resume and not tag:
-        notes.append(f"--resume: no checkpoint in {out / CHECKPOINTS}; starting from scratch")
-    return tag, notes
+    if resume and not info:
+        notes.append(f"--resume: no complete checkpoint in {checkpoints}; starting from scratch")
+    return (info.tag if info else None), notes
 
 
 # --------------------------------------------------------------------------- collectives
@@ -189,24 +210,6 @@ def _rank0_first(fn: Callable[[], T]) -> T:
         return result
     _share(lambda: None)
     return guarded()
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _seed(seed: int) -> None:
@@ -269,15 +272,29 @@ def moe_frontend_for(ds_config: dict[str, Any]) -> str:
     return "autoep" if stage == 3 else "moe"
 
 
-def build_engine(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, training: bool = True) -> tuple[Any, Any]:
-    """(engine, HMoEConfig): model from the experiment, wrapped by ``deepspeed.initialize``."""
+def model_config_for(exp: Experiment, ds_config: dict[str, Any], vocab_size: int) -> Any:
+    """The ``HMoEConfig`` :func:`build_engine` builds: the experiment's, with the front-end the ZeRO stage needs."""
+    model_cfg = exp.model_config(vocab_size)
+    model_cfg.moe = {**model_cfg.moe, "frontend": moe_frontend_for(ds_config)}
+    return model_cfg
+
+
+def build_engine(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, training: bool = True,
+                 init_weights: Callable[[torch.nn.Module], None] | None = None) -> tuple[Any, Any]:
+    """(engine, HMoEConfig): model from the experiment, wrapped by ``deepspeed.initialize``.
+
+    ``init_weights(model)`` runs before ``deepspeed.initialize``: ZeRO copies the
+    module's weights into its optimizer partitions there, so weights loaded
+    later would be overwritten by the first step.
+    """
     import deepspeed
 
     from hmoe_ds.modeling import HMoEForCausalLM
 
-    model_cfg = exp.model_config(vocab_size)
-    model_cfg.moe = {**model_cfg.moe, "frontend": moe_frontend_for(ds_config)}
+    model_cfg = model_config_for(exp, ds_config, vocab_size)
     model = HMoEForCausalLM(model_cfg)
+    if init_weights is not None:
+        init_weights(model)
     wd = ((ds_config.get("optimizer") or {}).get("params") or {}).get("weight_decay")
     params = param_groups(model, wd) if training else list(model.parameters())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
@@ -297,7 +314,8 @@ def run_training(args: argparse.Namespace) -> int:
     _threads_per_rank()
     import deepspeed
 
-    deepspeed.init_distributed()
+    # MPI discovery (mpirun without RANK etc.) would otherwise always pick port 29500 and ignore MASTER_PORT.
+    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT") or 29500))
     try:
         return _train(plan)
     except ExperimentError as exc:
@@ -324,23 +342,59 @@ def _prepare_output_dir(plan: TrainPlan) -> str | None:
     return tag
 
 
+def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, tag: str | None) -> str | None:
+    """Rank 0, before any model exists: is the checkpoint (or ``run.init_from``) usable by this run?
+
+    Returns the ``init_from`` weights directory to load, if any. Every mismatch
+    (world size, ZeRO stage, expert sizes or count, EP size, placement, shapes)
+    is one ``CheckpointError`` here, not a failure halfway through
+    ``load_checkpoint`` on every rank.
+    """
+    from hmoe_ds.checkpoint import check_compatible, truncate_metrics, verify_checkpoint
+    from hmoe_ds.export import check_structure, resolve_source
+
+    model_cfg = model_config_for(exp, ds_config, vocab_size)
+    if tag is not None:
+        tag_dir = exp.output_dir / CHECKPOINTS / tag
+        marker = verify_checkpoint(tag_dir)
+        zero = ds_config.get("zero_optimization") or {}
+        check_compatible(marker, tag_dir, world_size=_world_size(), model_config=model_cfg,
+                         zero_stage=int(zero.get("stage", 0) if isinstance(zero, dict) else zero))
+        dropped = truncate_metrics(exp.output_dir / "metrics.jsonl", int(marker["step"]))
+        if dropped:
+            print(f"warning: dropped {dropped} metrics.jsonl record(s) after step {marker['step']}, written by the "
+                  "interrupted run; they are computed again", file=sys.stderr, flush=True)
+        if exp.run.init_from:
+            print(f"warning: run.init_from={exp.run.init_from} ignored: resuming from {tag_dir}", file=sys.stderr,
+                  flush=True)
+        return None
+    if not exp.run.init_from:
+        return None
+    source = resolve_source(exp.run.init_from)
+    check_structure(source, model_cfg)
+    print(f"initialising weights from {source.describe()}", flush=True)
+    return str(source.path)
+
+
 def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str) -> int:
-    """Load ``checkpoints/tag`` (DeepSpeed state + our client state); return the step to continue from."""
+    """Load ``checkpoints/tag`` (DeepSpeed state + this rank's loader/RNG file); return the step to continue from."""
     import torch.distributed as dist
 
+    from hmoe_ds.checkpoint import load_rank_state, restore_cpu_adam_step_state, set_rng_state
+
     rank, world = dist.get_rank(), dist.get_world_size()
-    _, client = engine.load_checkpoint(str(checkpoints), tag=tag)
-    client = client or {}
-    loaders = client.get("loader") or []
+    engine.load_checkpoint(str(checkpoints), tag=tag)
+    restore_cpu_adam_step_state(engine)  # ZeRO-Offload's Adam: bias correction as if never stopped
+    state = load_rank_state(checkpoints / tag, rank)
     try:
-        if len(loaders) != world:
-            raise ValueError(f"saved by {len(loaders)} ranks, resumed on {world}; launch {len(loaders)} ranks")
-        train_iter.load_state_dict(loaders[rank])
+        if int(state.get("world_size", world)) != world:
+            raise ValueError(f"saved by {state['world_size']} ranks, resumed on {world}; launch "
+                             f"{state['world_size']} ranks")
+        train_iter.load_state_dict(state["loader"])
     except ValueError as exc:  # e.g. another micro batch size or other data: the batches would differ
         raise ExperimentError(f"{checkpoints / tag}: {exc}") from None
-    if len(client.get("rng") or []) == world:
-        _set_rng_state(client["rng"][rank])  # the routers' noise continues as if never stopped
-    step = int(client.get("step", 0))
+    set_rng_state(state["rng"])  # the routers' noise continues as if never stopped
+    step = int(state["step"])
     log0(f"resumed from {checkpoints / tag} at step {step}")
     return step
 
@@ -355,7 +409,7 @@ def _train(plan: TrainPlan) -> int:
     from hmoe_ds.modeling import parameter_summary
 
     from .evaluate import evaluate
-    from .metrics import MetricsWriter, TrainAccumulator, format_postfix, routing_scalars
+    from .metrics import MetricsWriter, TrainAccumulator, ep_load_scalars, format_postfix, routing_scalars
 
     exp, run = plan.exp, plan.exp.run
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -363,8 +417,15 @@ def _train(plan: TrainPlan) -> int:
 
     datasets.disable_progress_bars()
     data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
+    init_from = _share(lambda: _check_start(exp, plan.ds_config, len(data.tokenizer), tag))
+    init_weights = None
+    if init_from is not None:
+        from hmoe_ds.export import load_logical_weights, resolve_source
+
+        source = resolve_source(init_from)
+        init_weights = lambda model: load_logical_weights(model, source)  # noqa: E731
     _seed(run.seed)  # identical initial weights on every rank
-    engine, model_cfg = build_engine(exp, plan.ds_config, len(data.tokenizer))
+    engine, model_cfg = build_engine(exp, plan.ds_config, len(data.tokenizer), init_weights=init_weights)
     _seed(run.seed + rank)  # different router noise per rank from here on
 
     micro = engine.train_micro_batch_size_per_gpu()
@@ -373,6 +434,7 @@ def _train(plan: TrainPlan) -> int:
 
     summary = parameter_summary(engine.module)
     non_expert = int(summary["non_expert_params"])
+    placements = [layer.placement for _, layer in engine.module.moe_layers()]  # per-EP-rank load tags
     tb_dir = tensorboard_dir(plan.ds_config)
     writer = MetricsWriter(exp.output_dir, engine.monitor, tb_dir, is_writer=rank == 0, append=tag is not None)
     if rank == 0:
@@ -397,19 +459,23 @@ def _train(plan: TrainPlan) -> int:
         log0(f"step {at}: val/loss {result.loss:.4f}  val/ppl {result.ppl:.2f}")
         return result.loss
 
+    # A short validation sequence whose logits each checkpoint stores: export verifies itself against them.
+    probe_ids = (torch.as_tensor(data.validation[0]["input_ids"])[:PROBE_TOKENS].reshape(1, -1).long()
+                 if len(data.validation) else None)
+
     def save(at: int) -> None:
-        client = {
-            "step": at,
-            "loader": _gather(train_iter.state_dict()),
-            "rng": _gather(_rng_state()),
-            "experiment": exp.to_dict(),
-        }
-        engine.save_checkpoint(str(exp.output_dir / CHECKPOINTS), tag=f"step_{at}", client_state=client)
-        log0(f"step {at}: checkpoint saved to {exp.output_dir / CHECKPOINTS / f'step_{at}'}")
+        tag_dir, notes = save_training_checkpoint(
+            engine, exp.output_dir / CHECKPOINTS, at,
+            rank_state={"loader": train_iter.state_dict(), "rng": rng_state()},
+            experiment=exp.to_dict(), tokenizer=data.tokenizer if rank == 0 else None, probe_ids=probe_ids)
+        for note in notes:
+            log0(f"note: {note}")
+        log0(f"step {at}: checkpoint saved to {tag_dir}")
 
     first_val = run_eval(0) if step == 0 and run.eval_at_start else None
     last_val = first_val
     acc = TrainAccumulator()
+    logged_at = step  # the accumulator's window starts here
     bar = tqdm(total=run.train_steps, initial=step, desc=run.run_name, disable=rank != 0 or not run.progress_bar,
                dynamic_ncols=True, file=sys.stderr)
     engine.train()
@@ -419,6 +485,7 @@ def _train(plan: TrainPlan) -> int:
             input_ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
             out = engine(input_ids=input_ids, labels=labels)
             engine.backward(out.loss)
+            maybe_kill_during_step(step + 1, rank)  # test-only crash hook; no-op unless its env var is set
             boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
             engine.step()
             acc.update(out, input_ids.numel())
@@ -434,6 +501,8 @@ def _train(plan: TrainPlan) -> int:
                 if grad_norm is not None:
                     scalars["train/grad_norm"] = float(grad_norm)
                 scalars.update(routing_scalars(loads, non_expert))
+                scalars.update(ep_load_scalars(loads, placements, step - logged_at, world))
+                logged_at = step
                 writer.write(step, scalars)
                 bar.set_postfix(format_postfix(scalars), refresh=False)
             paused = time.perf_counter()

@@ -1,0 +1,758 @@
+"""Crash-safe, self-describing training checkpoints around DeepSpeed's ``save_checkpoint``.
+
+A checkpoint is ``<run>/checkpoints/step_<n>/``. DeepSpeed writes its own files
+there (model/optimizer shards, one file per expert under ZeRO 0-2) with
+``save_latest=False``; then every rank adds what DeepSpeed does not keep:
+
+``hmoe_rank_<r>.pt``           this rank's data-loader position and RNG states (python, numpy, torch).
+                               DeepSpeed's ``client_state`` is written by rank 0 only, so per-rank
+                               state needs per-rank files.
+``hmoe_model.safetensors``     the consolidated *logical* model in fp32: exactly the parameter names
+                               of ``HMoEForCausalLM`` with ``ep_size=1`` and ``frontend="moe"``,
+                               whatever ZeRO stage, EP size, placement or front-end trained it.
+                               DeepSpeed's ``zero_to_fp32``/``save_16bit_model`` cannot consolidate
+                               these MoE checkpoints, so this is what export and re-sharding read.
+``hmoe_probe.safetensors``     a short validation sequence and the logits the training engine
+                               computed for it: export checks its result against these.
+``hmoe_experiment.yaml``, ``tokenizer/``   the resolved experiment and the tokenizer, so a
+                               checkpoint directory is self-contained.
+``hmoe_complete.json``         the completion marker, written last by rank 0 after a barrier: step,
+                               world size, ZeRO stage, the expert placement of every MoE layer, the
+                               training and logical model configs and every file with its size.
+
+Only after the marker is durable is ``checkpoints/latest`` replaced (temp file +
+``os.replace``), so a process killed at any moment leaves either the previous
+complete checkpoint as newest, or the new one complete. ``--resume`` picks the
+newest directory *with* a marker and says which ones it skipped; a directory
+that has a marker but lost a file is an error, never a silent fallback.
+
+The test-only hooks ``HMOE_DS_TEST_KILL_DURING_SAVE=<step>`` and
+``HMOE_DS_TEST_KILL_DURING_STEP=<step>`` make one rank (``HMOE_DS_TEST_KILL_RANK``,
+default 1) SIGKILL itself in the middle of that step's save (after DeepSpeed wrote
+its first file on that rank) or in the middle of that optimizer step (after
+the first backward). They exist to test crash safety and do nothing unless set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from .training.experiment import ExperimentError
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "MARKER",
+    "MODEL_FILE",
+    "PROBE_FILE",
+    "consolidated_state_dict",
+    "find_resume_checkpoint",
+    "logical_config",
+    "logical_expert_key",
+    "logical_parameter_shapes",
+    "moe_layer_records",
+    "read_latest",
+    "read_marker",
+    "tag_for",
+    "verify_checkpoint",
+    "write_latest",
+]
+
+FORMAT = "hmoe-ds-checkpoint"
+FORMAT_VERSION = 1
+MARKER = "hmoe_complete.json"
+MODEL_FILE = "hmoe_model.safetensors"
+PROBE_FILE = "hmoe_probe.safetensors"
+EXPERIMENT_FILE = "hmoe_experiment.yaml"
+TOKENIZER_DIR = "tokenizer"
+LATEST = "latest"
+TAG_PREFIX = "step_"
+PROBE_TOKENS = 32
+
+KILL_DURING_SAVE_ENV = "HMOE_DS_TEST_KILL_DURING_SAVE"
+KILL_DURING_STEP_ENV = "HMOE_DS_TEST_KILL_DURING_STEP"
+KILL_RANK_ENV = "HMOE_DS_TEST_KILL_RANK"
+
+# Fields that fix parameter shapes or expert layout: a checkpoint only fits a model that agrees on all.
+STRUCTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "dense_intermediate_size", "moe_layer_frequency", "tie_word_embeddings")
+MOE_STRUCTURE_FIELDS = ("expert_sizes", "activation")
+
+
+class CheckpointError(ExperimentError):
+    """A checkpoint that cannot be used as asked; the message names the file or the mismatch and the fix."""
+
+
+# --------------------------------------------------------------------------- names and small files
+
+
+def tag_for(step: int) -> str:
+    """The tag (directory name) of the checkpoint taken after optimizer step ``step``."""
+    return f"{TAG_PREFIX}{step}"
+
+
+def rank_file(rank: int) -> str:
+    return f"hmoe_rank_{rank:05d}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so that readers see the old content or the new one, never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_latest(checkpoint_dir: Path) -> str | None:
+    """The tag named by ``<checkpoint_dir>/latest``, if the file exists."""
+    latest = Path(checkpoint_dir) / LATEST
+    return latest.read_text(encoding="utf-8").strip() or None if latest.is_file() else None
+
+
+def write_latest(checkpoint_dir: Path, tag: str) -> None:
+    """Point ``latest`` at ``tag`` atomically (DeepSpeed's own ``latest`` write is not atomic)."""
+    atomic_write_text(Path(checkpoint_dir) / LATEST, tag)
+
+
+# --------------------------------------------------------------------------- per-rank state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (router noise uses torch's global generator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def save_rank_state(tag_dir: Path, rank: int, state: dict[str, Any]) -> None:
+    _atomic_torch_save(state, Path(tag_dir) / rank_file(rank))
+
+
+def load_rank_state(tag_dir: Path, rank: int) -> dict[str, Any]:
+    path = Path(tag_dir) / rank_file(rank)
+    try:
+        # Our own file (python/numpy RNG states are not plain tensors), inside a checkpoint the
+        # user already trusts with DeepSpeed's pickles.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{tag_dir}: {rank_file(rank)} is missing (the per-rank data position and RNG "
+                              f"state of rank {rank}); the checkpoint is incomplete") from None
+
+
+def restore_cpu_adam_step_state(engine: Any) -> int | None:
+    """Make DeepSpeedCPUAdam (ZeRO-Offload's optimizer) resume bit-exactly; returns the replayed step count.
+
+    Its C++ half keeps ``beta^t`` for bias correction as a running product
+    (``beta_t *= beta`` each step) but, in a fresh process at step ``n``, computes
+    it once with ``pow(beta, n)``: the two differ in the last bits, so every step
+    after a resume would differ from the uninterrupted run by ~1e-7 relative.
+    Replaying steps 1..n on empty tensors rebuilds the running product exactly
+    (one call per step, no arithmetic on weights). Any other optimizer: no-op.
+    """
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    candidates = [getattr(engine, "optimizer", None), getattr(getattr(engine, "optimizer", None), "optimizer", None),
+                  getattr(engine, "basic_optimizer", None)]
+    optimizer = next((o for o in candidates if isinstance(o, DeepSpeedCPUAdam)), None)
+    if optimizer is None:
+        return None
+    steps = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
+    if len(steps) != 1:
+        return None  # nothing restored, or parameters at different steps: leave DeepSpeed's behaviour alone
+    step = steps.pop()
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    empty = torch.empty(0, dtype=torch.float32)
+    for t in range(1, step + 1):
+        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, t, group["lr"], beta1, beta2, group["eps"],
+                                          group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
+    return step
+
+
+# --------------------------------------------------------------------------- layout of MoE layers
+
+
+def _moe_layers(module: torch.nn.Module) -> list[tuple[int, str, Any]]:
+    """``(layer index, module name, layer)`` of every MoE layer of an ``HMoEForCausalLM``."""
+    names = {id(m): name for name, m in module.named_modules()}
+    return [(i, names[id(layer)], layer) for i, layer in module.moe_layers()]
+
+
+def _mixin_host(layer: Any) -> Any:
+    """The object holding the math (``experts``, ``placement``): ``deepspeed_moe`` for HMoE, else the layer."""
+    return getattr(layer, "deepspeed_moe", layer)
+
+
+def moe_layer_records(module: torch.nn.Module) -> list[dict[str, Any]]:
+    """What a checkpoint must record per MoE layer to be mapped back to logical experts."""
+    records = []
+    for index, name, layer in _moe_layers(module):
+        cfg = layer.config
+        records.append({
+            "layer": index,
+            "module": name,
+            "num_experts": cfg.num_experts,
+            "expert_sizes": list(cfg.expert_sizes),
+            "activation": str(cfg.activation),
+            "ep_size": cfg.ep_size,
+            "frontend": str(cfg.frontend),
+            "placement": layer.placement.to_dict(),
+        })
+    return records
+
+
+def expected_moe_layer_records(model_config: Any) -> list[dict[str, Any]]:
+    """:func:`moe_layer_records` of the model ``model_config`` would build, without building it."""
+    from .placement import make_placement
+
+    records = []
+    for index in range(model_config.num_hidden_layers):
+        if not model_config.is_moe_layer(index):
+            continue
+        cfg = model_config.moe_layer_config()
+        records.append({
+            "layer": index,
+            "module": f"model.layers.{index}.mlp",
+            "num_experts": cfg.num_experts,
+            "expert_sizes": list(cfg.expert_sizes),
+            "activation": str(cfg.activation),
+            "ep_size": cfg.ep_size,
+            "frontend": str(cfg.frontend),
+            "placement": make_placement(cfg.placement, cfg.expert_sizes, cfg.ep_size).to_dict(),
+        })
+    return records
+
+
+def logical_config(model_config: Any) -> Any:
+    """The parallelism-free twin of a training config: ``ep_size=1``, ``frontend="moe"``, contiguous placement.
+
+    Parameter names and shapes of this model are the checkpoint-independent
+    ("logical") layout that export and re-sharding use.
+    """
+    from .modeling import HMoEConfig
+
+    data = model_config.to_dict()
+    data["moe"] = {**data["moe"], "ep_size": 1, "frontend": "moe", "placement": "contiguous"}
+    data["architectures"] = ["HMoEForCausalLM"]
+    return HMoEConfig.from_dict(data)
+
+
+def logical_expert_key(prefix: str, expert: int, weight: str) -> str:
+    """Logical name of expert ``expert``'s ``weight`` (w1/w2/w3) in the MoE layer module ``prefix``."""
+    return f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{expert}.{weight}.weight"
+
+
+def logical_dense_key(name: str, moe_prefixes: list[str]) -> str:
+    """Logical name of a non-expert parameter: the gate moves under ``deepspeed_moe`` (AutoEP has it at the top)."""
+    for prefix in moe_prefixes:
+        if name.startswith(prefix + "."):
+            rest = name[len(prefix) + 1:].removeprefix("deepspeed_moe.")
+            return f"{prefix}.deepspeed_moe.{rest}"
+    return name
+
+
+def logical_parameter_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the logical model's parameters (tied weights once), built on the meta device."""
+    from .modeling import HMoEForCausalLM
+
+    with torch.device("meta"):
+        model = HMoEForCausalLM(logical_config(model_config))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _expert_weight_names(layer: Any) -> tuple[str, ...]:
+    return ("w1", "w2", "w3") if layer.config.activation.gated else ("w1", "w2")
+
+
+# --------------------------------------------------------------------------- consolidation (collective)
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(params: list[torch.nn.Parameter]) -> Any:
+    """Full parameters inside the block under ZeRO-3; a no-op for unpartitioned parameters."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _expert_dp_rank(layer: Any) -> int:
+    from deepspeed.utils import groups
+
+    rank, world = _dist()
+    if world == 1:
+        return 0
+    return groups._get_expert_data_parallel_rank(layer.expert_group_name)
+
+
+@torch.no_grad()
+def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The logical fp32 state dict of a (possibly ZeRO-3-partitioned, expert-parallel) model; collective.
+
+    Every rank must call it; rank 0 gets the dict, the others ``None``. Dense
+    parameters are gathered one at a time (under ZeRO-3 through
+    ``GatheredParameters``), so no rank ever holds more than one full dense
+    parameter extra. Experts travel one MoE layer at a time: the
+    expert-data-parallel rank 0 of each EP rank sends its
+    ``local_expert_weights()`` (keyed by logical id, so placement and packing are
+    already undone) to rank 0 with ``gather_object``. The result is checked
+    against the logical model's parameter names and shapes: a missing or
+    misshapen expert is an error, not a partial file.
+
+    The values are the weights the forward pass uses, in fp32; under bf16/fp16
+    training they are the low-precision module weights upcast (DeepSpeed's fp32
+    master copy stays in its own files, which exact resume uses).
+    """
+    import torch.distributed as dist
+
+    rank, world = _dist()
+    layers = _moe_layers(module)
+    prefixes = [name for _, name, _ in layers]
+    expert_ids = {id(p) for _, _, layer in layers for p in _mixin_host(layer).experts.parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        if id(param) in expert_ids:
+            continue
+        with _gathered([param]):
+            if rank == 0:
+                out[logical_dense_key(name, prefixes)] = param.detach().float().cpu().clone()
+    for _, prefix, layer in layers:
+        params = list(_mixin_host(layer).experts.parameters())
+        with _gathered(params):
+            mine = None
+            if _expert_dp_rank(layer) == 0:
+                mine = {e: {w: t.float().cpu() for w, t in ws.items()} for e, ws in layer.local_expert_weights().items()}
+        received: list[Any] = [None] * world
+        if world > 1:
+            dist.gather_object(mine, received if rank == 0 else None, dst=0)
+        else:
+            received = [mine]
+        if rank != 0:
+            continue
+        for part in received:
+            for expert, weights in (part or {}).items():
+                for wname, tensor in weights.items():
+                    key = logical_expert_key(prefix, int(expert), wname)
+                    if key in out:
+                        raise RuntimeError(f"consolidation: {key} sent by two ranks; placement is inconsistent")
+                    out[key] = tensor
+    if rank != 0:
+        return None
+    expected = logical_parameter_shapes(module.config)
+    missing = sorted(set(expected) - set(out))
+    extra = sorted(set(out) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(out) if tuple(out[k].shape) != expected[k])
+    if missing or extra or wrong:
+        raise RuntimeError(f"consolidation does not match the logical model: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}, wrong shape {wrong[:5]}")
+    return {k: out[k] for k in expected}  # logical model order
+
+
+@torch.no_grad()
+def probe_logits(engine: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [1, T, V] (fp32, CPU) of the engine in eval mode; collective (every rank runs the forward)."""
+    module = engine.module
+    was_training = module.training
+    engine.eval()
+    try:
+        out = engine(input_ids=input_ids.to(engine.device))
+    finally:
+        if was_training:
+            engine.train()
+    return out.logits.detach().float().cpu()
+
+
+# --------------------------------------------------------------------------- marker and validation
+
+
+def _file_table(tag_dir: Path) -> dict[str, int]:
+    table = {}
+    for path in sorted(tag_dir.rglob("*")):
+        if path.is_file() and path.name != MARKER and not path.name.startswith("."):
+            table[path.relative_to(tag_dir).as_posix()] = path.stat().st_size
+    return table
+
+
+def write_marker(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, after every rank finished writing: make the files durable, then commit the marker."""
+    tag_dir = Path(tag_dir)
+    files = _file_table(tag_dir)
+    # SIGKILL loses nothing the kernel has; fsync is for a node that loses power right after "complete".
+    for name in files:
+        _fsync_file(tag_dir / name)
+    _fsync_dir(tag_dir)
+    marker = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "files": files,
+              "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=1) + "\n")
+    return marker
+
+
+def read_marker(tag_dir: Path) -> dict[str, Any]:
+    """The marker of a complete checkpoint, or a :class:`CheckpointError` saying why there is none."""
+    tag_dir = Path(tag_dir)
+    path = tag_dir / MARKER
+    if not path.is_file():
+        if any(tag_dir.glob("*_model_states.pt")):
+            raise CheckpointError(f"{tag_dir}: no {MARKER}: the save was interrupted before it completed, or "
+                                  "the checkpoint was not written by hmoe-ds")
+        raise CheckpointError(f"{tag_dir}: not an hmoe-ds checkpoint (no {MARKER})")
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable completion marker ({exc})") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an hmoe-ds completion marker")
+    if int(marker.get("version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {marker.get('version')} is newer than this hmoe-ds "
+                              f"understands ({FORMAT_VERSION}); upgrade hmoe-ds")
+    return marker
+
+
+def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
+    """Marker present and every file it lists present with its recorded size; returns the marker."""
+    tag_dir = Path(tag_dir)
+    marker = read_marker(tag_dir)
+    missing, resized = [], []
+    for name, size in marker.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            missing.append(name)
+        elif path.stat().st_size != size:
+            resized.append(f"{name} ({path.stat().st_size} bytes, saved {size})")
+    if missing or resized:
+        what = []
+        if missing:
+            what.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if resized:
+            what.append(f"truncated or changed {', '.join(resized[:8])}")
+        raise CheckpointError(f"{tag_dir}: marked complete but damaged: {'; '.join(what)}. Restore the files, or "
+                              "move this directory away to use an older checkpoint")
+    return marker
+
+
+@dataclass
+class CheckpointInfo:
+    """A complete checkpoint found on disk."""
+
+    tag: str
+    path: Path
+    step: int
+    marker: dict[str, Any] = field(repr=False)
+
+
+def _tag_dirs(checkpoint_dir: Path) -> Iterator[Path]:
+    if checkpoint_dir.is_dir():
+        yield from (p for p in checkpoint_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _step_of(path: Path) -> int | None:
+    rest = path.name[len(TAG_PREFIX):] if path.name.startswith(TAG_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+def find_resume_checkpoint(checkpoint_dir: Path) -> tuple[CheckpointInfo | None, list[str]]:
+    """The newest complete checkpoint under ``checkpoint_dir`` and notes on every directory skipped.
+
+    Directories without a marker (an interrupted save, or not ours) are skipped
+    with a note; a directory *with* a marker but missing files raises, because
+    falling back silently would discard steps the user believes are saved.
+    ``latest`` is only a hint: a crash between marker and pointer leaves it one
+    checkpoint behind, and the newest marker wins.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    found: list[CheckpointInfo] = []
+    notes: list[str] = []
+    for path in sorted(_tag_dirs(checkpoint_dir), key=lambda p: (_step_of(p) is None, _step_of(p) or 0, p.name)):
+        try:
+            marker = read_marker(path)
+        except CheckpointError as exc:
+            notes.append(f"ignoring {exc}")
+            continue
+        verify_checkpoint(path)
+        found.append(CheckpointInfo(path.name, path, int(marker["step"]), marker))
+    latest = read_latest(checkpoint_dir)
+    if not found:
+        return None, notes
+    best = max(found, key=lambda info: info.step)
+    if latest is not None and latest != best.tag:
+        notes.append(f"{checkpoint_dir / LATEST} names {latest!r}, but the newest complete checkpoint is "
+                     f"{best.tag!r}; using {best.tag!r}")
+    return best, notes
+
+
+def has_checkpoint_dirs(checkpoint_dir: Path) -> list[str]:
+    """Names of every checkpoint-looking directory, complete or not."""
+    return sorted(p.name for p in _tag_dirs(Path(checkpoint_dir)))
+
+
+def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int, model_config: Any,
+                     zero_stage: int | None = None) -> None:
+    """Refuse a checkpoint that cannot be loaded exactly into this run; name every mismatch.
+
+    Checked before the engine is built, so a wrong checkpoint costs seconds and
+    one message instead of a load that fails halfway on every rank (or, worse,
+    loads part of the weights).
+    """
+    problems = []
+    if int(marker.get("world_size", world_size)) != world_size:
+        problems.append(f"saved by {marker['world_size']} ranks, resumed on {world_size}; launch "
+                        f"{marker['world_size']} ranks (exact resume keeps the ZeRO partitioning)")
+    if zero_stage is not None and marker.get("zero_stage") is not None and int(marker["zero_stage"]) != zero_stage:
+        problems.append(f"saved with ZeRO stage {marker['zero_stage']}, resumed with stage {zero_stage}")
+    saved_cfg = marker.get("model_config") or {}
+    now_cfg = model_config.to_dict()
+    for name in STRUCTURE_FIELDS:
+        if name in saved_cfg and saved_cfg[name] != now_cfg.get(name):
+            problems.append(f"model.{name}: checkpoint {saved_cfg[name]!r}, this run {now_cfg.get(name)!r}")
+    saved_layers = marker.get("moe_layers") or []
+    now_layers = expected_moe_layer_records(model_config)
+    if [r["layer"] for r in saved_layers] != [r["layer"] for r in now_layers]:
+        problems.append(f"MoE layers: checkpoint has layers {[r['layer'] for r in saved_layers]}, this run "
+                        f"{[r['layer'] for r in now_layers]}")
+    else:
+        for saved, now in zip(saved_layers, now_layers):
+            for key in ("num_experts", "expert_sizes", "activation", "ep_size", "frontend", "placement"):
+                if saved.get(key) != now[key]:
+                    problems.append(f"MoE layer {now['layer']} {key}: checkpoint {saved.get(key)!r}, "
+                                    f"this run {now[key]!r}")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(
+            f"{where}: this checkpoint does not fit the run: {shown}. Resume with the settings it was saved with, "
+            "or start a new run.output_dir with run.init_from pointing at it (re-shards the weights)")
+
+
+def prepare_tag_dir(tag_dir: Path) -> str | None:
+    """Rank 0, before a save: remove a leftover directory of the same tag (an interrupted save).
+
+    Stale files would otherwise survive into the new checkpoint's file list.
+    Returns a note when something was removed.
+    """
+    tag_dir = Path(tag_dir)
+    if not tag_dir.exists():
+        return None
+    complete = (tag_dir / MARKER).is_file()
+    if complete:
+        # Un-commit first: if we die while deleting, the directory is incomplete, not damaged-but-complete.
+        (tag_dir / MARKER).unlink()
+    shutil.rmtree(tag_dir)
+    return f"replaced the existing {'complete' if complete else 'incomplete'} checkpoint {tag_dir}"
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop ``metrics.jsonl`` records after ``step`` (written by a run that then died); returns how many.
+
+    After a crash the log holds steps that the resumed run will compute again;
+    keeping both would show every such step twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = int(json.loads(line).get("step", -1))
+        except (ValueError, AttributeError):
+            kept.append(line)  # not ours to judge
+            continue
+        if record_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
+# --------------------------------------------------------------------------- test-only kill hooks
+
+
+def _kill_rank() -> int:
+    return int(os.environ.get(KILL_RANK_ENV, "1"))
+
+
+def _kill_requested(env: str, step: int, rank: int) -> bool:
+    value = os.environ.get(env)
+    return bool(value) and int(value) == step and rank == _kill_rank()
+
+
+def _die(reason: str) -> None:
+    print(f"[hmoe_ds test hook] rank {os.environ.get('RANK')}: SIGKILL {reason}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_kill_during_step(step: int, rank: int) -> None:
+    """Test hook: SIGKILL this rank while it computes optimizer step ``step`` (1-based)."""
+    if _kill_requested(KILL_DURING_STEP_ENV, step, rank):
+        _die(f"during step {step}")
+
+
+def arm_kill_during_save(engine: Any, step: int, rank: int) -> None:
+    """Test hook: make this rank SIGKILL itself right after DeepSpeed wrote its first file of this save."""
+    if not _kill_requested(KILL_DURING_SAVE_ENV, step, rank):
+        return
+    ckpt_engine = engine.checkpoint_engine
+    original = ckpt_engine.save
+
+    def save_then_die(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        _die(f"during the save of step {step}, after DeepSpeed wrote one file")
+        return result
+
+    ckpt_engine.save = save_then_die
+
+
+def maybe_kill_before_marker(step: int, rank: int) -> None:
+    """Test hook fallback: a rank that wrote no DeepSpeed file dies before the marker instead."""
+    if _kill_requested(KILL_DURING_SAVE_ENV, step, rank):
+        _die(f"during the save of step {step}, before the completion marker")
+
+
+# --------------------------------------------------------------------------- the save itself (collective)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    import deepspeed
+
+    try:  # the distribution's version: works even when hmoe_ds/__init__.py was not what got imported
+        ours = metadata.version("hmoe-ds")
+    except metadata.PackageNotFoundError:
+        ours = "unknown"
+    return {"hmoe_ds": ours, "deepspeed": deepspeed.__version__, "torch": torch.__version__}
+
+
+def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, rank_state: dict[str, Any],
+                             experiment: dict[str, Any], tokenizer: Any | None = None,
+                             probe_ids: torch.Tensor | None = None) -> tuple[Path, list[str]]:
+    """Write ``checkpoint_dir/step_<step>`` crash-safely; every rank calls it. Returns (directory, notes).
+
+    Order (each stage starts only when every rank finished the previous one):
+    remove a stale same-tag directory -> DeepSpeed's files (``save_latest=False``)
+    + this rank's state file -> consolidated logical model and probe (rank 0)
+    -> barrier -> marker -> ``latest``. A kill anywhere before the marker leaves
+    a directory that resume skips; ``latest`` never names it.
+    """
+    import yaml
+
+    checkpoint_dir = Path(checkpoint_dir)
+    rank, world = _dist()
+    tag = tag_for(step)
+    tag_dir = checkpoint_dir / tag
+    notes: list[str] = []
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        note = prepare_tag_dir(tag_dir)
+        if note:
+            notes.append(note)
+    _barrier()
+    arm_kill_during_save(engine, step, rank)
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "experiment": experiment},
+                           save_latest=False)
+    save_rank_state(tag_dir, rank, {**rank_state, "step": step, "rank": rank, "world_size": world})
+    state = consolidated_state_dict(engine.module)
+    logits = probe_logits(engine, probe_ids) if probe_ids is not None else None
+    if rank == 0:
+        assert state is not None
+        _atomic_safetensors(state, tag_dir / MODEL_FILE, {"format": "pt", "layout": "hmoe-ds logical"})
+        if logits is not None and probe_ids is not None:
+            _atomic_safetensors({"input_ids": probe_ids.cpu(), "logits": logits}, tag_dir / PROBE_FILE,
+                                {"format": "pt"})
+        (tag_dir / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment, sort_keys=False), encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tag_dir / TOKENIZER_DIR))
+    del state
+    maybe_kill_before_marker(step, rank)
+    _barrier()
+    if rank == 0:
+        cfg = engine.module.config
+        meta = {
+            "tag": tag,
+            "step": step,
+            "world_size": world,
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "dtype": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+            "model_config": json.loads(cfg.to_json_string(use_diff=False)),
+            "logical_config": json.loads(logical_config(cfg).to_json_string(use_diff=False)),
+            "moe_layers": moe_layer_records(engine.module),
+            "versions": _versions(),
+        }
+        write_marker(tag_dir, meta)
+        write_latest(checkpoint_dir, tag)
+    _barrier()
+    return tag_dir, notes

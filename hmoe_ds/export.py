@@ -1,0 +1,308 @@
+"""Hugging Face export and re-sharding of hmoe-ds checkpoints.
+
+Every checkpoint holds ``hmoe_model.safetensors``, the consolidated logical
+model (see :mod:`hmoe_ds.checkpoint`): the parameter names of
+``HMoEForCausalLM`` with ``ep_size=1`` and ``frontend="moe"``. Export is therefore
+a file operation that needs no DeepSpeed engine, no process group and no GPU,
+whatever ZeRO stage, EP size, placement, offload or front-end trained the model::
+
+    python run/export.py outputs/my_run exported/my_run        # newest complete checkpoint
+    python -m hmoe_ds.export outputs/my_run/checkpoints/step_2000 exported/step_2000
+
+writes ``config.json`` (``moe.ep_size=1``, ``frontend="moe"``), ``model.safetensors``
+and the run's tokenizer files, then (by default) loads the result with
+``AutoModelForCausalLM.from_pretrained`` and checks its logits against the
+probe logits the training engine computed at save time.
+
+Re-sharding goes the other way: :func:`load_logical_weights` copies a logical
+state dict (an export, or a checkpoint's consolidated file) into a freshly built
+model of *any* EP size, placement or front-end, through each layer's
+``load_local_expert_weights``; the trainer uses it for ``run.init_from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .checkpoint import (
+    MARKER,
+    MODEL_FILE,
+    PROBE_FILE,
+    STRUCTURE_FIELDS,
+    TOKENIZER_DIR,
+    CheckpointError,
+    _mixin_host,
+    _moe_layers,
+    _expert_weight_names,
+    find_resume_checkpoint,
+    logical_dense_key,
+    logical_expert_key,
+    logical_parameter_shapes,
+    verify_checkpoint,
+)
+
+__all__ = ["WeightsSource", "export_hf", "load_logical_weights", "main", "resolve_source"]
+
+HF_WEIGHTS = "model.safetensors"
+EXPORT_INFO = "hmoe_export.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+
+
+@dataclass
+class WeightsSource:
+    """Logical weights on disk: an HF export or one complete hmoe-ds checkpoint."""
+
+    kind: str  # "hf" or "checkpoint"
+    path: Path  # the HF dir or the checkpoint tag dir
+    weights: Path  # a safetensors file with logical parameter names
+    config: dict[str, Any]  # HMoEConfig fields of the logical model
+    tokenizer_dir: Path | None
+    probe: Path | None
+    marker: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        step = f" (step {self.marker['step']})" if self.marker else ""
+        return f"{'HF export' if self.kind == 'hf' else 'checkpoint'} {self.path}{step}"
+
+
+def _from_tag_dir(tag_dir: Path) -> WeightsSource:
+    marker = verify_checkpoint(tag_dir)
+    weights = tag_dir / MODEL_FILE
+    if not weights.is_file() or "logical_config" not in marker:
+        raise CheckpointError(f"{tag_dir}: no {MODEL_FILE} (consolidated model); the checkpoint was written by an "
+                              "older hmoe-ds. Resume it for one save_every interval to write one")
+    run_dir = tag_dir.parent.parent
+    tokenizer = next((d for d in (tag_dir / TOKENIZER_DIR, run_dir / TOKENIZER_DIR) if (d / "tokenizer.json").is_file()),
+                     None)
+    probe = tag_dir / PROBE_FILE
+    return WeightsSource("checkpoint", tag_dir, weights, marker["logical_config"], tokenizer,
+                         probe if probe.is_file() else None, marker)
+
+
+def resolve_source(path: str | Path, tag: str | None = None) -> WeightsSource:
+    """Accept an HF export dir, a checkpoint tag dir, a run's ``checkpoints/`` dir or a run dir.
+
+    For a run (or its checkpoints dir) the newest complete checkpoint is used,
+    or ``tag``. Anything else is a :class:`CheckpointError` naming what is missing.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass a run dir, a checkpoint dir or an HF export dir")
+    if (path / "config.json").is_file() and not (path / MARKER).is_file():
+        if not (path / HF_WEIGHTS).is_file():
+            raise CheckpointError(f"{path}: has config.json but no {HF_WEIGHTS}; only single-file safetensors "
+                                  "exports (as written by run/export.py) are supported")
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if config.get("model_type") != "hmoe":
+            raise CheckpointError(f"{path}: config.json has model_type {config.get('model_type')!r}, not 'hmoe'")
+        tokenizer = path if (path / "tokenizer.json").is_file() else None
+        return WeightsSource("hf", path, path / HF_WEIGHTS, config, tokenizer, None)
+    if (path / MARKER).is_file() or any(path.glob("*_model_states.pt")):
+        if tag is not None and tag != path.name:
+            raise CheckpointError(f"{path}: is checkpoint {path.name!r}; --tag {tag!r} names another one")
+        return _from_tag_dir(path)
+    checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if tag is not None:
+        if not (checkpoints / tag).is_dir():
+            have = sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) if checkpoints.is_dir() else []
+            raise CheckpointError(f"{checkpoints}: no checkpoint {tag!r}; available: {', '.join(have) or 'none'}")
+        return _from_tag_dir(checkpoints / tag)
+    info, notes = find_resume_checkpoint(checkpoints)
+    if info is None:
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise CheckpointError(f"{path}: neither an HF export (config.json + {HF_WEIGHTS}) nor a run or checkpoint "
+                              f"directory with a complete hmoe-ds checkpoint{why}")
+    return _from_tag_dir(info.path)
+
+
+def _file_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbage files
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from None
+
+
+def check_structure(source: WeightsSource, model_config: Any) -> None:
+    """Every logical parameter of ``model_config`` present in ``source`` with its shape, nothing extra.
+
+    The message names the config fields that differ (expert sizes, vocab, ...)
+    and a few of the parameters, so the user knows what to change.
+    """
+    expected = logical_parameter_shapes(model_config)
+    found = _file_shapes(source.weights)
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if not (missing or extra or wrong):
+        return
+    now = model_config.to_dict()
+    saved = source.config
+    fields = [f"{n}: source {saved.get(n)!r}, this model {now.get(n)!r}" for n in STRUCTURE_FIELDS
+              if n in saved and saved.get(n) != now.get(n)]
+    saved_moe, now_moe = saved.get("moe") or {}, now.get("moe") or {}
+    fields += [f"moe.{n}: source {saved_moe.get(n)!r}, this model {now_moe.get(n)!r}" for n in
+               ("expert_sizes", "activation") if saved_moe.get(n) != now_moe.get(n)]
+    details = []
+    if missing:
+        details.append(f"missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
+    if extra:
+        details.append(f"{len(extra)} unexpected, e.g. {', '.join(extra[:3])}")
+    if wrong:
+        details.append("wrong shape: " + ", ".join(f"{k} {found[k]} (model {expected[k]})" for k in wrong[:3]))
+    raise CheckpointError(f"{source.describe()} does not fit this model: "
+                          + "; ".join(fields + details)
+                          + ". Use a model config with the same structure (only ep_size, placement and the ZeRO "
+                            "front-end may differ)")
+
+
+@torch.no_grad()
+def load_logical_weights(model: torch.nn.Module, source: WeightsSource) -> None:
+    """Copy logical weights into ``model`` (an ``HMoEForCausalLM`` of any EP size/placement/front-end).
+
+    Call it on every rank before ``deepspeed.initialize`` (ZeRO copies the
+    module's weights into its optimizer partitions there). Each rank reads the
+    dense parameters and only its own experts from the file. All-or-nothing:
+    the structure is checked first (:func:`check_structure`), so a mismatch
+    never leaves a half-loaded model.
+    """
+    from safetensors import safe_open
+
+    check_structure(source, model.config)
+    layers = _moe_layers(model)
+    prefixes = [name for _, name, _ in layers]
+    expert_ids = {id(p) for _, _, layer in layers for p in _mixin_host(layer).experts.parameters()}
+    with safe_open(str(source.weights), framework="pt") as handle:
+        for name, param in model.named_parameters():
+            if id(param) in expert_ids:
+                continue
+            value = handle.get_tensor(logical_dense_key(name, prefixes))
+            param.copy_(value.to(dtype=param.dtype, device=param.device))
+        for _, prefix, layer in layers:
+            weights = {e: {w: handle.get_tensor(logical_expert_key(prefix, e, w)) for w in _expert_weight_names(layer)}
+                       for e in layer.local_expert_ids}
+            layer.load_local_expert_weights(weights)
+
+
+# --------------------------------------------------------------------------- HF export
+
+
+def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
+    """Max |logits(export) - logits(training engine)| on the probe sequence; raises if above tolerance."""
+    import hmoe_ds.modeling  # noqa: F401  (registers model_type "hmoe" with the Auto classes)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    saved = load_file(str(probe))
+    hf_logging.disable_progress_bar()  # a one-line CLI result, not a loading bar per export
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"]).logits.float()
+    diff = float((logits - saved["logits"]).abs().max())
+    # fp32: same weights, same math; only the summation order of expert-parallel grouping differs (~1e-6).
+    # bf16/fp16: the engine computed in low precision, this check in fp32 from the same (upcast) weights.
+    tolerance = 1e-4 * max(1.0, float(saved["logits"].abs().max())) if dtype == "fp32" else 0.25
+    if not diff <= tolerance:
+        raise CheckpointError(f"{model_dir}: exported model's logits differ from the training engine's by {diff:.3g} "
+                              f"(tolerance {tolerance:.3g}) on the probe sequence; the export is wrong, please report it")
+    return diff
+
+
+def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None, overwrite: bool = False,
+              verify: bool = True) -> dict[str, Any]:
+    """Write an HF model directory from a checkpoint; returns a summary (source, step, probe difference).
+
+    The directory appears complete or not at all (built next to ``out_dir``,
+    then renamed), and an existing non-empty ``out_dir`` is refused unless
+    ``overwrite``.
+    """
+    from .modeling import HMoEConfig
+
+    src = resolve_source(source, tag)
+    if src.kind == "hf":
+        raise CheckpointError(f"{src.path}: already an HF export; copy the directory instead")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"{out}: exists and is not empty; choose another directory or pass --force")
+    config = HMoEConfig.from_dict(src.config)
+    if config.moe["ep_size"] != 1 or config.moe["frontend"] != "moe":
+        raise CheckpointError(f"{src.path}: recorded logical config is not ep_size=1/frontend='moe'")
+    check_structure(src, config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        config.save_pretrained(str(tmp))
+        shutil.copyfile(src.weights, tmp / HF_WEIGHTS)
+        if src.tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (src.tokenizer_dir / name).is_file():
+                    shutil.copyfile(src.tokenizer_dir / name, tmp / name)
+        marker = src.marker or {}
+        summary: dict[str, Any] = {"source": str(src.path), "step": marker.get("step"),
+                                   "trained_with": {k: marker.get(k) for k in ("world_size", "zero_stage", "dtype")},
+                                   "moe_layers": marker.get("moe_layers"), "versions": marker.get("versions"),
+                                   "tokenizer": src.tokenizer_dir is not None, "probe_max_abs_diff": None}
+        if verify and src.probe is not None:
+            summary["probe_max_abs_diff"] = _probe_check(tmp, src.probe, str(marker.get("dtype", "fp32")))
+        (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hmoe_ds.export",
+        description="Export an hmoe-ds checkpoint (any ZeRO stage / EP size) as a Hugging Face model directory.")
+    parser.add_argument("source", help="run dir, its checkpoints/ dir, or one checkpoint dir (checkpoints/step_N)")
+    parser.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step_2000 (default: the newest complete checkpoint)")
+    parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip loading the export and comparing its logits with the training engine's")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = export_hf(args.source, args.out_dir, tag=args.tag, overwrite=args.force, verify=args.verify)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    diff = summary["probe_max_abs_diff"]
+    check = f"logits match the training engine (max abs diff {diff:.2e})" if diff is not None else "not verified"
+    print(f"exported {summary['source']} (step {summary['step']}) to {args.out_dir}: {check}\n"
+          f"load with: import hmoe_ds.modeling; AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r})",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(_var, "1")
+    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    sys.exit(main())

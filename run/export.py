@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Export a trained HMoE as a Hugging Face model directory (no launcher, no GPU needed).
+
+    python run/export.py outputs/quickstart exported/quickstart               # newest complete checkpoint
+    python run/export.py outputs/quickstart exported/step_200 --tag step_200
+    python run/export.py outputs/quickstart/checkpoints/step_200 exported/step_200
+
+Works for checkpoints of any ZeRO stage, expert-parallel size, placement or
+offload setting: it reads the consolidated logical model every checkpoint
+holds (hmoe_model.safetensors). The result has config.json (moe.ep_size=1,
+frontend "moe"), model.safetensors and the run's tokenizer, and loads with
+
+    import hmoe_ds.modeling
+    AutoModelForCausalLM.from_pretrained("exported/quickstart")
+
+By default the export is loaded back and its logits compared with those the
+training engine computed at save time (--no-verify skips that). It can also
+start a new run at another EP size or placement: run.init_from: <export dir>.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
+    os.environ["DS_ACCELERATOR"] = "cpu"
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if __name__ == "__main__":
+    from hmoe_ds.export import main
+
+    sys.exit(main())
