@@ -15,6 +15,8 @@ fire on every rank and no reduction waits for an expert that got no tokens
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Sequence
 
@@ -49,6 +51,17 @@ def ffn_forward(
     else:
         h_RH = F.relu(h_RH)
     return F.linear(h_RH, w2_DH)
+
+
+def _rng_untouched() -> contextlib.AbstractContextManager[None]:
+    """Run expert initialisation without advancing torch's global (CPU) RNG.
+
+    How many experts a rank builds depends on the EP size and placement; if
+    building them consumed global random numbers, every weight initialised
+    afterwards (the rest of the model) would differ between runs that differ
+    only in parallelism.
+    """
+    return torch.random.fork_rng(devices=[])
 
 
 class FFNExpert(nn.Module):
@@ -101,7 +114,8 @@ class HeteroExperts(nn.Module):
         expert_group_name: str,
     ) -> None:
         super().__init__()
-        self.deepspeed_experts = nn.ModuleList(FFNExpert(hidden_size, h, activation) for h in expert_sizes)
+        with _rng_untouched():
+            self.deepspeed_experts = nn.ModuleList(FFNExpert(hidden_size, h, activation) for h in expert_sizes)
         self.num_local_experts = len(self.deepspeed_experts)
         self.expert_group_name = expert_group_name
         self.tag_expert_parameters()
@@ -155,7 +169,8 @@ class PackedHeteroExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(1, total, hidden_size))
         self.w2 = nn.Parameter(torch.empty(1, hidden_size, total))
         self.w3 = nn.Parameter(torch.empty(1, total, hidden_size)) if self.activation.gated else None
-        self.reset_parameters()
+        with _rng_untouched():
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -301,10 +301,18 @@ class HMoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """normal(0, initializer_range) for matrices (experts included), zero biases, ones for norms."""
+        """normal(0, initializer_range) for matrices, zero biases, ones for norms; experts are left out.
+
+        Expert matrices (tagged ``allreduce=False``) are drawn per logical expert
+        by :meth:`initialize_weights`; drawing them here as well would advance
+        the global RNG by an amount that depends on how many experts this rank
+        holds, and so change every dense weight initialised after them.
+        """
         std = self.config.initializer_range
         if isinstance(module, RMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, nn.Linear) and getattr(module.weight, "allreduce", True) is False:
+            return
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:

@@ -254,14 +254,20 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def saved_run(tmp_path: Path, checkpoint: str | None = None) -> Path:
-    """An output dir as train.py leaves it: experiment.yaml (+ checkpoints/latest)."""
+def saved_run(tmp_path: Path, checkpoint: str | None = None, world_size: int = 2, complete: bool = True) -> Path:
+    """An output dir as train.py leaves it: experiment.yaml (+ a checkpoint, with its completion marker)."""
+    from hmoe_ds.checkpoint import write_latest, write_marker
+
     exp = load_experiment(tiny(tmp_path))
     exp.output_dir.mkdir(parents=True)
     (exp.output_dir / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict()), encoding="utf-8")
     if checkpoint:
-        (exp.output_dir / "checkpoints" / checkpoint).mkdir(parents=True)
-        (exp.output_dir / "checkpoints" / "latest").write_text(checkpoint)
+        tag_dir = exp.output_dir / "checkpoints" / checkpoint
+        tag_dir.mkdir(parents=True)
+        (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if complete:
+            write_marker(tag_dir, {"tag": checkpoint, "step": int(checkpoint.split("_")[-1]), "world_size": world_size})
+            write_latest(exp.output_dir / "checkpoints", checkpoint)
     return exp.output_dir
 
 
@@ -297,10 +303,21 @@ def test_foreign_non_empty_directory_is_refused(tmp_path: Path) -> None:
     assert "holds no experiment.yaml" in error_of(check_output_dir, exp, True)
 
 
+def test_interrupted_checkpoint_is_kept_but_skipped_by_resume(tmp_path: Path) -> None:
+    """A save killed before its marker: never overwritten silently, and --resume starts without it."""
+    out = saved_run(tmp_path, checkpoint="step_5", complete=False)
+    before = snapshot(out)
+    exp = load_experiment(tiny(tmp_path))
+    assert "already holds checkpoint 'step_5'" in error_of(check_output_dir, exp, False)
+    tag, notes = check_output_dir(exp, resume=True)
+    assert tag is None
+    assert any("step_5" in n and "interrupted" in n for n in notes), notes
+    assert any("no complete checkpoint" in n for n in notes), notes
+    assert snapshot(out) == before
+
+
 def test_resume_on_another_world_size_is_refused(tmp_path: Path) -> None:
-    out = saved_run(tmp_path, checkpoint="step_5")
-    for r in range(2):
-        (out / "checkpoints" / "step_5" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    saved_run(tmp_path, checkpoint="step_5", world_size=2)
     exp = load_experiment(tiny(tmp_path))
     assert "saved by 2 ranks, resumed on 4" in error_of(check_output_dir, exp, True, 4)
     assert check_output_dir(exp, True, 2)[0] == "step_5"

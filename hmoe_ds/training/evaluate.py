@@ -1,9 +1,13 @@
 """Validation loss, perplexity and routing statistics, in the trainer and in ``run/eval.py``.
 
-:func:`evaluate` runs ``max_batches`` validation micro-batches per rank through a
-DeepSpeed engine or a plain module and all-reduces the sums once at the end. Every
-rank runs the same number of batches (the minimum over ranks), because a forward
-pass with expert parallelism holds all-to-alls that every rank must join.
+:func:`evaluate` runs up to ``num_batches`` validation micro-batches per rank through a
+DeepSpeed engine or a plain module and all-reduces the sums once at the end. A
+forward pass with expert parallelism (or ZeRO-3) holds collectives that every rank
+must join, so every rank runs the same number of forwards: the *maximum* over
+ranks. A rank whose share is used up runs an uncounted filler forward instead.
+Every example is therefore counted exactly once whatever the world size, and the
+validation loss of a model does not depend on how many ranks evaluate it (up to
+floating-point summation order), which is what re-sharding relies on.
 """
 
 from __future__ import annotations
@@ -60,11 +64,19 @@ class EvalResult:
         return out
 
 
-def _count_min(value: int) -> int:
+def _count_max(value: int) -> int:
     t = torch.tensor([value], dtype=torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def _filler(batch: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Input for a forward that only joins the other ranks' collectives; its loss is not counted."""
+    if batch is not None:
+        return batch
+    ids = torch.zeros(1, 2, dtype=torch.long)  # this rank has no validation example at all (fewer than ranks)
+    return {"input_ids": ids, "labels": ids}
 
 
 @torch.no_grad()
@@ -77,23 +89,35 @@ def evaluate(
     """Mean LM loss over up to ``num_batches`` micro-batches per rank (collective when distributed).
 
     ``model`` is a DeepSpeed engine or an ``HMoEForCausalLM``; it is put in eval
-    mode and back in train mode afterwards if it was training.
+    mode and back in train mode afterwards if it was training. ``batches`` must
+    have a ``len()`` (this rank's batch count) when running distributed; every
+    rank then runs ``max`` over ranks of ``min(num_batches, len(batches))``
+    forwards, counting only its own real batches (module docstring).
     """
     module = getattr(model, "module", model)
     was_training = bool(getattr(module, "training", False))
     getattr(model, "eval")()
-    n = _count_min(min(num_batches, len(batches)) if hasattr(batches, "__len__") else num_batches)  # type: ignore[arg-type]
+    mine = min(num_batches, len(batches)) if hasattr(batches, "__len__") else num_batches  # type: ignore[arg-type]
+    n = _count_max(mine)
     routing = RoutingAccumulator()
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
     done = 0
+    iterator = iter(batches)
+    last: dict[str, torch.Tensor] | None = None
     try:
-        for batch in batches:
-            if done >= n:
-                break
+        for step in range(n):
+            real = step < mine
+            batch = next(iterator, None) if real else None
+            if batch is None:
+                real, batch = False, _filler(last)
+            last = batch
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             out = model(input_ids=input_ids, labels=labels)
+            if not real:
+                routing.track(out.routing_stats or [])
+                continue
             counted = int((labels[:, 1:] != -100).sum())  # the model shifts: position t predicts labels[t+1]
             loss_sum += out.lm_loss.detach().double().cpu() * counted
             tokens += counted

@@ -105,14 +105,22 @@ class RoutingAccumulator:
     _params: list[torch.Tensor] = field(default_factory=list)
     _sizes: list[tuple[int, ...]] = field(default_factory=list)
 
-    def update(self, routing_stats: Sequence[Any]) -> None:
-        if not routing_stats:
-            return
-        if not self._rows:
+    def track(self, routing_stats: Sequence[Any]) -> None:
+        """Allocate the (zero) sums for these MoE layers without counting anything.
+
+        A rank that ran only forwards it must not count (e.g. evaluation filler
+        batches) still has to join :meth:`reduce`'s all-reduce with the same shapes.
+        """
+        if routing_stats and not self._rows:
             self._sizes = [tuple(int(s) for s in st.expert_sizes) for st in routing_stats]
             device = routing_stats[0].tokens_per_expert.device
             self._rows = [torch.zeros(_HEAD + len(s), dtype=torch.float64, device=device) for s in self._sizes]
             self._params = [torch.tensor(st.expert_params, dtype=torch.float64, device=device) for st in routing_stats]
+
+    def update(self, routing_stats: Sequence[Any]) -> None:
+        if not routing_stats:
+            return
+        self.track(routing_stats)
         for row, params, st in zip(self._rows, self._params, routing_stats, strict=True):
             kept = st.tokens_per_expert.detach().to(torch.float64)
             row[0] += st.num_tokens
