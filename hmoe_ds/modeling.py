@@ -457,6 +457,10 @@ def _uniform_selection_rate(moe: HMoELayerConfig) -> float:
     return min(n, max(1, math.ceil(moe.top_p * n - 1e-9))) / n
 
 
+def _full_numel(param: nn.Parameter) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def parameter_summary(model_or_config: nn.Module | HMoEConfig) -> dict[str, int | float]:
     """Parameter counts: ``total_params``, ``expert_params``, ``non_expert_params``, ``activated_params_per_token``.
 
@@ -476,8 +480,10 @@ def parameter_summary(model_or_config: nn.Module | HMoEConfig) -> dict[str, int 
         from deepspeed.moe.utils import is_moe_param
 
         params = list(model_or_config.parameters())  # tied weights appear once
-        total = sum(p.numel() for p in params)
-        expert = sum(p.numel() for p in params if is_moe_param(p))
+        # Under ZeRO-3 a partitioned parameter's tensor is empty (or still gathered after a checkpoint
+        # load); ds_numel is its full size either way.
+        total = sum(_full_numel(p) for p in params)
+        expert = sum(_full_numel(p) for p in params if is_moe_param(p))
     else:
         kv_dim = config.num_key_value_heads * config.head_dim
         total = (config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d  # embeddings, head, norm

@@ -18,3 +18,28 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# --------------------------------------------------------------------------- trained runs shared by test modules
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One data cache (corpus slice, BPE tokenizer, packed dataset) for every launched run of the session."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def zero2_ep2_run(tmp_path_factory: pytest.TempPathFactory, data_cache):
+    """Uninterrupted reference: 2 ranks, ZeRO-2 + CPU offload, EP=2 balanced; checkpoints at steps 3 and 6."""
+    from .checkpoint_runs import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("zero2_ep2"), "zero2_offload", data_cache)
+
+
+@pytest.fixture(scope="session")
+def zero3_ep2_run(tmp_path_factory: pytest.TempPathFactory, data_cache):
+    """Uninterrupted reference: 2 ranks, ZeRO-3 (AutoEP front-end), EP=2 balanced; checkpoints at steps 3 and 6."""
+    from .checkpoint_runs import reference_run
+
+    return reference_run(tmp_path_factory.mktemp("zero3_ep2"), "zero3", data_cache)

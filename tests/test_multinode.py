@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_train_e2e import DS_CONFIG, EXPERIMENT, REPO, free_port
+from . import launcher
+from .launcher import BIN, DS_CONFIG, EXPERIMENT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-BIN = Path(sys.executable).parent
 STEPS = 4
 TIMEOUT = 300
 # Local runs only: shared memory between the ranks; "lo" keeps OpenMPI off eth0, which the runner would
@@ -56,33 +55,16 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def environment(cache: Path, **extra: str) -> dict[str, str]:
-    """This environment minus the venv's bin on PATH and any launcher/MPI variables, plus ``extra``."""
-    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OMPI_", "PMIX_", "PRTE_", "OPAL_"))
-           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PATH=os.pathsep.join(path or ["/usr/bin", "/bin"]), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               HMOE_DS_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    """The launcher environment minus the venv's bin on PATH and any launcher/MPI variables, plus ``extra``."""
+    env = {k: v for k, v in launcher.environment(cache, **extra).items()
+           if not k.startswith(("OMPI_", "PMIX_", "PRTE_", "OPAL_"))}
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and Path(p) != BIN]
+    env["PATH"] = os.pathsep.join(path or ["/usr/bin", "/bin"])
     return env
 
 
 def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Run in its own session; on timeout (or ever after) kill the whole group: runner, mpirun, ranks."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {TIMEOUT}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return launcher.run(cmd, env, timeout=TIMEOUT)
 
 
 def check_trained(tmp: Path, proc: subprocess.CompletedProcess) -> list[dict[str, Any]]:

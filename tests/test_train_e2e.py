@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,63 +17,15 @@ from typing import Any
 import pytest
 import yaml
 
+from .launcher import DS_CONFIG, EXPERIMENT, scalars, train
+
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-REPO = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-STEPS = 6
-
-EXPERIMENT: dict[str, Any] = {
-    "model": {
-        "vocab_size": "auto",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 64,
-        "dense_intermediate_size": 128,
-        "tie_word_embeddings": True,
-        "moe": {"expert_sizes": [32, 64, 96, 128], "routing": "top_p", "top_p": 0.6,
-                "p_penalty_coef": 0.1, "entropy_coef": 0.03},
-    },
-    "data": {"block_size": 64, "vocab_size": 512, "max_chars": 150_000},
-    "run": {"run_name": "tiny", "train_steps": STEPS, "log_every": 2, "eval_every": 3, "eval_batches": 2},
-}
-DS_CONFIG: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": 4,
-    "gradient_accumulation_steps": 2,
-    "gradient_clipping": 1.0,
-    "steps_per_print": 10**6,
-    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
-    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3, "warmup_num_steps": 2}},
-    "zero_optimization": {"stage": 2},
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+STEPS = EXPERIMENT["run"]["train_steps"]
 
 
 def launch(tmp: Path, *extra: str, ds: dict[str, Any] = DS_CONFIG, timeout: float = 150) -> subprocess.CompletedProcess:
-    (tmp / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT), encoding="utf-8")
-    (tmp / "ds.json").write_text(json.dumps(ds), encoding="utf-8")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HMOE_DS_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [str(DEEPSPEED), "--num_accelerators", "2", "--master_port", str(free_port()), "run/train.py",
-           "--config", str(tmp / "exp.yaml"), "--deepspeed_config", str(tmp / "ds.json"),
-           "--set", f"run.output_dir={tmp / 'out'}", *extra]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    out = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-    out["<images>"] = [(0, float(len(events.Tags()["images"])))]
-    return out
+    return train(tmp, *extra, ds=ds, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

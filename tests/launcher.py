@@ -1,0 +1,123 @@
+"""Start ``run/train.py`` (and other entry points) as a user would, for the end-to-end tests.
+
+Every run gets a free port, an offline environment with the CPU accelerator, a
+data cache directory, and its own process session: on a timeout, or when it
+ends, the whole group (runner, ranks, mpirun) is killed, so a hung or crashed
+test never leaves ranks behind. The tiny experiment and DeepSpeed config here
+are the one debug model the end-to-end tests share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEEPSPEED = BIN / "deepspeed"
+
+#: A tiny HMoE (2 layers, D=64, 4 unequal experts, Top-P) on a 150k-character slice of the default corpus.
+EXPERIMENT: dict[str, Any] = {
+    "model": {
+        "vocab_size": "auto",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "dense_intermediate_size": 128,
+        "tie_word_embeddings": True,
+        "moe": {"expert_sizes": [32, 64, 96, 128], "routing": "top_p", "top_p": 0.6,
+                "p_penalty_coef": 0.1, "entropy_coef": 0.03},
+    },
+    "data": {"block_size": 64, "vocab_size": 512, "max_chars": 150_000},
+    "run": {"run_name": "tiny", "train_steps": 6, "log_every": 2, "eval_every": 3, "eval_batches": 2},
+}
+DS_CONFIG: dict[str, Any] = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 2,
+    "gradient_clipping": 1.0,
+    "steps_per_print": 10**6,
+    "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01, "torch_adam": True}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 3e-3, "warmup_num_steps": 2}},
+    "zero_optimization": {"stage": 2},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(cache: Path, **extra: str) -> dict[str, str]:
+    """This environment, offline, CPU accelerator, one thread per rank, data cached in ``cache``, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HMOE_DS_CACHE=str(cache), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run in its own session; on timeout (or ever after) kill the whole group: runner, mpirun, ranks."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def write_configs(tmp: Path, experiment: dict[str, Any], ds: dict[str, Any]) -> tuple[Path, Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "exp.yaml").write_text(yaml.safe_dump(experiment), encoding="utf-8")
+    (tmp / "ds.json").write_text(json.dumps(ds), encoding="utf-8")
+    return tmp / "exp.yaml", tmp / "ds.json"
+
+
+def train(tmp: Path, *extra: str, experiment: dict[str, Any] = EXPERIMENT, ds: dict[str, Any] = DS_CONFIG,
+          ranks: int = 2, cache: Path | None = None, env: dict[str, str] | None = None,
+          timeout: float = 300) -> subprocess.CompletedProcess:
+    """``deepspeed --num_accelerators <ranks> run/train.py`` into ``tmp/out``; ``extra`` are train.py arguments."""
+    exp_file, ds_file = write_configs(tmp, experiment, ds)
+    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(free_port()), "run/train.py",
+           "--config", str(exp_file), "--deepspeed_config", str(ds_file), "--set", f"run.output_dir={tmp / 'out'}",
+           *extra]
+    return run(cmd, environment(cache or tmp / "cache", **(env or {})), timeout)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    """The tail of a run's output, for assertion messages."""
+    return proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def read_metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a TensorBoard run directory, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    out = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    out["<images>"] = [(0, float(len(events.Tags()["images"])))]
+    return out

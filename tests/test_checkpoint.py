@@ -1,0 +1,179 @@
+"""Checkpoints that survive faults: exact resume, SIGKILL during a step and during a save, bad checkpoints.
+
+Through the deepspeed launcher on 2 CPU ranks (tests/checkpoint_runs.py): a
+tiny HMoE with EP=2 and balanced placement trains 6 steps, saving at steps 3
+and 6, under ZeRO-2 + CPU offload and under ZeRO-3. A second run of the same
+experiment loses rank 1 to SIGKILL (the trainer's test hooks) and is restarted
+with ``--resume``; every step it logs must equal the uninterrupted run's
+*bitwise* (CPU, same ranks, same data order, RNG states and DeepSpeedCPUAdam's
+bias-correction state restored). Each launch is bounded in time and its whole
+process group is killed afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hmoe_ds.checkpoint import (
+    MARKER,
+    CheckpointError,
+    check_compatible,
+    find_resume_checkpoint,
+    read_latest,
+    verify_checkpoint,
+)
+
+from .checkpoint_runs import SAVE_EVERY, STEPS, Run, experiment, launch, train_losses
+from .launcher import output
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def assert_same_steps(resumed: Run, reference: Run) -> None:
+    got, want = train_losses(resumed.metrics()), train_losses(reference.metrics())
+    assert sorted(got) == list(range(1, STEPS + 1)), sorted(got)
+    for step in range(1, STEPS + 1):
+        assert got[step] == want[step], f"step {step} differs after resume"
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_sigkill_during_a_step_then_resume_is_bitwise_identical(zero2_ep2_run: Run, tmp_path: Path) -> None:
+    """ZeRO-2 + CPU offload, EP=2: rank 1 dies inside step 5; --resume continues from step 3."""
+    crashed = launch(tmp_path, "zero2_offload", zero2_ep2_run.cache,
+                     env={"HMOE_DS_TEST_KILL_DURING_STEP": "5", "HMOE_DS_TEST_KILL_RANK": "1"})
+    assert crashed.proc.returncode != 0, output(crashed.proc)
+    assert "SIGKILL during step 5" in crashed.proc.stdout + crashed.proc.stderr
+    checkpoints = crashed.out / "checkpoints"
+    assert read_latest(checkpoints) == f"step_{SAVE_EVERY}"
+    assert not (checkpoints / f"step_{STEPS}").exists()
+
+    resumed = launch(tmp_path, "zero2_offload", zero2_ep2_run.cache, "--resume")
+    assert resumed.proc.returncode == 0, output(resumed.proc)
+    assert f"resumed from {checkpoints / f'step_{SAVE_EVERY}'} at step {SAVE_EVERY}" in resumed.proc.stdout
+    assert_same_steps(resumed, zero2_ep2_run)
+    assert read_latest(checkpoints) == f"step_{STEPS}"
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly(
+        zero3_ep2_run: Run, tmp_path: Path) -> None:
+    """ZeRO-3, EP=2: rank 1 dies after DeepSpeed wrote its first file of the step-6 save."""
+    crashed = launch(tmp_path, "zero3", zero3_ep2_run.cache,
+                     env={"HMOE_DS_TEST_KILL_DURING_SAVE": str(STEPS), "HMOE_DS_TEST_KILL_RANK": "1"})
+    assert crashed.proc.returncode != 0, output(crashed.proc)
+    assert f"during the save of step {STEPS}" in crashed.proc.stdout + crashed.proc.stderr
+    checkpoints = crashed.out / "checkpoints"
+    partial = checkpoints / f"step_{STEPS}"
+    assert partial.is_dir() and not (partial / MARKER).exists()
+    assert read_latest(checkpoints) == f"step_{SAVE_EVERY}"  # never points at the incomplete save
+    info, notes = find_resume_checkpoint(checkpoints)
+    assert info is not None and info.tag == f"step_{SAVE_EVERY}"
+    assert any(f"step_{STEPS}" in note and "interrupted" in note for note in notes), notes
+    verify_checkpoint(checkpoints / f"step_{SAVE_EVERY}")  # still whole
+
+    resumed = launch(tmp_path, "zero3", zero3_ep2_run.cache, "--resume")
+    assert resumed.proc.returncode == 0, output(resumed.proc)
+    assert f"at step {SAVE_EVERY}" in resumed.proc.stdout
+    assert_same_steps(resumed, zero3_ep2_run)
+    verify_checkpoint(partial)  # re-saved whole over the interrupted directory
+
+
+def test_resume_with_other_expert_sizes_is_refused_before_training(zero2_ep2_run: Run, tmp_path: Path) -> None:
+    """One message from rank 0 naming the mismatch; the checkpoint is not touched."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(zero2_ep2_run.tmp, run_dir, ignore=shutil.ignore_patterns("cache"))
+    before = digest(run_dir / "out" / "checkpoints")
+    exp = experiment(expert_sizes=[32, 64, 96, 160])
+    exp["run"]["train_steps"] = STEPS + 2
+    proc = launch(run_dir, "zero2_offload", zero2_ep2_run.cache, "--resume", exp=exp).proc
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert text.count("this checkpoint does not fit the run") == 1, text[-3000:]  # rank 0 only
+    assert "MoE layer 0 expert_sizes: checkpoint [32, 64, 96, 128], this run [32, 64, 96, 160]" in text
+    assert "Traceback" not in text
+    assert digest(run_dir / "out" / "checkpoints") == before
+
+
+# --------------------------------------------------------------------------- damaged and foreign checkpoints
+
+
+@pytest.fixture()
+def checkpoint_copy(zero2_ep2_run: Run, tmp_path: Path) -> Path:
+    """A copy of the reference run's checkpoints/ directory to damage."""
+    target = tmp_path / "checkpoints"
+    shutil.copytree(zero2_ep2_run.out / "checkpoints", target)
+    return target
+
+
+def expert_file(tag_dir: Path) -> Path:
+    files = sorted(tag_dir.glob("layer_*_expert_*_model_states.pt"))
+    assert len(files) == 2 * 4, [p.name for p in tag_dir.iterdir()]  # 2 MoE layers x 4 experts, one file each
+    return files[0]
+
+
+def test_a_truncated_expert_file_is_named_and_never_silently_skipped(checkpoint_copy: Path) -> None:
+    victim = expert_file(checkpoint_copy / f"step_{STEPS}")
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"marked complete but damaged: truncated or changed {victim.name}"):
+        find_resume_checkpoint(checkpoint_copy)
+
+
+def test_a_missing_expert_file_is_named(checkpoint_copy: Path) -> None:
+    victim = expert_file(checkpoint_copy / f"step_{STEPS}")
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=rf"missing {victim.name}"):
+        verify_checkpoint(checkpoint_copy / f"step_{STEPS}")
+
+
+def test_foreign_and_interrupted_directories(checkpoint_copy: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "pytorch_model.bin").write_bytes(b"not ours")
+    with pytest.raises(CheckpointError, match="not an hmoe-ds checkpoint"):
+        verify_checkpoint(foreign)
+    (checkpoint_copy / f"step_{STEPS}" / MARKER).unlink()  # as if the save had been interrupted
+    with pytest.raises(CheckpointError, match="the save was interrupted"):
+        verify_checkpoint(checkpoint_copy / f"step_{STEPS}")
+    info, notes = find_resume_checkpoint(checkpoint_copy)
+    assert info is not None and info.tag == f"step_{SAVE_EVERY}" and notes
+
+
+def test_marker_records_placement_and_refuses_other_layouts(zero2_ep2_run: Run) -> None:
+    from hmoe_ds.modeling import HMoEConfig
+
+    tag_dir = zero2_ep2_run.out / "checkpoints" / f"step_{STEPS}"
+    marker = verify_checkpoint(tag_dir)
+    assert marker["world_size"] == 2 and marker["zero_stage"] == 2 and marker["step"] == STEPS
+    (layer0, layer1) = marker["moe_layers"]
+    assert layer0["ep_size"] == 2 and layer0["expert_sizes"] == [32, 64, 96, 128]
+    # balanced placement pairs the largest expert with the smallest one
+    assert sorted(map(sorted, layer0["placement"]["rank_experts"])) == [[0, 3], [1, 2]]
+    config = HMoEConfig.from_dict(marker["model_config"])
+    check_compatible(marker, tag_dir, world_size=2, model_config=config, zero_stage=2)  # fits itself
+    other = copy.deepcopy(marker["model_config"])
+    other["moe"].update(expert_sizes=[32, 64, 96, 160], placement="contiguous")
+    with pytest.raises(CheckpointError) as info:
+        check_compatible(marker, tag_dir, world_size=4, model_config=HMoEConfig.from_dict(other), zero_stage=3)
+    message = str(info.value)
+    for part in ("saved by 2 ranks, resumed on 4", "saved with ZeRO stage 2, resumed with stage 3",
+                 "expert_sizes: checkpoint [32, 64, 96, 128], this run [32, 64, 96, 160]", "placement",
+                 "run.init_from"):
+        assert part in message, message
+    json.dumps(marker)  # the marker stays plain JSON
+
+
+def test_parameter_counts_do_not_depend_on_the_zero_stage(zero2_ep2_run: Run, zero3_ep2_run: Run) -> None:
+    """ZeRO-3 partitions parameters (empty local tensors): counts must use their full size."""
+    def summary_line(run: Run) -> str:
+        return next(line for line in run.proc.stdout.splitlines() if "parameters on this rank" in line)
+
+    assert summary_line(zero3_ep2_run) == summary_line(zero2_ep2_run)
