@@ -25,12 +25,11 @@ is nearly uniform, and Top-P would then pick most experts; a trained router
 with the entropy loss is sharp). The same matrix is used for Top-K and
 DeepSpeed, so load imbalance is identical.
 
-Run: ``python -m benchmarks.bench_layer [--quick]`` or via ``benchmarks.run_all``.
+Run: ``python -m benchmarks.run_all --only layer [--quick]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 from dataclasses import dataclass
@@ -264,16 +263,3 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True, configs: lis
             "above ~10% the MoE rows are inflated more than the dense floor)",
         ],
     )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-memory", action="store_true")
-    args = parser.parse_args()
-    print(run(args.quick, args.threads, not args.no_memory).render())
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,6 @@ cost per (token x chosen expert), ``c`` the per-(token x expert) router cost.
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Any
 
@@ -226,17 +225,3 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True) -> list[Tabl
          "with a high R^2; DeepSpeed's einsum path needs the T x E x C term"],
     )
     return [per_config, fit]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-memory", action="store_true")
-    args = parser.parse_args()
-    for table in run(args.quick, args.threads, not args.no_memory):
-        print(table.render() + "\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -301,8 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(_var, "1")
-    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    from .env import configure_environment
+
+    configure_environment()
     sys.exit(main())

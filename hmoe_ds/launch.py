@@ -32,10 +32,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-# As run/train.py: CPU accelerator when no GPU is visible, for the ranks started below (this process's
-# DeepSpeed may already have auto-detected the same through `import hmoe_ds`).
-if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
-    os.environ["DS_ACCELERATOR"] = "cpu"
+from .env import configure_environment
+
+# As run/train.py, before DeepSpeed is imported: CPU accelerator when no CUDA device exists, hubs offline;
+# the ranks started below inherit it.
+configure_environment()
 
 __all__ = ["LaunchError", "main", "world_size"]
 

@@ -9,7 +9,10 @@
 Prints a table (token fraction per expert per MoE layer, experts per token,
 activated parameters per token) and writes it all as JSON (default
 <run>/eval_<tag>.json or <hf_dir>/eval.json). The data (validation split) comes
-from the run's saved experiment.yaml, or --config.
+from the checkpoint's saved experiment, or --config. Any checkpoint (any ZeRO
+stage, expert-parallel size or placement) evaluates on any number of processes:
+the model is rebuilt from the checkpoint's consolidated weights with every
+expert on every rank, and ranks split the validation set.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     rank = int(os.environ.get("RANK", "0"))
-    from hmoe_ds.training.evaluate import resolve_target, run_evaluation
+    from hmoe_ds.training.evaluate import run_evaluation
     from hmoe_ds.training.experiment import ExperimentError
     from hmoe_ds.training.trainer import quiet_deepspeed
 
@@ -50,9 +53,9 @@ def main() -> int:
     import torch.distributed as dist
 
     try:
-        target = resolve_target(args.path, args.tag)
         deepspeed.init_distributed()
-        run_evaluation(target, args.config, [s for group in args.set for s in group], args.eval_batches, args.output)
+        run_evaluation(args.path, args.tag, args.config, [s for group in args.set for s in group], args.eval_batches,
+                       args.output)
         return 0
     except ExperimentError as exc:
         if rank == 0:

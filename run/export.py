@@ -20,14 +20,12 @@ start a new run at another EP size or placement: run.init_from: <export dir>.
 
 from __future__ import annotations
 
-import os
 import sys
 
-if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidia0"):
-    os.environ["DS_ACCELERATOR"] = "cpu"
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from hmoe_ds.env import configure_environment
+
+# Before DeepSpeed is imported: CPU accelerator without CUDA, hubs offline (as run/env.sh).
+configure_environment()
 
 if __name__ == "__main__":
     from hmoe_ds.export import main

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart: set up (idempotent), train a small HMoE on 2 CPU ranks through the deepspeed
-# launcher (~10 minutes on a 2-core machine, first-time set-up and data building included
-# in the < 15 min), evaluate it, and say where the TensorBoard logs and the checkpoint are.
+# launcher (~5 minutes on a 2-core machine, plus a first-time set-up), evaluate it, and say
+# where the TensorBoard logs, the checkpoint and the evaluation are.
 #
 #   run/quickstart.sh                         # outputs/quickstart
 #   OUT=outputs/qs2 run/quickstart.sh         # another output directory
@@ -42,4 +42,5 @@ cat <<MSG
   checkpoint:   $out/checkpoints/$(cat "$out/checkpoints/latest")  (DeepSpeed; resume with --resume)
   experiment:   $out/experiment.yaml, $out/ds_config.json
   evaluation:   $out/eval_$(cat "$out/checkpoints/latest").json
+  export:       .venv/bin/python run/export.py $out exported/$(basename "$out")   (Hugging Face format)
 MSG

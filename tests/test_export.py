@@ -126,3 +126,25 @@ def test_init_from_a_model_with_other_expert_sizes_is_refused(zero2_export: Path
     text = proc.stdout + proc.stderr
     assert text.count("moe.expert_sizes: source [32, 64, 96, 128], this model [32, 64, 96, 160]") == 1, text[-3000:]
     assert "Traceback" not in text
+
+
+def eval_cli(path: Path, cache: Path, *extra: str) -> dict:
+    out = path.parent / f"eval_{path.name}_{len(extra)}.json"
+    proc = subprocess.run([sys.executable, "run/eval.py", str(path), "--output", str(out), *extra], cwd=REPO,
+                          env=environment(cache), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, output(proc)
+    assert "token fraction per expert" in proc.stdout and "activated params per token" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_eval_of_a_zero3_expert_parallel_checkpoint_in_one_process(zero3_ep2_run: Run) -> None:
+    """Trained on 2 ranks with EP=2 under ZeRO-3; evaluated by one process: the training run's final loss."""
+    result = eval_cli(zero3_ep2_run.out, zero3_ep2_run.cache)
+    assert result["step"] == STEPS
+    assert result["loss"] == pytest.approx(val_loss(zero3_ep2_run.metrics(), STEPS), rel=RTOL)
+    assert [layer["expert_sizes"] for layer in result["moe_layers"]] == [[32, 64, 96, 128]] * 2
+
+
+def test_eval_of_an_hf_export(zero2_export: Path, zero2_ep2_run: Run) -> None:
+    result = eval_cli(zero2_export, zero2_ep2_run.cache, "--config", str(zero2_ep2_run.out / "experiment.yaml"))
+    assert result["loss"] == pytest.approx(val_loss(zero2_ep2_run.metrics(), STEPS), rel=RTOL)

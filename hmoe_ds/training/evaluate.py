@@ -168,96 +168,70 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- run/eval.py
 
 
-@dataclass
-class EvalTarget:
-    """What ``run/eval.py`` was pointed at: a training run's DeepSpeed checkpoint or an exported HF model."""
-
-    kind: str  # "deepspeed" or "hf"
-    run_dir: Path | None  # the training run (experiment.yaml, ds_config.json)
-    checkpoint_dir: Path | None  # <run>/checkpoints
-    tag: str | None
-    model_dir: Path | None  # HF export
+def _micro_batch(run_dir: Path | None) -> int:
+    """The training micro-batch size (from the run's ds_config.json), else 8."""
+    ds_json = run_dir / "ds_config.json" if run_dir is not None else None
+    if ds_json is not None and ds_json.is_file():
+        return int(json.loads(ds_json.read_text(encoding="utf-8")).get("train_micro_batch_size_per_gpu", 8))
+    return 8
 
 
-def resolve_target(path: str | Path, tag: str | None = None) -> EvalTarget:
-    """Accept a run dir, its checkpoints/ dir, one checkpoint tag dir, or an HF model dir."""
-    from .experiment import ExperimentError
+def run_evaluation(path: str | Path, tag: str | None, config: str | None, overrides: list[str],
+                   eval_batches: int | None, output: str | None) -> dict[str, Any]:
+    """Evaluate a checkpoint or an HF export on its experiment's validation split; print + write JSON on rank 0.
 
-    path = Path(path)
-    if (path / "config.json").is_file() and not (path / "experiment.yaml").is_file():
-        return EvalTarget("hf", None, None, None, path)
-    candidates = [(path, None), (path.parent, None), (path.parent.parent, path.name)]
-    for run_dir, implied_tag in candidates:
-        ckpt = run_dir / "checkpoints"
-        if (run_dir / "experiment.yaml").is_file() and ckpt.is_dir():
-            chosen = tag or implied_tag or _read_latest(ckpt)
-            if chosen is None or not (ckpt / chosen).is_dir():
-                have = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
-                raise ExperimentError(f"{ckpt}: no checkpoint {chosen!r}; available: {', '.join(have) or 'none'}")
-            return EvalTarget("deepspeed", run_dir, ckpt, chosen, None)
-    raise ExperimentError(
-        f"{path}: neither a training run (experiment.yaml + checkpoints/) nor an exported HF model (config.json)"
-    )
-
-
-def _read_latest(ckpt: Path) -> str | None:
-    latest = ckpt / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
-
-
-def _eval_ds_config(run_dir: Path, world_size: int) -> dict[str, Any]:
-    """The run's DeepSpeed config reduced to what inference needs (no optimizer, no ZeRO, no TensorBoard)."""
-    cfg = json.loads((run_dir / "ds_config.json").read_text(encoding="utf-8"))
-    micro = int(cfg.get("train_micro_batch_size_per_gpu", 8))
-    keep = {k: cfg[k] for k in ("fp16", "bf16") if k in cfg}
-    return {**keep, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-            "train_batch_size": micro * world_size, "steps_per_print": 10**9}
-
-
-def run_evaluation(target: EvalTarget, config: str | None, overrides: list[str], eval_batches: int | None,
-                   output: str | None) -> dict[str, Any]:
-    """Evaluate ``target`` on the validation split of its experiment's data; print + write JSON on rank 0."""
+    ``path`` is anything :func:`hmoe_ds.export.resolve_source` accepts (a run, its
+    ``checkpoints/``, one checkpoint, an HF export). The model is rebuilt from the
+    checkpoint's consolidated *logical* weights, with every expert on every rank
+    (``ep_size=1``), so a checkpoint of any ZeRO stage, EP size or placement
+    evaluates on any number of processes; ranks split the validation set. The
+    data come from ``config``, else the checkpoint's own experiment (an HF export
+    needs ``config``). Collective when distributed.
+    """
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
+    from hmoe_ds.checkpoint import EXPERIMENT_FILE
     from hmoe_ds.data import EvalBatchIterator, build_lm_datasets
-    from hmoe_ds.modeling import parameter_summary
+    from hmoe_ds.export import load_logical_weights, resolve_source
+    from hmoe_ds.modeling import HMoEConfig, HMoEForCausalLM, parameter_summary
 
     from .experiment import ExperimentError, load_experiment
-    from .trainer import _rank0_first, build_engine
+    from .trainer import _rank0_first
 
-    exp_path = Path(config) if config else (target.run_dir or target.model_dir or Path(".")) / "experiment.yaml"
+    source = resolve_source(path, tag)
+    run_dir = source.path.parent.parent if source.kind == "checkpoint" else None
+    default_experiment = source.path / (EXPERIMENT_FILE if source.kind == "checkpoint" else "experiment.yaml")
+    exp_path = Path(config) if config else default_experiment
     if not exp_path.is_file():
         raise ExperimentError(f"{exp_path}: not found; pass --config <experiment.yaml> to say which data to use")
     exp = load_experiment(exp_path, overrides)
-    if target.kind == "hf" and exp.data.get("tokenizer") is None and (target.model_dir / "tokenizer.json").is_file():
-        exp.data["tokenizer"] = str(target.model_dir)  # the export's own tokenizer
+    if source.kind == "hf" and exp.data.get("tokenizer") is None and source.tokenizer_dir is not None:
+        exp.data["tokenizer"] = str(source.tokenizer_dir)  # the export's own tokenizer
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
-    if target.kind == "deepspeed":
-        assert target.run_dir is not None and target.checkpoint_dir is not None
-        ds_config = _eval_ds_config(target.run_dir, world)
-        engine, _ = build_engine(exp, ds_config, len(data.tokenizer), training=False)
-        engine.load_checkpoint(str(target.checkpoint_dir), tag=target.tag, load_module_only=True,
-                               load_optimizer_states=False, load_lr_scheduler_states=False)
-        model, device, micro = engine, engine.device, ds_config["train_micro_batch_size_per_gpu"]
-        module = engine.module
-        default_out = target.run_dir / f"eval_{target.tag}.json"
-    else:
-        import hmoe_ds.modeling  # noqa: F401  (registers the hmoe model type with the Auto classes)
-        from transformers import AutoModelForCausalLM
-
-        module = AutoModelForCausalLM.from_pretrained(str(target.model_dir))
-        model, device, micro = module, "cpu", 8
-        default_out = target.model_dir / "eval.json"
-    loader = EvalBatchIterator(data.validation, micro, rank=rank, world_size=world)
+    model_config = HMoEConfig.from_dict(source.config)
+    if len(data.tokenizer) > model_config.vocab_size:
+        raise ExperimentError(f"{exp_path}: its tokenizer has {len(data.tokenizer)} tokens but the model "
+                              f"{source.describe()} only {model_config.vocab_size}; evaluate with the experiment "
+                              "the model was trained with (--config)")
+    model = HMoEForCausalLM(model_config)
+    load_logical_weights(model, source)
+    device = get_accelerator().current_device_name()
+    model.to(device)
+    loader = EvalBatchIterator(data.validation, _micro_batch(run_dir), rank=rank, world_size=world)
     result = evaluate(model, loader, eval_batches or len(loader), device)
-    non_expert = int(parameter_summary(module)["non_expert_params"])
-    payload = {"target": str(target.checkpoint_dir / target.tag if target.kind == "deepspeed" else target.model_dir),
-               **result.to_dict(non_expert)}
+    non_expert = int(parameter_summary(model)["non_expert_params"])
+    payload = {"target": str(source.path), "step": (source.marker or {}).get("step"), **result.to_dict(non_expert)}
     if rank == 0:
         print(format_routing_table(result, non_expert), flush=True)
-        out_path = Path(output) if output else default_out
+        if output:
+            out_path = Path(output)
+        elif run_dir is not None:
+            out_path = run_dir / f"eval_{source.path.name}.json"
+        else:
+            out_path = source.path / "eval.json"
         write_json(out_path, payload)
         print(f"wrote {out_path}", flush=True)
     return payload
