@@ -57,6 +57,7 @@ __all__ = [
     "MODEL_FILE",
     "PROBE_FILE",
     "consolidated_state_dict",
+    "checkpoint_info",
     "find_resume_checkpoint",
     "logical_config",
     "logical_expert_key",
@@ -64,6 +65,7 @@ __all__ = [
     "moe_layer_records",
     "read_latest",
     "read_marker",
+    "set_aside_newer_checkpoints",
     "tag_for",
     "verify_checkpoint",
     "write_latest",
@@ -545,6 +547,39 @@ def find_resume_checkpoint(checkpoint_dir: Path) -> tuple[CheckpointInfo | None,
         notes.append(f"{checkpoint_dir / LATEST} names {latest!r}, but the newest complete checkpoint is "
                      f"{best.tag!r}; using {best.tag!r}")
     return best, notes
+
+
+def checkpoint_info(checkpoint_dir: Path, tag: str) -> CheckpointInfo:
+    """The complete checkpoint ``tag`` under ``checkpoint_dir``; a :class:`CheckpointError` names what is wrong."""
+    path = Path(checkpoint_dir) / tag
+    if not path.is_dir():
+        have = has_checkpoint_dirs(checkpoint_dir)
+        raise CheckpointError(f"{checkpoint_dir}: no checkpoint {tag!r}; available: {', '.join(have) or 'none'}")
+    marker = verify_checkpoint(path)
+    return CheckpointInfo(tag, path, int(marker["step"]), marker)
+
+
+def set_aside_newer_checkpoints(checkpoint_dir: Path, step: int) -> list[str]:
+    """Rank 0, resuming from ``step``: move every later checkpoint directory out of ``checkpoint_dir``.
+
+    Resuming from an older checkpoint starts a new branch of the run; the old
+    branch's later checkpoints left in place would make a later ``--resume``
+    (newest complete checkpoint) jump back onto that branch. They go to
+    ``<run>/checkpoints_set_aside/<time>/`` (nothing is deleted), and ``latest``
+    names ``step``'s checkpoint. Returns a note per directory moved.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    newer = [p for p in _tag_dirs(checkpoint_dir) if (_step_of(p) or 0) > step]
+    if not newer:
+        return []
+    target = checkpoint_dir.parent / "checkpoints_set_aside" / time.strftime("%Y%m%d-%H%M%S")
+    target.mkdir(parents=True, exist_ok=True)
+    notes = []
+    for path in sorted(newer, key=lambda p: _step_of(p) or 0):
+        os.replace(path, target / path.name)
+        notes.append(f"moved {path.name} (after the resumed step {step}) to {target / path.name}")
+    write_latest(checkpoint_dir, tag_for(step))
+    return notes
 
 
 def has_checkpoint_dirs(checkpoint_dir: Path) -> list[str]:

@@ -88,7 +88,7 @@ def _check_experiment(user_args: Sequence[str], world: int) -> None:
     parser.add_argument("--config")
     parser.add_argument("--deepspeed_config")
     parser.add_argument("--set", nargs="+", action="append", default=[])
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None)
     known, _ = parser.parse_known_args(list(user_args))
     if known.config is None:
         return  # not run/train.py (or no experiment): nothing more to check here

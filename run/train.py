@@ -2,7 +2,7 @@
 """Train an HMoE causal LM on DeepSpeed.
 
     deepspeed --num_accelerators 2 run/train.py --config run/configs/quickstart.yaml \\
-        --deepspeed_config ds_configs/cpu_default.json [--set run.train_steps=500 ...] [--resume]
+        --deepspeed_config ds_configs/cpu_default.json [--set run.train_steps=500 ...] [--resume [TAG]]
 
 The experiment YAML says what to train (model, data, run); the DeepSpeed JSON
 says how to optimise it. The logic lives in ``hmoe_ds.training``.
@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
         help="override experiment keys, e.g. --set run.train_steps=200 model.moe.top_p=0.5 (values parsed as YAML)",
     )
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in run.output_dir from its latest checkpoint (settings may differ)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|TAG",
+                        help="continue the run in run.output_dir: from its newest complete checkpoint (no value, or "
+                             "auto), or from checkpoint TAG (e.g. step_400; later checkpoints are moved aside); "
+                             "settings may differ")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     return deepspeed.add_config_arguments(parser)
 

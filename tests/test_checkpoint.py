@@ -87,6 +87,20 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resumes_exactly
     verify_checkpoint(partial)  # re-saved whole over the interrupted directory
 
 
+def test_resume_from_a_named_older_checkpoint_branches_exactly(zero2_ep2_run: Run, tmp_path: Path) -> None:
+    """--resume step_3 on a finished run: steps 4-6 again, bit for bit; the old step_6 is set aside, not lost."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(zero2_ep2_run.tmp, run_dir, ignore=shutil.ignore_patterns("cache"))
+    old_final = digest(run_dir / "out" / "checkpoints" / f"step_{STEPS}")
+    resumed = launch(run_dir, "zero2_offload", zero2_ep2_run.cache, "--resume", f"step_{SAVE_EVERY}")
+    assert resumed.proc.returncode == 0, output(resumed.proc)
+    assert f"at step {SAVE_EVERY}" in resumed.proc.stdout and "moved step_6" in resumed.proc.stderr
+    assert_same_steps(resumed, zero2_ep2_run)
+    (aside,) = list((run_dir / "out" / "checkpoints_set_aside").iterdir())
+    assert digest(aside / f"step_{STEPS}") == old_final
+    assert read_latest(run_dir / "out" / "checkpoints") == f"step_{STEPS}"
+
+
 def test_resume_with_other_expert_sizes_is_refused_before_training(zero2_ep2_run: Run, tmp_path: Path) -> None:
     """One message from rank 0 naming the mismatch; the checkpoint is not touched."""
     run_dir = tmp_path / "copy"

@@ -321,3 +321,46 @@ def test_resume_on_another_world_size_is_refused(tmp_path: Path) -> None:
     exp = load_experiment(tiny(tmp_path))
     assert "saved by 2 ranks, resumed on 4" in error_of(check_output_dir, exp, True, 4)
     assert check_output_dir(exp, True, 2)[0] == "step_5"
+
+
+def add_checkpoint(out: Path, step: int, complete: bool = True) -> Path:
+    from hmoe_ds.checkpoint import write_latest, write_marker
+
+    tag_dir = out / "checkpoints" / f"step_{step}"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    if complete:
+        write_marker(tag_dir, {"tag": tag_dir.name, "step": step, "world_size": 2})
+        write_latest(out / "checkpoints", tag_dir.name)
+    return tag_dir
+
+
+def test_resume_from_a_named_checkpoint(tmp_path: Path) -> None:
+    out = saved_run(tmp_path, checkpoint="step_5")
+    add_checkpoint(out, 10)
+    add_checkpoint(out, 15, complete=False)
+    exp = load_experiment(tiny(tmp_path))
+    assert check_output_dir(exp, "auto", 2)[0] == "step_10"
+    assert check_output_dir(exp, True, 2)[0] == "step_10"
+    assert check_output_dir(exp, "step_5", 2)[0] == "step_5"
+    assert "no checkpoint 'step_7'; available: step_10, step_15, step_5" in error_of(check_output_dir, exp, "step_7", 2)
+    assert "no hmoe_complete.json: the save was interrupted" in error_of(check_output_dir, exp, "step_15", 2)
+    fresh = load_experiment(tiny(tmp_path), ["run.output_dir=" + str(tmp_path / "new")])
+    assert "holds no run" in error_of(check_output_dir, fresh, "step_5", 2)
+
+
+def test_branching_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path: Path) -> None:
+    """Nothing deleted; a later plain --resume finds the new branch, not the abandoned one."""
+    from hmoe_ds.checkpoint import find_resume_checkpoint, read_latest, set_aside_newer_checkpoints
+
+    out = saved_run(tmp_path, checkpoint="step_5")
+    later = [add_checkpoint(out, 10), add_checkpoint(out, 15, complete=False)]
+    before = {p.name: snapshot(p) for p in later}
+    notes = set_aside_newer_checkpoints(out / "checkpoints", 5)
+    assert len(notes) == 2 and "step_10" in notes[0] and "step_15" in notes[1]
+    (moved_to,) = list((out / "checkpoints_set_aside").iterdir())
+    assert {p.name: snapshot(p) for p in moved_to.iterdir()} == before
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_5"]
+    assert read_latest(out / "checkpoints") == "step_5"
+    assert find_resume_checkpoint(out / "checkpoints")[0].tag == "step_5"
+    assert set_aside_newer_checkpoints(out / "checkpoints", 5) == []

@@ -31,6 +31,7 @@ import yaml
 
 from hmoe_ds.checkpoint import (
     PROBE_TOKENS,
+    checkpoint_info,
     find_resume_checkpoint,
     has_checkpoint_dirs,
     maybe_kill_during_step,
@@ -86,10 +87,11 @@ class TrainPlan:
     ds_path: Path
     ds_config: dict[str, Any]  # effective: batch triple spelled out, TensorBoard filled in
     warnings: list[str]
-    resume: bool
+    resume: str | None  # None, "auto" (newest complete checkpoint) or a checkpoint tag
 
 
-def plan_run(config: str, ds_path: str | None, overrides: list[str], resume: bool, world_size: int) -> TrainPlan:
+def plan_run(config: str, ds_path: str | None, overrides: list[str], resume: str | None,
+             world_size: int) -> TrainPlan:
     """Read and cross-check the experiment and the DeepSpeed JSON (no side effects)."""
     if not ds_path:
         raise ExperimentError("--deepspeed_config is required, e.g. --deepspeed_config ds_configs/cpu_default.json")
@@ -117,15 +119,23 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return read_latest(output_dir / CHECKPOINTS)
 
 
-def check_output_dir(exp: Experiment, resume: bool, world_size: int | None = None) -> tuple[str | None, list[str]]:
+def check_output_dir(exp: Experiment, resume: str | bool | None,
+                     world_size: int | None = None) -> tuple[str | None, list[str]]:
     """Decide what the output directory allows: (checkpoint tag to resume from, notes). Writes nothing.
 
+    ``resume``: ``None``/``False`` = a new run; ``"auto"``/``True`` = the newest
+    complete checkpoint, or from scratch when there is none; any other string
+    names the checkpoint to resume from, which must exist and be complete.
     A directory holding a different experiment, or checkpoints of this one, is
-    an error unless ``--resume``; so is a non-empty directory that is no run.
+    an error unless resuming; so is a non-empty directory that is no run.
     """
+    resume = "auto" if resume is True else (resume or None)
     out = exp.output_dir
     notes: list[str] = []
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        if resume not in (None, "auto"):
+            raise ExperimentError(f"--resume {resume}: run.output_dir={out} holds no run; pass --resume (newest "
+                                  "checkpoint) or point run.output_dir at the run to continue")
         if resume:
             notes.append(f"--resume: {out} holds no run yet; starting from scratch")
         return None, notes
@@ -159,8 +169,11 @@ def check_output_dir(exp: Experiment, resume: bool, world_size: int | None = Non
             f"{exp.source}: run.output_dir={out} already holds checkpoint '{name}' of this run. Pass --resume to "
             "continue from it, or choose another run.output_dir"
         )
-    info, skipped = find_resume_checkpoint(checkpoints) if resume else (None, [])
-    notes.extend(f"--resume: {note}" for note in skipped)
+    if resume == "auto":
+        info, skipped = find_resume_checkpoint(checkpoints)
+        notes.extend(f"--resume: {note}" for note in skipped)
+    else:
+        info = checkpoint_info(checkpoints, resume) if resume else None
     saved_ranks = int(info.marker.get("world_size", 0)) if info else 0
     if info and saved_ranks and world_size and saved_ranks != world_size:
         raise ExperimentError(
@@ -331,6 +344,11 @@ def _prepare_output_dir(plan: TrainPlan) -> str | None:
     """Rank 0: check the directory, then write experiment.yaml and ds_config.json. Returns the resume tag."""
     exp = plan.exp
     tag, notes = check_output_dir(exp, plan.resume, _world_size())
+    if tag is not None:  # a branch from an older checkpoint must not leave the old branch's later ones in place
+        from hmoe_ds.checkpoint import set_aside_newer_checkpoints
+
+        step = checkpoint_info(exp.output_dir / CHECKPOINTS, tag).step
+        notes += [f"--resume {tag}: {note}" for note in set_aside_newer_checkpoints(exp.output_dir / CHECKPOINTS, step)]
     for line in plan.warnings + notes:
         print(f"warning: {line}", file=sys.stderr, flush=True)
     exp.output_dir.mkdir(parents=True, exist_ok=True)
@@ -362,8 +380,8 @@ def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, ta
                          zero_stage=int(zero.get("stage", 0) if isinstance(zero, dict) else zero))
         dropped = truncate_metrics(exp.output_dir / "metrics.jsonl", int(marker["step"]))
         if dropped:
-            print(f"warning: dropped {dropped} metrics.jsonl record(s) after step {marker['step']}, written by the "
-                  "interrupted run; they are computed again", file=sys.stderr, flush=True)
+            print(f"warning: dropped {dropped} metrics.jsonl record(s) after step {marker['step']} (the steps this "
+                  "run computes again)", file=sys.stderr, flush=True)
         if exp.run.init_from:
             print(f"warning: run.init_from={exp.run.init_from} ignored: resuming from {tag_dir}", file=sys.stderr,
                   flush=True)
