@@ -30,16 +30,20 @@ from hmoe_ds.checkpoint import (
 )
 
 from .checkpoint_runs import SAVE_EVERY, STEPS, Run, experiment, launch, train_losses
-from .launcher import output
+from .launcher import output, scalars
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 def assert_same_steps(resumed: Run, reference: Run) -> None:
+    """metrics.jsonl: every step once, equal to the reference bitwise; TensorBoard: every step once."""
     got, want = train_losses(resumed.metrics()), train_losses(reference.metrics())
     assert sorted(got) == list(range(1, STEPS + 1)), sorted(got)
     for step in range(1, STEPS + 1):
         assert got[step] == want[step], f"step {step} differs after resume"
+    board = scalars(resumed.out / "tensorboard" / "tiny")  # the crashed branch's points are purged
+    assert [step for step, _ in board["train/lm_loss"]] == list(range(1, STEPS + 1))
+    assert [value for _, value in board["train/lm_loss"]] == pytest.approx([got[s]["train/lm_loss"] for s in got])
 
 
 def digest(path: Path) -> dict[str, str]:

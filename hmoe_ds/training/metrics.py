@@ -45,6 +45,7 @@ __all__ = [
     "RoutingAccumulator",
     "TrainAccumulator",
     "ep_load_scalars",
+    "purge_tensorboard_after",
     "expert_load_figure",
     "format_postfix",
     "read_jsonl",
@@ -265,6 +266,21 @@ def ep_load_scalars(
             if ratio is not None:
                 scalars[f"{prefix}/layer_{i}/ep_{name}_imbalance"] = ratio
     return scalars
+
+
+def purge_tensorboard_after(tb_dir: Path, step: int) -> None:
+    """Make TensorBoard drop the points a crashed or abandoned run logged after ``step``.
+
+    Writes a ``SessionLog.START`` event at ``step + 1`` (``SummaryWriter(purge_step=...)``):
+    TensorBoard's reader then discards every event of the directory read before it
+    with a step >= ``step + 1``, across all tags. It must be the first new event
+    file of the directory, so call it before the resumed run creates any writer
+    (DeepSpeed's monitor is created in ``deepspeed.initialize``).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    Path(tb_dir).mkdir(parents=True, exist_ok=True)
+    SummaryWriter(str(tb_dir), purge_step=step + 1).close()
 
 
 def expert_load_figure(loads: Sequence[LayerLoad], title: str = "") -> Any:

@@ -378,6 +378,11 @@ def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, ta
         zero = ds_config.get("zero_optimization") or {}
         check_compatible(marker, tag_dir, world_size=_world_size(), model_config=model_cfg,
                          zero_stage=int(zero.get("stage", 0) if isinstance(zero, dict) else zero))
+        tb_dir = tensorboard_dir(ds_config)
+        if tb_dir is not None and tb_dir.is_dir():  # TensorBoard's twin of the truncation below
+            from .metrics import purge_tensorboard_after
+
+            purge_tensorboard_after(tb_dir, int(marker["step"]))
         dropped = truncate_metrics(exp.output_dir / "metrics.jsonl", int(marker["step"]))
         if dropped:
             print(f"warning: dropped {dropped} metrics.jsonl record(s) after step {marker['step']} (the steps this "
