@@ -116,11 +116,13 @@ def gate_forward_steps(hmoe: nn.Module, ds: nn.Module, x: torch.Tensor) -> dict[
     block = hmoe.deepspeed_moe
     sizes_E = L.normalized_expert_sizes(block.config.expert_sizes, device=x.device)
 
+    @torch.no_grad()
     def hmoe_gate() -> None:
         r = route(block.gate(x), method="top_k", top_k=2)
         L.p_penalty_loss(probs_TE=r.probs_TE, mask_TE=r.mask_TE, expert_sizes_E=sizes_E)
         plan_dispatch(r, capacity=None)
 
+    @torch.no_grad()
     def ds_gate() -> None:
         ds.deepspeed_moe.gate(x, None, True)  # as MOELayer.forward calls it (sparse routes)
 
@@ -164,8 +166,7 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True) -> list[Tabl
         k_top_p = modules["HMoE top-p"].last_stats.experts_per_token
         capacity = max(MIN_CAPACITY, math.ceil(CAPACITY_FACTOR * 2 * tokens / experts))
         steps = {c: make_step(m, x, g) for c, m in modules.items()}
-        with torch.no_grad():
-            steps.update(gate_forward_steps(modules["HMoE top-k"], modules["DS MOELayer"], x.detach()))
+        steps.update(gate_forward_steps(modules["HMoE top-k"], modules["DS MOELayer"], x.detach()))
         times = time_interleaved(steps, device, warmup=warmup, repeats=repeats)
         del modules, steps
         chosen = {"HMoE top-k": 2.0, "HMoE top-p": k_top_p, "DS MOELayer": 2.0, "DS einsum": 2.0}

@@ -27,6 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from hmoe_ds.env import configure_environment
+from hmoe_ds.training.metrics import read_jsonl
+
 from .common import Table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,12 +62,12 @@ def launch(out_dir: Path, steps: int, log_every: int, ep_size: int, expert_sizes
     ]
     cmd = [str(deepspeed), "--num_accelerators", "2", "--master_port", str(_free_port()), str(TRAIN),
            "--config", str(CONFIG), "--deepspeed_config", str(DS_CONFIG), "--set", *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    configure_environment()  # CPU accelerator without CUDA, offline hubs (as run/env.sh)
+    env = dict(os.environ)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"training run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_jsonl(out_dir / "metrics.jsonl")
     train = [r for r in records if "perf/tokens_per_s" in r]
     if len(train) < 2:
         raise RuntimeError(f"{out_dir}/metrics.jsonl has {len(train)} throughput points; raise --steps")

@@ -519,30 +519,41 @@ def _step_of(path: Path) -> int | None:
     return int(rest) if rest.isdigit() else None
 
 
+def _saved_step(path: Path) -> int:
+    """The step a checkpoint directory holds: its marker's, else its ``step_<n>`` name's, else 0."""
+    try:
+        return int(read_marker(path)["step"])
+    except (CheckpointError, KeyError, ValueError):
+        return _step_of(path) or 0
+
+
 def find_resume_checkpoint(checkpoint_dir: Path) -> tuple[CheckpointInfo | None, list[str]]:
     """The newest complete checkpoint under ``checkpoint_dir`` and notes on every directory skipped.
 
     Directories without a marker (an interrupted save, or not ours) are skipped
-    with a note; a directory *with* a marker but missing files raises, because
-    falling back silently would discard steps the user believes are saved.
+    with a note. The chosen (newest marked) checkpoint must be whole: if it lost
+    a file this raises, because falling back silently would discard steps the
+    user believes are saved. Older checkpoints are not read, so pruning files
+    from them (to free disk) never blocks a resume.
     ``latest`` is only a hint: a crash between marker and pointer leaves it one
     checkpoint behind, and the newest marker wins.
     """
     checkpoint_dir = Path(checkpoint_dir)
     found: list[CheckpointInfo] = []
     notes: list[str] = []
-    for path in sorted(_tag_dirs(checkpoint_dir), key=lambda p: (_step_of(p) is None, _step_of(p) or 0, p.name)):
+    for path in _tag_dirs(checkpoint_dir):
         try:
             marker = read_marker(path)
         except CheckpointError as exc:
             notes.append(f"ignoring {exc}")
             continue
-        verify_checkpoint(path)
         found.append(CheckpointInfo(path.name, path, int(marker["step"]), marker))
-    latest = read_latest(checkpoint_dir)
+    notes.sort()
     if not found:
         return None, notes
-    best = max(found, key=lambda info: info.step)
+    best = max(found, key=lambda info: (info.step, info.tag))
+    verify_checkpoint(best.path)
+    latest = read_latest(checkpoint_dir)
     if latest is not None and latest != best.tag:
         notes.append(f"{checkpoint_dir / LATEST} names {latest!r}, but the newest complete checkpoint is "
                      f"{best.tag!r}; using {best.tag!r}")
@@ -569,13 +580,13 @@ def set_aside_newer_checkpoints(checkpoint_dir: Path, step: int) -> list[str]:
     names ``step``'s checkpoint. Returns a note per directory moved.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    newer = [p for p in _tag_dirs(checkpoint_dir) if (_step_of(p) or 0) > step]
+    newer = [p for p in _tag_dirs(checkpoint_dir) if _saved_step(p) > step]
     if not newer:
         return []
     target = checkpoint_dir.parent / "checkpoints_set_aside" / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
     notes = []
-    for path in sorted(newer, key=lambda p: _step_of(p) or 0):
+    for path in sorted(newer, key=_saved_step):
         os.replace(path, target / path.name)
         notes.append(f"moved {path.name} (after the resumed step {step}) to {target / path.name}")
     write_latest(checkpoint_dir, tag_for(step))

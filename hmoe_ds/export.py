@@ -43,6 +43,7 @@ from .checkpoint import (
     _mixin_host,
     _moe_layers,
     _expert_weight_names,
+    checkpoint_info,
     find_resume_checkpoint,
     logical_dense_key,
     logical_expert_key,
@@ -104,9 +105,13 @@ def resolve_source(path: str | Path, tag: str | None = None) -> WeightsSource:
         if not (path / HF_WEIGHTS).is_file():
             raise CheckpointError(f"{path}: has config.json but no {HF_WEIGHTS}; only single-file safetensors "
                                   "exports (as written by run/export.py) are supported")
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        if config.get("model_type") != "hmoe":
-            raise CheckpointError(f"{path}: config.json has model_type {config.get('model_type')!r}, not 'hmoe'")
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path / 'config.json'}: unreadable ({exc})") from None
+        if not isinstance(config, dict) or config.get("model_type") != "hmoe":
+            found = config.get("model_type") if isinstance(config, dict) else None
+            raise CheckpointError(f"{path}: config.json has model_type {found!r}, not 'hmoe'")
         tokenizer = path if (path / "tokenizer.json").is_file() else None
         return WeightsSource("hf", path, path / HF_WEIGHTS, config, tokenizer, None)
     if (path / MARKER).is_file() or any(path.glob("*_model_states.pt")):
@@ -115,10 +120,7 @@ def resolve_source(path: str | Path, tag: str | None = None) -> WeightsSource:
         return _from_tag_dir(path)
     checkpoints = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if tag is not None:
-        if not (checkpoints / tag).is_dir():
-            have = sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) if checkpoints.is_dir() else []
-            raise CheckpointError(f"{checkpoints}: no checkpoint {tag!r}; available: {', '.join(have) or 'none'}")
-        return _from_tag_dir(checkpoints / tag)
+        return _from_tag_dir(checkpoint_info(checkpoints, tag).path)
     info, notes = find_resume_checkpoint(checkpoints)
     if info is None:
         why = f" ({'; '.join(notes)})" if notes else ""
@@ -239,6 +241,11 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None
     if src.kind == "hf":
         raise CheckpointError(f"{src.path}: already an HF export; copy the directory instead")
     out = Path(out_dir)
+    # Replacing out (--force) must never delete what is read: the checkpoint, or the run holding it.
+    in_run = src.kind == "checkpoint" and src.path.parent.name == "checkpoints"
+    protected = (src.path.parent.parent if in_run else src.path).resolve()
+    if out.resolve() == protected or out.resolve() in protected.parents:
+        raise CheckpointError(f"{out}: is or contains the source {protected}; choose another output directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"{out}: exists and is not empty; choose another directory or pass --force")
     config = HMoEConfig.from_dict(src.config)

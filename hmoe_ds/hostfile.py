@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\-\[\]]+)\s+slots=(?P<slots>\d+)\s*$")
+# DeepSpeed matches only this prefix; OpenMPI-style extras after it (``max_slots=8``) are allowed.
+_LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\-\[\]]+)\s+slots=(?P<slots>\d+)(?:\s+\S+=\S+)*\s*$")
 
 
 class HostfileError(ValueError):

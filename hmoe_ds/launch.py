@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         world = world_size(args, launcher_tokens)
         _check_experiment(args.user_args, world)
-    except (LaunchError, ValueError) as exc:  # HostfileError is a ValueError
+    except (LaunchError, ValueError, OSError) as exc:  # HostfileError is a ValueError; OSError: unreadable files
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     runner = Path(sys.executable).parent / "deepspeed"

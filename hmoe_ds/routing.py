@@ -72,9 +72,16 @@ def top_p_mask(probs_TE: torch.Tensor, p: float) -> torch.Tensor:
     experts strictly before it is still below p: that keeps exactly the
     shortest prefix whose cumulative sum reaches p, the crossing expert
     included, and always the most probable expert (its prefix mass is 0 < p).
+    ``p >= 1`` keeps every expert (dense routing), whatever the rounding of the
+    softmax.
     """
+    if p >= 1.0:
+        return torch.ones_like(probs_TE, dtype=torch.bool)
     sorted_TE, order_TE = torch.sort(probs_TE, dim=1, descending=True, stable=True)
-    cumulative_TE = torch.cumsum(sorted_TE, dim=1)
+    # In float64: a float32 running sum rounds differently depending on how the scan
+    # is computed (sequentially, or with a wider accumulator as torch's CPU cumsum
+    # does), which could flip a decision when the mass is within an ulp of p.
+    cumulative_TE = torch.cumsum(sorted_TE.double(), dim=1)
     # Shifted rather than ``cumsum - sorted``: the subtraction rounds differently
     # from the running sum and could flip a decision when p is within an ulp.
     mass_before_TE = torch.cat([torch.zeros_like(cumulative_TE[:, :1]), cumulative_TE[:, :-1]], dim=1)

@@ -12,12 +12,14 @@ import torch
 
 
 def top_p_set(probs: Sequence[float], p: float) -> set[int]:
-    """Sort descending, accumulate until the mass reaches p (the crossing expert included)."""
+    """Sort descending, accumulate until the mass reaches p (the crossing expert included); p >= 1: all."""
     order = sorted(range(len(probs)), key=lambda i: (-probs[i], i))
-    chosen, mass = set(), torch.zeros((), dtype=torch.float32)
+    if p >= 1.0:
+        return set(order)
+    chosen, mass = set(), 0.0
     for i in order:
         chosen.add(i)
-        mass = mass + torch.tensor(probs[i], dtype=torch.float32)  # fp32 running sum, as the router
+        mass += probs[i]  # float64 running sum of the fp32 probabilities, as the router
         if mass >= p:
             break
     return chosen

@@ -106,19 +106,20 @@ def test_resume_from_a_named_older_checkpoint_branches_exactly(zero2_ep2_run: Ru
 
 
 def test_resume_with_other_expert_sizes_is_refused_before_training(zero2_ep2_run: Run, tmp_path: Path) -> None:
-    """One message from rank 0 naming the mismatch; the checkpoint is not touched."""
+    """One message from rank 0 naming the mismatch; nothing in the run directory changes (no file rewritten,
+    no later checkpoint moved aside, no metric dropped)."""
     run_dir = tmp_path / "copy"
     shutil.copytree(zero2_ep2_run.tmp, run_dir, ignore=shutil.ignore_patterns("cache"))
-    before = digest(run_dir / "out" / "checkpoints")
+    before = digest(run_dir / "out")
     exp = experiment(expert_sizes=[32, 64, 96, 160])
     exp["run"]["train_steps"] = STEPS + 2
-    proc = launch(run_dir, "zero2_offload", zero2_ep2_run.cache, "--resume", exp=exp).proc
+    proc = launch(run_dir, "zero2_offload", zero2_ep2_run.cache, "--resume", f"step_{SAVE_EVERY}", exp=exp).proc
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert text.count("this checkpoint does not fit the run") == 1, text[-3000:]  # rank 0 only
     assert "MoE layer 0 expert_sizes: checkpoint [32, 64, 96, 128], this run [32, 64, 96, 160]" in text
     assert "Traceback" not in text
-    assert digest(run_dir / "out" / "checkpoints") == before
+    assert digest(run_dir / "out") == before
 
 
 # --------------------------------------------------------------------------- damaged and foreign checkpoints
@@ -195,3 +196,20 @@ def test_parameter_counts_do_not_depend_on_the_zero_stage(zero2_ep2_run: Run, ze
         return next(line for line in run.proc.stdout.splitlines() if "parameters on this rank" in line)
 
     assert summary_line(zero3_ep2_run) == summary_line(zero2_ep2_run)
+
+
+def test_damaged_older_checkpoints_do_not_block_resume(checkpoint_copy: Path) -> None:
+    """Pruning files from old checkpoints (to free disk) is common: only the chosen one must be whole."""
+    expert_file(checkpoint_copy / f"step_{SAVE_EVERY}").unlink()
+    info, _ = find_resume_checkpoint(checkpoint_copy)
+    assert info is not None and info.tag == f"step_{STEPS}"
+
+
+def test_set_aside_goes_by_the_saved_step_not_the_name(checkpoint_copy: Path) -> None:
+    from hmoe_ds.checkpoint import set_aside_newer_checkpoints
+
+    shutil.copytree(checkpoint_copy / f"step_{STEPS}", checkpoint_copy / "keep_final")
+    moved = set_aside_newer_checkpoints(checkpoint_copy, SAVE_EVERY)
+    assert len(moved) == 2 and any("keep_final" in note for note in moved)
+    info, _ = find_resume_checkpoint(checkpoint_copy)
+    assert info is not None and info.tag == f"step_{SAVE_EVERY}"

@@ -62,6 +62,18 @@ def test_scale_one_is_the_cpu_model_and_scale_six_the_papers_width() -> None:
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 8
 
 
+def test_bad_plan_and_arm_arguments_are_named() -> None:
+    driver = load_driver()
+    for kwargs, match in (({"num_ranks": 0}, "--num-ranks=0"), ({"num_ranks": 2, "micro_batch": 0}, "--micro-batch=0"),
+                          ({"num_ranks": 2, "micro_batch": 3}, "--micro-batch=3")):
+        with pytest.raises(SystemExit, match=match):
+            driver.plan_for_scale(1.0, **kwargs)
+    arms = driver.load_arms(driver.ARMS_YAML, "moe_topk, hmoe_topp")  # spaces after commas are fine
+    assert [a.name for a in arms] == ["moe_topk", "hmoe_topp"]
+    with pytest.raises(SystemExit, match=r"unknown arm\(s\) \['hmoe_top'\]"):
+        driver.load_arms(driver.ARMS_YAML, "moe_topk,hmoe_top")
+
+
 def test_arms_have_equal_expert_totals_and_the_papers_losses() -> None:
     from hmoe_ds.sizes import solve_expert_sizes
 

@@ -148,3 +148,11 @@ def test_eval_of_a_zero3_expert_parallel_checkpoint_in_one_process(zero3_ep2_run
 def test_eval_of_an_hf_export(zero2_export: Path, zero2_ep2_run: Run) -> None:
     result = eval_cli(zero2_export, zero2_ep2_run.cache, "--config", str(zero2_ep2_run.out / "experiment.yaml"))
     assert result["loss"] == pytest.approx(val_loss(zero2_ep2_run.metrics(), STEPS), rel=RTOL)
+
+
+def test_export_never_replaces_its_own_source(zero2_ep2_run: Run) -> None:
+    """--force onto the run (or a parent of it) would delete the checkpoints being exported."""
+    for target in (zero2_ep2_run.out, zero2_ep2_run.out.parent):
+        with pytest.raises(CheckpointError, match="is or contains the source"):
+            export_hf(zero2_ep2_run.out, target, overwrite=True)
+    assert (zero2_ep2_run.out / "checkpoints" / f"step_{STEPS}" / "hmoe_complete.json").is_file()

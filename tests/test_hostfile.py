@@ -42,3 +42,10 @@ def test_bad_lines_are_named(tmp_path, text, match):
 def test_missing_hostfile(tmp_path):
     with pytest.raises(HostfileError, match="does not exist.*hostfile.example"):
         parse_hostfile(tmp_path / "nope")
+
+
+def test_openmpi_style_extras_after_slots_are_accepted(tmp_path):
+    """DeepSpeed reads only '<host> slots=<n>' at the start of a line; OpenMPI hostfiles add max_slots=."""
+    f = tmp_path / "hostfile"
+    f.write_text("worker-1 slots=8 max_slots=8\nworker-2 slots=4\n")
+    assert parse_hostfile(f) == {"worker-1": 8, "worker-2": 4}

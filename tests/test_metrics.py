@@ -195,3 +195,12 @@ def test_ep_load_scalars_count_three_d_h_per_token_on_a_real_layer() -> None:
     assert s["moe/layer_0/ep_rank_0_expert_flops_per_step"] == pytest.approx(
         sum(2 * 3 * d * h * c for h, c in zip(sizes, counts))
     )
+
+
+def test_read_jsonl_skips_a_last_line_still_being_written(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train/lm')
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+    path.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_jsonl(path)

@@ -79,3 +79,11 @@ def test_jitter_is_bounded_and_off_at_zero():
     assert torch.equal(multiplicative_jitter(x, 0.0), x)
     y = multiplicative_jitter(x, 0.1)
     assert (y >= 0.9).all() and (y <= 1.1).all() and not torch.equal(y, x)
+
+
+def test_top_p_one_keeps_every_expert_despite_rounding() -> None:
+    """Found by hypothesis: with peaked logits the float32 mass of the first experts can round to 1.0."""
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)) * 5.0
+    out = route(logits, method="top_p", top_p=1.0, renormalize=False)
+    assert bool(out.mask_TE.all())
+    _check_against_reference(logits, "top_p", 2, 1.0, False)

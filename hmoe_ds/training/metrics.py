@@ -390,8 +390,21 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read metrics.jsonl back (one dict per logged step)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Read metrics.jsonl back (one dict per logged step).
+
+    A last line that does not parse is one a running trainer is still writing,
+    and is left out; a bad line anywhere else is an error naming it.
+    """
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}: line {number} is not JSON ({exc})") from None
+    return records
 
 
 def format_postfix(scalars: dict[str, float]) -> dict[str, str]:

@@ -31,6 +31,7 @@ import yaml
 
 from hmoe_ds.checkpoint import (
     PROBE_TOKENS,
+    atomic_write_text,
     checkpoint_info,
     find_resume_checkpoint,
     has_checkpoint_dirs,
@@ -191,19 +192,31 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
 
 
 def _share(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 and give every rank its result, or raise its ExperimentError everywhere."""
+    """Run ``fn`` on rank 0 and give every rank its result, or raise its ExperimentError everywhere.
+
+    Any other exception on rank 0 (a bug, a full disk) is re-raised there with its
+    traceback, and the other ranks stop with a one-line error instead of waiting
+    in the broadcast forever.
+    """
     import torch.distributed as dist
 
     payload: list[Any] = [None]
+    failure: BaseException | None = None
     if dist.get_rank() == 0:
         try:
             payload = [("ok", fn())]
         except ExperimentError as exc:
             payload = [("error", str(exc))]
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            failure, payload = exc, [("crash", f"{type(exc).__name__}: {exc}")]
     dist.broadcast_object_list(payload, src=0)
     status, value = payload[0]
+    if failure is not None:
+        raise failure
     if status == "error":
         raise ExperimentError(value)
+    if status == "crash":
+        raise RuntimeError(f"rank 0 failed ({value}); see its traceback")
     return value
 
 
@@ -340,35 +353,23 @@ def run_training(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
-def _prepare_output_dir(plan: TrainPlan) -> str | None:
-    """Rank 0: check the directory, then write experiment.yaml and ds_config.json. Returns the resume tag."""
-    exp = plan.exp
-    tag, notes = check_output_dir(exp, plan.resume, _world_size())
-    if tag is not None:  # a branch from an older checkpoint must not leave the old branch's later ones in place
-        from hmoe_ds.checkpoint import set_aside_newer_checkpoints
-
-        step = checkpoint_info(exp.output_dir / CHECKPOINTS, tag).step
-        notes += [f"--resume {tag}: {note}" for note in set_aside_newer_checkpoints(exp.output_dir / CHECKPOINTS, step)]
+def _vet_output_dir(plan: TrainPlan) -> str | None:
+    """Rank 0: what the output directory allows (the checkpoint tag to resume from); prints the notes. Writes nothing."""
+    tag, notes = check_output_dir(plan.exp, plan.resume, _world_size())
     for line in plan.warnings + notes:
         print(f"warning: {line}", file=sys.stderr, flush=True)
-    exp.output_dir.mkdir(parents=True, exist_ok=True)
-    header = f"# Resolved experiment (defaults filled, --set applied); source: {exp.source}\n"
-    (exp.output_dir / "experiment.yaml").write_text(
-        header + yaml.safe_dump(exp.to_dict(), sort_keys=False), encoding="utf-8"
-    )
-    (exp.output_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n", encoding="utf-8")
     return tag
 
 
 def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, tag: str | None) -> str | None:
-    """Rank 0, before any model exists: is the checkpoint (or ``run.init_from``) usable by this run?
+    """Rank 0, before any model exists: is the checkpoint (or ``run.init_from``) usable by this run? Writes nothing.
 
     Returns the ``init_from`` weights directory to load, if any. Every mismatch
     (world size, ZeRO stage, expert sizes or count, EP size, placement, shapes)
     is one ``CheckpointError`` here, not a failure halfway through
     ``load_checkpoint`` on every rank.
     """
-    from hmoe_ds.checkpoint import check_compatible, truncate_metrics, verify_checkpoint
+    from hmoe_ds.checkpoint import check_compatible, verify_checkpoint
     from hmoe_ds.export import check_structure, resolve_source
 
     model_cfg = model_config_for(exp, ds_config, vocab_size)
@@ -378,15 +379,6 @@ def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, ta
         zero = ds_config.get("zero_optimization") or {}
         check_compatible(marker, tag_dir, world_size=_world_size(), model_config=model_cfg,
                          zero_stage=int(zero.get("stage", 0) if isinstance(zero, dict) else zero))
-        tb_dir = tensorboard_dir(ds_config)
-        if tb_dir is not None and tb_dir.is_dir():  # TensorBoard's twin of the truncation below
-            from .metrics import purge_tensorboard_after
-
-            purge_tensorboard_after(tb_dir, int(marker["step"]))
-        dropped = truncate_metrics(exp.output_dir / "metrics.jsonl", int(marker["step"]))
-        if dropped:
-            print(f"warning: dropped {dropped} metrics.jsonl record(s) after step {marker['step']} (the steps this "
-                  "run computes again)", file=sys.stderr, flush=True)
         if exp.run.init_from:
             print(f"warning: run.init_from={exp.run.init_from} ignored: resuming from {tag_dir}", file=sys.stderr,
                   flush=True)
@@ -399,6 +391,40 @@ def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, ta
     return str(source.path)
 
 
+def _commit_start(plan: TrainPlan, tag: str | None) -> None:
+    """Rank 0, once every check passed: make the output directory this run's.
+
+    Only now is anything on disk changed, so a refused start leaves the run as it
+    was. When resuming from step n: checkpoints after n (an abandoned branch) are
+    moved aside, and the metrics of steps after n are dropped from
+    ``metrics.jsonl`` and TensorBoard, since this run computes them again.
+    Then ``experiment.yaml`` and ``ds_config.json`` are (re)written.
+    """
+    from hmoe_ds.checkpoint import set_aside_newer_checkpoints, truncate_metrics
+
+    from .metrics import purge_tensorboard_after
+
+    exp = plan.exp
+    notes: list[str] = []
+    if tag is not None:
+        checkpoints = exp.output_dir / CHECKPOINTS
+        step = checkpoint_info(checkpoints, tag).step
+        notes += [f"--resume {tag}: {note}" for note in set_aside_newer_checkpoints(checkpoints, step)]
+        tb_dir = tensorboard_dir(plan.ds_config)
+        if tb_dir is not None and tb_dir.is_dir():
+            purge_tensorboard_after(tb_dir, step)
+        dropped = truncate_metrics(exp.output_dir / "metrics.jsonl", step)
+        if dropped:
+            notes.append(f"dropped {dropped} metrics.jsonl record(s) after step {step} (the steps this run computes "
+                         "again)")
+    for line in notes:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    exp.output_dir.mkdir(parents=True, exist_ok=True)
+    header = f"# Resolved experiment (defaults filled, --set applied); source: {exp.source}\n"
+    atomic_write_text(exp.output_dir / "experiment.yaml", header + yaml.safe_dump(exp.to_dict(), sort_keys=False))
+    atomic_write_text(exp.output_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2) + "\n")
+
+
 def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str) -> int:
     """Load ``checkpoints/tag`` (DeepSpeed state + this rank's loader/RNG file); return the step to continue from."""
     import torch.distributed as dist
@@ -406,7 +432,9 @@ def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str) -> int:
     from hmoe_ds.checkpoint import load_rank_state, restore_cpu_adam_step_state, set_rng_state
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    engine.load_checkpoint(str(checkpoints), tag=tag)
+    load_path, _ = engine.load_checkpoint(str(checkpoints), tag=tag)
+    if load_path is None:  # DeepSpeed returns (None, None) instead of raising when it finds no state
+        raise ExperimentError(f"{checkpoints / tag}: DeepSpeed found no model state to load")
     restore_cpu_adam_step_state(engine)  # ZeRO-Offload's Adam: bias correction as if never stopped
     state = load_rank_state(checkpoints / tag, rank)
     try:
@@ -436,11 +464,12 @@ def _train(plan: TrainPlan) -> int:
 
     exp, run = plan.exp, plan.exp.run
     rank, world = dist.get_rank(), dist.get_world_size()
-    tag = _share(lambda: _prepare_output_dir(plan))
+    tag = _share(lambda: _vet_output_dir(plan))
 
     datasets.disable_progress_bars()
     data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
     init_from = _share(lambda: _check_start(exp, plan.ds_config, len(data.tokenizer), tag))
+    _share(lambda: _commit_start(plan, tag))
     init_weights = None
     if init_from is not None:
         from hmoe_ds.export import load_logical_weights, resolve_source

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -120,6 +119,10 @@ def plan_for_scale(scale: float, num_ranks: int, steps: int | None = None, micro
     """
     if not scale > 0:
         raise SystemExit(f"--scale={scale}: must be > 0")
+    if num_ranks < 1:
+        raise SystemExit(f"--num-ranks={num_ranks}: must be >= 1")
+    if micro_batch is not None and micro_batch < 1:
+        raise SystemExit(f"--micro-batch={micro_batch}: must be >= 1 (or left out: global batch / ranks)")
     d = 64 * max(1, round(2 * scale))
     heads = d // 32 if d <= 256 else d // 64
     layers = max(2, min(12, round(2 + 2 * scale)))
@@ -128,7 +131,7 @@ def plan_for_scale(scale: float, num_ranks: int, steps: int | None = None, micro
     total_steps = steps if steps is not None else max(1, round(BASE_STEPS * scale))
     if total_steps < 1:
         raise SystemExit(f"--steps={total_steps}: must be >= 1")
-    micro = micro_batch or batch // num_ranks
+    micro = micro_batch if micro_batch is not None else batch // num_ranks
     if batch % (micro * num_ranks):
         raise SystemExit(f"--micro-batch={micro}: the global batch {batch} must be a multiple of "
                          f"micro batch x ranks = {micro * num_ranks}")
@@ -176,11 +179,12 @@ def load_arms(path: Path, selection: str | None) -> list[Arm]:
         if arm.experts not in ("uniform", "arithmetic", "hybrid", "geometric", "dense"):
             raise SystemExit(f"{path}: arm {arm.name}: experts={arm.experts!r}; allowed: uniform, arithmetic, "
                              "hybrid, geometric, dense")
-    names = list(table) if selection == "all" else (selection.split(",") if selection else raw["default"])
+    names = list(table) if selection == "all" else (
+        [n.strip() for n in selection.split(",") if n.strip()] if selection else raw["default"])
     unknown = [n for n in names if n not in table]
-    if unknown:
+    if unknown or not names:
         raise SystemExit(f"--arms: unknown arm(s) {unknown}; known: {', '.join(table)} (or 'all')")
-    return [table[n.strip()] for n in names]
+    return [table[n] for n in names]
 
 
 # --------------------------------------------------------------------------- running
@@ -193,15 +197,11 @@ def free_port() -> int:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of run/env.sh: CPU accelerator when no GPU, offline hubs."""
-    env = dict(os.environ)
-    if "DS_ACCELERATOR" not in env:
-        has_gpu = shutil.which("nvidia-smi") is not None and subprocess.run(
-            ["nvidia-smi", "-L"], capture_output=True).returncode == 0
-        if not has_gpu:
-            env["DS_ACCELERATOR"] = "cpu"
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
+    """The environment of run/env.sh (hmoe_ds.env): CPU accelerator when no GPU, offline hubs."""
+    from hmoe_ds.env import configure_environment
+
+    configure_environment()
+    return dict(os.environ)
 
 
 def prepare_data(overrides: list[str]) -> dict[str, Any]:
@@ -228,11 +228,16 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str], progress: Pa
         out.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         last_report = start
-        while proc.poll() is None:
-            time.sleep(2)
-            if progress is not None and time.monotonic() - last_report > 60:
-                last_report = time.monotonic()
-                log(f"  ... {_progress(progress, steps)} ({time.monotonic() - start:.0f} s)")
+        try:
+            while proc.poll() is None:
+                time.sleep(2)
+                if progress is not None and time.monotonic() - last_report > 60:
+                    last_report = time.monotonic()
+                    log(f"  ... {_progress(progress, steps)} ({time.monotonic() - start:.0f} s)")
+        finally:  # interrupted (Ctrl-C) or failed: never leave a training run behind
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
     elapsed = time.monotonic() - start
     if proc.returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-30:])
@@ -241,9 +246,11 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str], progress: Pa
 
 
 def _progress(metrics: Path, steps: int) -> str:
+    from hmoe_ds.training.metrics import read_jsonl
+
     if not metrics.is_file():
         return "starting"
-    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_jsonl(metrics)
     train = [r for r in records if "train/lm_loss" in r]
     if not train:
         return "step 0"
@@ -288,14 +295,15 @@ def _read_json(path: Path) -> Any:
 def collect(arm: Arm, out: Path, timings: dict[str, float]) -> dict[str, Any]:
     """One table row from the arm's saved files (what the run actually used, not what was intended)."""
     from hmoe_ds.modeling import HMoEConfig, parameter_summary
+    from hmoe_ds.sizes import expert_param_count
+    from hmoe_ds.training.metrics import read_jsonl
 
     run_dir = out / arm.name
     exp = yaml.safe_load((run_dir / "experiment.yaml").read_text(encoding="utf-8"))
     ds = _read_json(run_dir / "ds_config.json")
     config = HMoEConfig.from_json_file(str(run_dir / "model_config.json"))
     params = parameter_summary(config)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     ev = _read_json(run_dir / EVAL_NAME)
     tokens_per_step = int(ds["train_batch_size"]) * int(exp["data"]["block_size"])
     val = [(r["step"] * tokens_per_step, r["val/loss"]) for r in records if r.get("val/loss") is not None]
@@ -316,8 +324,8 @@ def collect(arm: Arm, out: Path, timings: dict[str, float]) -> dict[str, Any]:
         "non_expert_params": int(params["non_expert_params"]),
         "activated_params_per_token": float(ev["activated_params_per_token"]) if is_moe else
         float(params["total_params"]),
-        "activated_expert_params_per_token": float(expert_act) if is_moe else
-        float(params["total_params"] - params["non_expert_params"]),
+        "activated_expert_params_per_token": float(expert_act) if is_moe else  # dense: every FFN, every token
+        float(config.num_hidden_layers * expert_param_count(config.hidden_size, config.dense_intermediate_size)),
         "mean_experts_per_token": float(ev["mean_experts_per_token"]) if is_moe else float("nan"),
         "train_activated_params_last_quarter": _mean(r.get("moe/activated_params_per_token") for r in tail),
         "train_experts_per_token_last_quarter": _mean(r.get("moe/mean_experts_per_token") for r in tail),
