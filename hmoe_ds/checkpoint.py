@@ -379,6 +379,7 @@ def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] 
     prefixes = [name for _, name, _ in layers]
     expert_ids = {id(p) for _, _, layer in layers for p in _mixin_host(layer).experts.parameters()}
     out: dict[str, torch.Tensor] = {}
+    duplicates: list[str] = []
     for name, param in module.named_parameters():
         if id(param) in expert_ids:
             continue
@@ -402,11 +403,13 @@ def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] 
             for expert, weights in (part or {}).items():
                 for wname, tensor in weights.items():
                     key = logical_expert_key(prefix, int(expert), wname)
-                    if key in out:
-                        raise RuntimeError(f"consolidation: {key} sent by two ranks; placement is inconsistent")
+                    if key in out:  # raised after the last collective, so no rank is left waiting
+                        duplicates.append(key)
                     out[key] = tensor
     if rank != 0:
         return None
+    if duplicates:
+        raise RuntimeError(f"consolidation: {duplicates[:5]} sent by two ranks; the expert placement is inconsistent")
     expected = logical_parameter_shapes(module.config)
     missing = sorted(set(expected) - set(out))
     extra = sorted(set(out) - set(expected))
@@ -752,28 +755,40 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
     remove a stale same-tag directory -> DeepSpeed's files (``save_latest=False``)
     + this rank's state file -> consolidated logical model and probe (rank 0)
     -> barrier -> marker -> ``latest``. A kill anywhere before the marker leaves
-    a directory that resume skips; ``latest`` never names it.
+    a directory that resume skips; ``latest`` never names it. A failure in one of
+    rank 0's sections raises on every rank (:func:`hmoe_ds.collectives.on_rank0`).
     """
     import yaml
+
+    from .collectives import on_rank0
 
     checkpoint_dir = Path(checkpoint_dir)
     rank, world = _dist()
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
-    notes: list[str] = []
-    if rank == 0:
+
+    def prepare() -> list[str]:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         note = prepare_tag_dir(tag_dir)
-        if note:
-            notes.append(note)
-    _barrier()
+        return [note] if note else []
+
+    notes = on_rank0(prepare)
     arm_kill_during_save(engine, step, rank)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "experiment": experiment},
                            save_latest=False)
     save_rank_state(tag_dir, rank, {**rank_state, "step": step, "rank": rank, "world_size": world})
-    state = consolidated_state_dict(engine.module)
+    consolidation_error: Exception | None = None
+    held: dict[str, Any] = {}  # the consolidated model, dropped as soon as it is written
+    try:
+        held["state"] = consolidated_state_dict(engine.module)
+    except RuntimeError as exc:  # rank 0 only, after every collective of the consolidation
+        consolidation_error = exc
     logits = probe_logits(engine, probe_ids) if probe_ids is not None else None
-    if rank == 0:
+
+    def write_files() -> None:
+        if consolidation_error is not None:
+            raise consolidation_error
+        state = held.pop("state")
         assert state is not None
         _atomic_safetensors(state, tag_dir / MODEL_FILE, {"format": "pt", "layout": "hmoe-ds logical"})
         if logits is not None and probe_ids is not None:
@@ -782,10 +797,8 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
         (tag_dir / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment, sort_keys=False), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tag_dir / TOKENIZER_DIR))
-    del state
-    maybe_kill_before_marker(step, rank)
-    _barrier()
-    if rank == 0:
+
+    def commit() -> None:
         cfg = engine.module.config
         meta = {
             "tag": tag,
@@ -800,5 +813,12 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
         }
         write_marker(tag_dir, meta)
         write_latest(checkpoint_dir, tag)
-    _barrier()
+
+    maybe_kill_before_marker(step, rank)
+    # A failure in a rank-0 section (a full disk, an inconsistent consolidation) stops every rank at once,
+    # without a marker, instead of leaving the others waiting in a barrier.
+    on_rank0(write_files)
+    held.clear()
+    _barrier()  # every rank's own files are complete before the marker says so
+    on_rank0(commit)
     return tag_dir, notes

@@ -192,32 +192,10 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
 
 
 def _share(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 and give every rank its result, or raise its ExperimentError everywhere.
+    """Run ``fn`` on rank 0 and give every rank its result or its failure (:func:`hmoe_ds.collectives.on_rank0`)."""
+    from hmoe_ds.collectives import on_rank0
 
-    Any other exception on rank 0 (a bug, a full disk) is re-raised there with its
-    traceback, and the other ranks stop with a one-line error instead of waiting
-    in the broadcast forever.
-    """
-    import torch.distributed as dist
-
-    payload: list[Any] = [None]
-    failure: BaseException | None = None
-    if dist.get_rank() == 0:
-        try:
-            payload = [("ok", fn())]
-        except ExperimentError as exc:
-            payload = [("error", str(exc))]
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks are told
-            failure, payload = exc, [("crash", f"{type(exc).__name__}: {exc}")]
-    dist.broadcast_object_list(payload, src=0)
-    status, value = payload[0]
-    if failure is not None:
-        raise failure
-    if status == "error":
-        raise ExperimentError(value)
-    if status == "crash":
-        raise RuntimeError(f"rank 0 failed ({value}); see its traceback")
-    return value
+    return on_rank0(fn)
 
 
 def _rank0_first(fn: Callable[[], T]) -> T:

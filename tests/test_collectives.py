@@ -1,0 +1,91 @@
+"""Rank-0 sections: a failure on rank 0 stops every rank at once, in start-up and in a checkpoint save.
+
+Starts 2 ranks (gloo). Without the broadcast of the outcome, the second rank
+would wait in a barrier until the collective timeout; ``run_distributed``'s
+timeout turns such a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from .distributed import run_distributed
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def _outcome(fn) -> str:
+    try:
+        return f"ok {fn()}"
+    except Exception as exc:  # noqa: BLE001 - the type and message are what is tested
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _sections(rank: int, world_size: int) -> list[str]:
+    from hmoe_ds.collectives import on_rank0
+    from hmoe_ds.training.experiment import ExperimentError
+
+    def value() -> int:
+        return 42 if rank == 0 else -1  # only rank 0 runs it; everyone gets its result
+
+    def mistake() -> None:
+        raise ExperimentError("exp.yaml: run.train_steps=-1: must be an int >= 1")
+
+    def crash() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return [_outcome(lambda: on_rank0(value)), _outcome(lambda: on_rank0(mistake)), _outcome(lambda: on_rank0(crash))]
+
+
+def test_rank0_sections_give_every_rank_the_result_or_the_failure() -> None:
+    rank0, rank1 = run_distributed(_sections, world_size=2, timeout=120)
+    assert rank0[0] == rank1[0] == "ok 42"
+    assert rank0[1] == rank1[1] == "ExperimentError: exp.yaml: run.train_steps=-1: must be an int >= 1"
+    assert rank0[2] == "OSError: [Errno 28] No space left on device"
+    assert rank1[2] == "RuntimeError: rank 0 failed (OSError: [Errno 28] No space left on device); see its traceback"
+
+
+def _save_with_a_full_disk_on_rank0(rank: int, world_size: int, root: str) -> dict:
+    import deepspeed
+    import torch
+
+    import hmoe_ds.checkpoint as ckpt
+    from hmoe_ds.modeling import HMoEForCausalLM, debug_config
+    from hmoe_ds.training.trainer import param_groups
+
+    torch.manual_seed(0)
+    model = HMoEForCausalLM(debug_config(moe={"ep_size": 2}))
+    config = {"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**6, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=config)
+    state = {"loader": {}, "rng": ckpt.rng_state()}
+    write = ckpt._atomic_safetensors
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if rank == 0:
+        ckpt._atomic_safetensors = full_disk
+    failed = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={}))
+    ckpt._atomic_safetensors = write
+    after_failure = {"marker": (Path(root) / "step_1" / ckpt.MARKER).exists(),
+                     "latest": ckpt.read_latest(Path(root))}
+    retried = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={}))
+    engine.destroy()
+    return {"failed": failed, "after_failure": after_failure, "retried": retried}
+
+
+def test_a_failed_rank0_write_during_a_save_stops_every_rank_without_a_marker(tmp_path: Path) -> None:
+    """2 ranks, EP=2, ZeRO-2: rank 0 cannot write the consolidated model; the retry then succeeds."""
+    from hmoe_ds.checkpoint import find_resume_checkpoint
+
+    rank0, rank1 = run_distributed(_save_with_a_full_disk_on_rank0, world_size=2, timeout=240, root=str(tmp_path))
+    assert rank0["failed"] == "OSError: [Errno 28] No space left on device"
+    assert rank1["failed"].startswith("RuntimeError: rank 0 failed (OSError: [Errno 28] No space left on device)")
+    assert rank0["after_failure"] == rank1["after_failure"] == {"marker": False, "latest": None}
+    assert rank0["retried"].startswith("ok") and rank1["retried"].startswith("ok")
+    info, _ = find_resume_checkpoint(tmp_path)
+    assert info is not None and info.tag == "step_1"
