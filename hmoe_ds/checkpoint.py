@@ -583,13 +583,13 @@ def set_aside_newer_checkpoints(checkpoint_dir: Path, step: int) -> list[str]:
     names ``step``'s checkpoint. Returns a note per directory moved.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    newer = [p for p in _tag_dirs(checkpoint_dir) if _saved_step(p) > step]
+    newer = sorted((saved, path.name, path) for path in _tag_dirs(checkpoint_dir) if (saved := _saved_step(path)) > step)
     if not newer:
         return []
     target = checkpoint_dir.parent / "checkpoints_set_aside" / time.strftime("%Y%m%d-%H%M%S")
     target.mkdir(parents=True, exist_ok=True)
     notes = []
-    for path in sorted(newer, key=_saved_step):
+    for _, _, path in newer:
         os.replace(path, target / path.name)
         notes.append(f"moved {path.name} (after the resumed step {step}) to {target / path.name}")
     write_latest(checkpoint_dir, tag_for(step))

@@ -23,7 +23,7 @@ from hmoe_ds.checkpoint import PROBE_FILE, CheckpointError
 from hmoe_ds.export import export_hf
 
 from .checkpoint_runs import STEPS, Run, experiment, launch, val_loss
-from .launcher import REPO, environment, output, read_metrics
+from .launcher import environment, output, read_metrics, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -33,8 +33,7 @@ RTOL = 1e-5
 
 
 def export_cli(source: Path, target: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run/export.py", str(source), str(target), *extra], cwd=REPO,
-                          env=environment(cache), capture_output=True, text=True, timeout=300)
+    return run([sys.executable, "run/export.py", str(source), str(target), *extra], environment(cache))
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +129,7 @@ def test_init_from_a_model_with_other_expert_sizes_is_refused(zero2_export: Path
 
 def eval_cli(path: Path, cache: Path, *extra: str) -> dict:
     out = path.parent / f"eval_{path.name}_{len(extra)}.json"
-    proc = subprocess.run([sys.executable, "run/eval.py", str(path), "--output", str(out), *extra], cwd=REPO,
-                          env=environment(cache), capture_output=True, text=True, timeout=300)
+    proc = run([sys.executable, "run/eval.py", str(path), "--output", str(out), *extra], environment(cache))
     assert proc.returncode == 0, output(proc)
     assert "token fraction per expert" in proc.stdout and "activated params per token" in proc.stdout
     return json.loads(out.read_text())

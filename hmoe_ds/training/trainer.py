@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from hmoe_ds.collectives import on_rank0
 from hmoe_ds.checkpoint import (
     PROBE_TOKENS,
     atomic_write_text,
@@ -191,13 +192,6 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
 # --------------------------------------------------------------------------- collectives
 
 
-def _share(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 and give every rank its result or its failure (:func:`hmoe_ds.collectives.on_rank0`)."""
-    from hmoe_ds.collectives import on_rank0
-
-    return on_rank0(fn)
-
-
 def _rank0_first(fn: Callable[[], T]) -> T:
     """Rank 0 runs ``fn`` first (e.g. builds the data cache), then the others (reusing it)."""
     import torch.distributed as dist
@@ -210,9 +204,9 @@ def _rank0_first(fn: Callable[[], T]) -> T:
 
     if dist.get_rank() == 0:
         result = guarded()
-        _share(lambda: None)
+        on_rank0(lambda: None)
         return result
-    _share(lambda: None)
+    on_rank0(lambda: None)
     return guarded()
 
 
@@ -339,37 +333,39 @@ def _vet_output_dir(plan: TrainPlan) -> str | None:
     return tag
 
 
-def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, tag: str | None) -> str | None:
+def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int,
+                 tag: str | None) -> tuple[str | None, int | None]:
     """Rank 0, before any model exists: is the checkpoint (or ``run.init_from``) usable by this run? Writes nothing.
 
-    Returns the ``init_from`` weights directory to load, if any. Every mismatch
+    Returns ``(init_from weights directory to load, step of the checkpoint to resume)``,
+    either ``None``. The checkpoint itself was verified by :func:`check_output_dir`. Every mismatch
     (world size, ZeRO stage, expert sizes or count, EP size, placement, shapes)
     is one ``CheckpointError`` here, not a failure halfway through
     ``load_checkpoint`` on every rank.
     """
-    from hmoe_ds.checkpoint import check_compatible, verify_checkpoint
+    from hmoe_ds.checkpoint import check_compatible, read_marker
     from hmoe_ds.export import check_structure, resolve_source
 
     model_cfg = model_config_for(exp, ds_config, vocab_size)
     if tag is not None:
         tag_dir = exp.output_dir / CHECKPOINTS / tag
-        marker = verify_checkpoint(tag_dir)
+        marker = read_marker(tag_dir)
         zero = ds_config.get("zero_optimization") or {}
         check_compatible(marker, tag_dir, world_size=_world_size(), model_config=model_cfg,
                          zero_stage=int(zero.get("stage", 0) if isinstance(zero, dict) else zero))
         if exp.run.init_from:
             print(f"warning: run.init_from={exp.run.init_from} ignored: resuming from {tag_dir}", file=sys.stderr,
                   flush=True)
-        return None
+        return None, int(marker["step"])
     if not exp.run.init_from:
-        return None
+        return None, None
     source = resolve_source(exp.run.init_from)
     check_structure(source, model_cfg)
     print(f"initialising weights from {source.describe()}", flush=True)
-    return str(source.path)
+    return str(source.path), None
 
 
-def _commit_start(plan: TrainPlan, tag: str | None) -> None:
+def _commit_start(plan: TrainPlan, resume_step: int | None) -> None:
     """Rank 0, once every check passed: make the output directory this run's.
 
     Only now is anything on disk changed, so a refused start leaves the run as it
@@ -384,10 +380,9 @@ def _commit_start(plan: TrainPlan, tag: str | None) -> None:
 
     exp = plan.exp
     notes: list[str] = []
-    if tag is not None:
-        checkpoints = exp.output_dir / CHECKPOINTS
-        step = checkpoint_info(checkpoints, tag).step
-        notes += [f"--resume {tag}: {note}" for note in set_aside_newer_checkpoints(checkpoints, step)]
+    if resume_step is not None:
+        step = resume_step
+        notes += [f"--resume: {note}" for note in set_aside_newer_checkpoints(exp.output_dir / CHECKPOINTS, step)]
         tb_dir = tensorboard_dir(plan.ds_config)
         if tb_dir is not None and tb_dir.is_dir():
             purge_tensorboard_after(tb_dir, step)
@@ -442,12 +437,12 @@ def _train(plan: TrainPlan) -> int:
 
     exp, run = plan.exp, plan.exp.run
     rank, world = dist.get_rank(), dist.get_world_size()
-    tag = _share(lambda: _vet_output_dir(plan))
+    tag = on_rank0(lambda: _vet_output_dir(plan))
 
     datasets.disable_progress_bars()
     data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
-    init_from = _share(lambda: _check_start(exp, plan.ds_config, len(data.tokenizer), tag))
-    _share(lambda: _commit_start(plan, tag))
+    init_from, resume_step = on_rank0(lambda: _check_start(exp, plan.ds_config, len(data.tokenizer), tag))
+    on_rank0(lambda: _commit_start(plan, resume_step))
     init_weights = None
     if init_from is not None:
         from hmoe_ds.export import load_logical_weights, resolve_source
