@@ -99,8 +99,18 @@ def train(tmp: Path, *extra: str, experiment: dict[str, Any] = EXPERIMENT, ds: d
 
 
 def output(proc: subprocess.CompletedProcess) -> str:
-    """The tail of a run's output, for assertion messages."""
-    return proc.stdout[-3000:] + proc.stderr[-3000:]
+    """For assertion messages: the first traceback of every rank, then the tail of the output.
+
+    A multi-rank failure usually ends with the *other* ranks' "connection closed"
+    errors; the rank that failed first is what explains it, and is often far
+    from the end of the output.
+    """
+    lines = (proc.stdout + proc.stderr).splitlines()
+    firsts: list[str] = []
+    for rank in sorted({line[1:line.index("]")] for line in lines if line.startswith("[rank")}):
+        tagged = [line for line in lines if line.startswith(f"[{rank}]")]
+        firsts.append(f"--- first lines of {rank}'s traceback ---\n" + "\n".join(tagged[:40]))
+    return "\n".join(firsts) + "\n--- tail ---\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def read_metrics(out: Path) -> list[dict[str, Any]]:
