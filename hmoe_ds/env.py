@@ -8,6 +8,7 @@ CUDA device exists so one command works on a laptop, in CI and on GPU nodes.
 from __future__ import annotations
 
 import os
+import sys
 
 
 def configure_environment() -> None:
@@ -21,3 +22,7 @@ def configure_environment() -> None:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed JIT-compiles C++ ops (cpu_adam, shm comm) into torch's extension cache. Keep that cache per
+    # Python environment: a shared ~/.cache/torch_extensions is rebuilt whenever another venv's headers
+    # differ, and a build killed part-way there leaves a lock on which every later run waits.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))

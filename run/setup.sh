@@ -15,9 +15,34 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$python" -m venv .venv
 fi
+# DeepSpeed JIT-compiles its CPU ops on first use. Build them here, once and serially, so the ranks of a
+# run never compile concurrently (or get killed mid-build, leaving a lock every later run waits on).
+build_ops() {
+  local ops_stamp=".venv/.hmoe-ds-ops-built"
+  [ -f "$ops_stamp" ] && return 0
+  ( source run/env.sh
+    [ "${DS_ACCELERATOR:-}" = cpu ] || exit 0
+    echo "[setup] building DeepSpeed's CPU ops (cpu_adam, shm comm) into .venv/torch_extensions, once (~1-2 min)"
+    if ! .venv/bin/python - > .venv/ops-build.log 2>&1 <<'PY'
+from hmoe_ds.env import configure_environment
+
+configure_environment()
+from deepspeed.accelerator import get_accelerator
+
+for name in ("CPUAdamBuilder", "ShareMemCommBuilder"):
+    get_accelerator().create_op_builder(name).load(verbose=False)
+PY
+    then
+      echo "[setup] building DeepSpeed's CPU ops failed (needs g++ and ninja); see .venv/ops-build.log" >&2
+      exit 1
+    fi )
+  touch "$ops_stamp"
+}
+
 stamp=".venv/.hmoe-ds-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  build_ops
   echo "[setup] .venv is up to date"
   exit 0
 fi
@@ -33,5 +58,7 @@ echo "[setup] installing torch==2.13.0"
 "${pip[@]}" install -q "${torch_args[@]}"
 echo "[setup] installing hmoe-ds and its test extras"
 "${pip[@]}" install -q -e ".[test]"
+rm -f .venv/.hmoe-ds-ops-built  # new packages: build the ops against them
+build_ops
 echo "$want" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")')"
