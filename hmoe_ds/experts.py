@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ExpertActivation
+
+#: One expert's ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)``, in ``nn.Linear`` layout.
+ExpertWeights = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 def ffn_forward(
@@ -136,6 +139,15 @@ class HeteroExperts(nn.Module):
             (e.w1.weight, e.w2.weight, e.w3.weight if e.w3 is not None else None) for e in self.deepspeed_experts
         ]
 
+    def full_values(self, per_expert: Sequence[ExpertWeights]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(parameter, its full value)`` for storing ``per_expert`` (one tuple per local expert, slot order)."""
+        out = []
+        for expert, weights in zip(self.deepspeed_experts, _checked(per_expert, self.num_local_experts)):
+            for linear, value in zip((expert.w1, expert.w2, expert.w3), weights):
+                if linear is not None:
+                    out.append((linear.weight, value))
+        return out
+
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
         if len(counts) != self.num_local_experts:
@@ -148,9 +160,15 @@ class HeteroExperts(nn.Module):
 class PackedHeteroExperts(nn.Module):
     """This rank's unequal experts packed into three 3-D parameters.
 
-    ``w1``/``w3``: ``[1, H_rank, D]``, ``w2``: ``[1, D, H_rank]`` with
-    ``H_rank = sum`` of the local experts' widths; expert j owns rows (columns
-    for ``w2``) ``[sum(h[:j]), sum(h[:j+1]))``. This is the layout DeepSpeed's
+    ``w1``/``w3``: ``[1, H_pack, D]``, ``w2``: ``[1, D, H_pack]``; expert j owns
+    rows (columns for ``w2``) ``[sum(h[:j]), sum(h[:j+1]))``. ``H_pack`` is
+    ``padded_width`` when given, else the sum of the local widths: the layer
+    pads every EP rank's pack to the same width, because ZeRO-3 decides
+    prefetching and persistence from parameter sizes, and packs of different
+    sizes on different ranks make those decisions, hence the collectives,
+    differ between ranks (a gloo "collective mismatch" with contiguous
+    placement at realistic sizes). Padding rows are zero, never computed, and
+    so receive zero gradients and stay zero. This is the layout DeepSpeed's
     AutoEP layer uses for one expert per rank, which is what lets ZeRO-3
     partition these parameters over the expert-data-parallel group (see
     ``DEEPSPEED_NOTES.md``); the leading 1 keeps DeepSpeed's per-expert
@@ -160,20 +178,38 @@ class PackedHeteroExperts(nn.Module):
     packed layer and a :class:`HeteroExperts` layer are statistically alike.
     """
 
-    def __init__(self, hidden_size: int, expert_sizes: Sequence[int], activation: ExpertActivation | str) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        expert_sizes: Sequence[int],
+        activation: ExpertActivation | str,
+        padded_width: int | None = None,
+        tag_parameter: Callable[[nn.Parameter], None] | None = None,
+    ) -> None:
         super().__init__()
         self.activation = ExpertActivation(activation)
         self.hidden_size = hidden_size
         self.expert_sizes = [int(h) for h in expert_sizes]
         total = sum(self.expert_sizes)
-        self.w1 = nn.Parameter(torch.empty(1, total, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(1, hidden_size, total))
-        self.w3 = nn.Parameter(torch.empty(1, total, hidden_size)) if self.activation.gated else None
+        width = total if padded_width is None else int(padded_width)
+        if width < total:
+            raise ValueError(f"padded_width={width} is smaller than the local experts' total width {total}")
+        self.packed_width = width
+        self.w1 = nn.Parameter(torch.empty(1, width, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(1, hidden_size, width))
+        self.w3 = nn.Parameter(torch.empty(1, width, hidden_size)) if self.activation.gated else None
         with _rng_untouched():
             self.reset_parameters()
+        # Tags must be on the parameters before this constructor returns: under ``deepspeed.zero.Init``
+        # that is when they are partitioned, over the group the tags name.
+        if tag_parameter is not None:
+            for param in self.parameters():
+                tag_parameter(param)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        for param in self.parameters():
+            param.zero_()  # the padding stays exactly zero
         for w1, w2, w3 in self.per_expert_weights():
             for weight in (w1, w2, w3):
                 if weight is not None:  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
@@ -182,10 +218,31 @@ class PackedHeteroExperts(nn.Module):
 
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Views ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of each local expert."""
-        w1s = self.w1[0].split(self.expert_sizes, dim=0)
-        w2s = self.w2[0].split(self.expert_sizes, dim=1)
-        w3s = self.w3[0].split(self.expert_sizes, dim=0) if self.w3 is not None else [None] * len(w1s)
+        total = sum(self.expert_sizes)  # rows past it are padding
+        w1s = self.w1[0, :total].split(self.expert_sizes, dim=0)
+        w2s = self.w2[0, :, :total].split(self.expert_sizes, dim=1)
+        w3s = self.w3[0, :total].split(self.expert_sizes, dim=0) if self.w3 is not None else [None] * len(w1s)
         return list(zip(w1s, w2s, w3s))
+
+    def full_values(self, per_expert: Sequence[ExpertWeights]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(parameter, its full packed value)`` for storing ``per_expert`` (one tuple per local expert).
+
+        The packs are assembled here (one layer's local experts at a time), so
+        they can be written into ZeRO-3 partitions without gathering.
+        """
+        per_expert = _checked(per_expert, len(self.expert_sizes))
+        pad = self.packed_width - sum(self.expert_sizes)
+        d = self.hidden_size
+
+        def pack(index: int, dim: int) -> torch.Tensor:
+            parts = [weights[index].float() for weights in per_expert]
+            parts.append(torch.zeros((pad, d) if dim == 0 else (d, pad)))
+            return torch.cat(parts, dim=dim).unsqueeze(0)
+
+        out = [(self.w1, pack(0, 0)), (self.w2, pack(1, 1))]
+        if self.w3 is not None:
+            out.append((self.w3, pack(2, 0)))
+        return out
 
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         if len(counts) != len(self.expert_sizes):
@@ -198,4 +255,11 @@ class PackedHeteroExperts(nn.Module):
         return torch.cat(outputs, dim=0)
 
     def extra_repr(self) -> str:
-        return f"experts={self.expert_sizes}, hidden={self.hidden_size}, {self.activation}"
+        padding = f", padded to {self.packed_width}" if self.packed_width != sum(self.expert_sizes) else ""
+        return f"experts={self.expert_sizes}{padding}, hidden={self.hidden_size}, {self.activation}"
+
+
+def _checked(per_expert: Sequence[ExpertWeights], expected: int) -> Sequence[ExpertWeights]:
+    if len(per_expert) != expected:
+        raise ValueError(f"got weights for {len(per_expert)} experts, this rank holds {expected}")
+    return per_expert

@@ -37,19 +37,22 @@ from .checkpoint import (
     MARKER,
     MODEL_FILE,
     PROBE_FILE,
-    STRUCTURE_FIELDS,
     TOKENIZER_DIR,
     CheckpointError,
-    _mixin_host,
-    _moe_layers,
-    _expert_weight_names,
     checkpoint_info,
     find_resume_checkpoint,
+    verify_checkpoint,
+)
+from .naming import (
+    STRUCTURE_FIELDS,
+    expert_weight_names,
     logical_dense_key,
     logical_expert_key,
     logical_parameter_shapes,
-    verify_checkpoint,
+    mixin_host,
+    moe_layers,
 )
+from .partitioned import write_full
 
 __all__ = ["WeightsSource", "export_hf", "load_logical_weights", "main", "resolve_source"]
 
@@ -185,17 +188,16 @@ def load_logical_weights(model: torch.nn.Module, source: WeightsSource) -> None:
     from safetensors import safe_open
 
     check_structure(source, model.config)
-    layers = _moe_layers(model)
+    layers = moe_layers(model)
     prefixes = [name for _, name, _ in layers]
-    expert_ids = {id(p) for _, _, layer in layers for p in _mixin_host(layer).experts.parameters()}
+    expert_ids = {id(p) for _, _, layer in layers for p in mixin_host(layer).experts.parameters()}
     with safe_open(str(source.weights), framework="pt") as handle:
         for name, param in model.named_parameters():
             if id(param) in expert_ids:
                 continue
-            value = handle.get_tensor(logical_dense_key(name, prefixes))
-            param.copy_(value.to(dtype=param.dtype, device=param.device))
+            write_full(param, handle.get_tensor(logical_dense_key(name, prefixes)))
         for _, prefix, layer in layers:
-            weights = {e: {w: handle.get_tensor(logical_expert_key(prefix, e, w)) for w in _expert_weight_names(layer)}
+            weights = {e: {w: handle.get_tensor(logical_expert_key(prefix, e, w)) for w in expert_weight_names(layer)}
                        for e in layer.local_expert_ids}
             layer.load_local_expert_weights(weights)
 

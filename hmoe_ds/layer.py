@@ -30,6 +30,7 @@ from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .dispatch import AllToAllExchange, LocalExchange, TokenExchange, combine, expert_capacity, plan_dispatch
 from .experts import HeteroExperts
+from .partitioned import write_full
 from .placement import ExpertPlacement, make_placement
 from .routing import multiplicative_jitter, route
 from .sizes import expert_param_count
@@ -147,6 +148,14 @@ class HMoEComputeMixin:
                 out[logical]["w3"] = w3.detach().clone()
         return out
 
+    def expert_weight_shapes(self, logical: int) -> dict[str, tuple[int, ...]]:
+        """``{"w1": [h, D], "w2": [D, h], ("w3": [h, D])}`` of logical expert ``logical``."""
+        h, d = self.config.expert_sizes[logical], self.hidden_size
+        shapes = {"w1": (h, d), "w2": (d, h)}
+        if self.config.activation.gated:
+            shapes["w3"] = (h, d)
+        return shapes
+
     @torch.no_grad()
     def init_expert_weights(self, std: float, seed: int) -> None:
         """normal(0, std) for every local expert, drawn per *logical* expert.
@@ -155,16 +164,17 @@ class HMoEComputeMixin:
         id)``, so the initial model is the same whatever the EP size, the
         placement or the front-end (module list or packed): runs that differ
         only in parallelism start identical. Parameters that HF loading marked
-        as initialised (``_is_hf_initialized``) are left alone.
+        as initialised (``_is_hf_initialized``) are left alone. Works on
+        ZeRO-3-partitioned experts too (each rank writes its partition).
         """
         if any(getattr(p, "_is_hf_initialized", False) for p in self.experts.parameters()):
             return
-        for logical, views in zip(self.local_expert_ids, self.experts.per_expert_weights()):
+        weights = {}
+        for logical in self.local_expert_ids:
             generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(logical))
-            for view in views:
-                if view is not None:
-                    values = torch.empty(view.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-                    view.copy_(values.to(device=view.device, dtype=view.dtype))
+            weights[logical] = {name: torch.empty(shape).normal_(0.0, std, generator=generator)
+                                for name, shape in self.expert_weight_shapes(logical).items()}
+        self.load_local_expert_weights(weights)
 
     @torch.no_grad()
     def load_local_expert_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
@@ -172,21 +182,25 @@ class HMoEComputeMixin:
 
         ``weights`` may hold every logical expert; only the local ones are read.
         Shapes are checked so a checkpoint of other expert sizes fails loudly.
+        ZeRO-3-partitioned experts are written partition by partition
+        (:func:`hmoe_ds.partitioned.write_full`), never gathered.
         """
-        for logical, views in zip(self.local_expert_ids, self.experts.per_expert_weights()):
+        per_expert = []
+        for logical in self.local_expert_ids:
             if logical not in weights:
                 raise KeyError(f"no weights for logical expert {logical} (have {sorted(weights)})")
-            for name, view in zip(("w1", "w2", "w3"), views):
-                if view is None:
-                    continue
+            values = []
+            for name, shape in self.expert_weight_shapes(logical).items():
                 source = weights[logical][name]
-                if tuple(source.shape) != tuple(view.shape):
+                if tuple(source.shape) != shape:
                     raise ValueError(
                         f"expert {logical} {name}: checkpoint shape {tuple(source.shape)} does not match the "
-                        f"layer's {tuple(view.shape)} (expert_sizes {self.config.expert_sizes}, hidden "
-                        f"{self.hidden_size})"
+                        f"layer's {shape} (expert_sizes {self.config.expert_sizes}, hidden {self.hidden_size})"
                     )
-                view.copy_(source)
+                values.append(source)
+            per_expert.append((values[0], values[1], values[2] if len(values) > 2 else None))
+        for param, value in self.experts.full_values(per_expert):
+            write_full(param, value)
 
     def _constant(self, name: str, device: torch.device) -> torch.Tensor:
         key = (name, device)

@@ -61,9 +61,6 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         group_name = f"ep_size_{ep_size}"
         ep_rank = expert_parallel_rank(ep_size, group_name)
         placement = make_placement(config.placement, config.expert_sizes, ep_size)
-        local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
-        self._init_moe(hidden_size, config, placement, ep_rank, PackedHeteroExperts(hidden_size, local_sizes,
-                                                                                     config.activation))
         # The attributes DeepSpeed's engine reads from AutoEP layers.
         self.ep_size = ep_size
         self.ep_rank = ep_rank
@@ -73,32 +70,43 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         self.num_local_experts = 1
         self.expert_placement_descriptor = legacy_uniform_autoep_placement_descriptor(ep_size, 1, ep_size)
         self.wall_clock_breakdown = False
-        self._tag_parameters()
-        self._set_ep_group(groups._get_expert_parallel_group(group_name))
-
-    def _tag_parameters(self) -> None:
-        """The tags AutoEP sets: expert-data-parallel reduction and ZeRO-3 partition group."""
-        for param in self.experts.parameters():
-            param.allreduce = False
-            param.group_name = self.ep_group_name
-            param.ds_zero_placement_family = "autoep_expert"
-            param.ds_zero_partition_group_name = self.ep_group_name
-            logical_shape = [self.num_experts, *param.shape[1:]]
-            affine_map = autoep_placement_to_affine_map(self.expert_placement_descriptor, logical_shape)
-            setattr(
-                param,
-                DS_AUTOEP_UC_META,
-                {
-                    AUTOEP_EXPERT_PLACEMENT: self.expert_placement_descriptor,
-                    AFFINE_MAP: affine_map.to_dict(),
-                    AUTOEP_PARAM_LOGICAL_SHAPE: logical_shape,
-                    AUTOEP_PARAM_EP_RANK: self.ep_rank,
-                    AUTOEP_PARAM_LOCAL_EXPERTS: [self.ep_rank],
-                },
-            )
+        local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
+        # Every EP rank's pack has the same shape (see PackedHeteroExperts), whatever the placement.
+        padded_width = max(sum(config.expert_sizes[e] for e in rank) for rank in placement.rank_experts)
+        experts = PackedHeteroExperts(hidden_size, local_sizes, config.activation, padded_width=padded_width,
+                                      tag_parameter=self._tag_expert_parameter)
+        self._init_moe(hidden_size, config, placement, ep_rank, experts)
         for param in self.gate.parameters():
             param.allreduce = True
             param.ds_zero_placement_family = "replicated"
+        self._set_ep_group(groups._get_expert_parallel_group(group_name))
+
+    def _tag_expert_parameter(self, param: nn.Parameter) -> None:
+        """The tags AutoEP sets: expert-data-parallel reduction and ZeRO-3 partition group.
+
+        Called by :class:`PackedHeteroExperts` before its constructor returns, so
+        that under ``deepspeed.zero.Init`` each pack is partitioned over its
+        expert-data-parallel group (``ds_zero_partition_process_group``), which
+        is what the engine later checks, instead of over every rank.
+        """
+        param.allreduce = False
+        param.group_name = self.ep_group_name
+        param.ds_zero_placement_family = "autoep_expert"
+        param.ds_zero_partition_group_name = self.ep_group_name
+        param.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(self.ep_group_name)
+        logical_shape = [self.num_experts, *param.shape[1:]]
+        affine_map = autoep_placement_to_affine_map(self.expert_placement_descriptor, logical_shape)
+        setattr(
+            param,
+            DS_AUTOEP_UC_META,
+            {
+                AUTOEP_EXPERT_PLACEMENT: self.expert_placement_descriptor,
+                AFFINE_MAP: affine_map.to_dict(),
+                AUTOEP_PARAM_LOGICAL_SHAPE: logical_shape,
+                AUTOEP_PARAM_EP_RANK: self.ep_rank,
+                AUTOEP_PARAM_LOCAL_EXPERTS: [self.ep_rank],
+            },
+        )
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
                                   folding_group_handles: Any = None) -> None:

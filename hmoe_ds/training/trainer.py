@@ -265,9 +265,7 @@ def moe_frontend_for(ds_config: dict[str, Any]) -> str:
     refuses its native ``MoE`` there; the math of both front-ends is the same, so
     a user switches ZeRO stage by editing the JSON only.
     """
-    zero = ds_config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
-    return "autoep" if stage == 3 else "moe"
+    return "autoep" if zero_stage_of(ds_config) == 3 else "moe"
 
 
 def model_config_for(exp: Experiment, ds_config: dict[str, Any], vocab_size: int) -> Any:
@@ -277,9 +275,48 @@ def model_config_for(exp: Experiment, ds_config: dict[str, Any], vocab_size: int
     return model_cfg
 
 
+def zero_stage_of(ds_config: dict[str, Any]) -> int:
+    zero = ds_config.get("zero_optimization") or {}
+    return int(zero.get("stage", 0) if isinstance(zero, dict) else zero)
+
+
+def build_model(model_cfg: Any, ds_config: dict[str, Any], seed: int,
+                init_weights: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
+    """The ``HMoEForCausalLM`` a run trains: built partitioned under ZeRO-3, initialised from ``seed``.
+
+    Under ZeRO stage 3 the model is constructed inside ``deepspeed.zero.Init``,
+    so each module's parameters are partitioned as soon as the module exists
+    (experts over their expert-data-parallel group): no rank ever holds more
+    than its partition plus the module being built. HF's own initialisation
+    is skipped (it would draw from the global RNG, differently per front-end,
+    and cannot see partitioned values); :func:`hmoe_ds.initialization.initialize_parameters`
+    then writes every rank's part of every parameter from ``(seed, logical
+    name)``, so the initial model is identical under every ZeRO stage, EP
+    size, placement and world size. ``init_weights(model)`` (e.g. ``run.init_from``)
+    runs last.
+    """
+    import contextlib
+
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    from hmoe_ds.initialization import initialize_parameters
+    from hmoe_ds.modeling import HMoEForCausalLM
+
+    partitioned = (deepspeed.zero.Init(config_dict_or_path=ds_config) if zero_stage_of(ds_config) == 3
+                   else contextlib.nullcontext())
+    with partitioned, no_init_weights():
+        model = HMoEForCausalLM(model_cfg)
+    model.tie_weights()  # no_init_weights also skipped HF's tying
+    initialize_parameters(model, seed)
+    if init_weights is not None:
+        init_weights(model)
+    return model
+
+
 def build_engine(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, training: bool = True,
                  init_weights: Callable[[torch.nn.Module], None] | None = None) -> tuple[Any, Any]:
-    """(engine, HMoEConfig): model from the experiment, wrapped by ``deepspeed.initialize``.
+    """(engine, HMoEConfig): the model of :func:`build_model`, wrapped by ``deepspeed.initialize``.
 
     ``init_weights(model)`` runs before ``deepspeed.initialize``: ZeRO copies the
     module's weights into its optimizer partitions there, so weights loaded
@@ -287,12 +324,8 @@ def build_engine(exp: Experiment, ds_config: dict[str, Any], vocab_size: int, tr
     """
     import deepspeed
 
-    from hmoe_ds.modeling import HMoEForCausalLM
-
     model_cfg = model_config_for(exp, ds_config, vocab_size)
-    model = HMoEForCausalLM(model_cfg)
-    if init_weights is not None:
-        init_weights(model)
+    model = build_model(model_cfg, ds_config, exp.run.seed, init_weights)
     wd = ((ds_config.get("optimizer") or {}).get("params") or {}).get("weight_decay")
     params = param_groups(model, wd) if training else list(model.parameters())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
