@@ -7,11 +7,15 @@ there (model/optimizer shards, one file per expert under ZeRO 0-2) with
 ``hmoe_rank_<r>.pt``           this rank's data-loader position and RNG states (python, numpy, torch).
                                DeepSpeed's ``client_state`` is written by rank 0 only, so per-rank
                                state needs per-rank files.
-``hmoe_model.safetensors``     the consolidated *logical* model in fp32: exactly the parameter names
-                               of ``HMoEForCausalLM`` with ``ep_size=1`` and ``frontend="moe"``,
-                               whatever ZeRO stage, EP size, placement or front-end trained it.
-                               DeepSpeed's ``zero_to_fp32``/``save_16bit_model`` cannot consolidate
-                               these MoE checkpoints, so this is what export and re-sharding read.
+``hmoe_shard_<r>.safetensors`` this rank's *logical* shard (:mod:`hmoe_ds.shards`): the fp32 master
+                               weights and optimizer states of the parameter slices this rank owns,
+                               under the parameter names of ``HMoEForCausalLM`` with ``ep_size=1``
+                               and ``frontend="moe"`` whatever ZeRO stage, EP size, placement or
+                               front-end trained it. Nothing is gathered: export, evaluation,
+                               re-sharding and elastic resume stream them back
+                               (``ShardReader``). DeepSpeed's ``zero_to_fp32``/``save_16bit_model``
+                               cannot read these MoE checkpoints. (Format 1 checkpoints held one
+                               consolidated ``hmoe_model.safetensors`` instead; they still load.)
 ``hmoe_probe.safetensors``     a short validation sequence and the logits the training engine
                                computed for it: export checks its result against these.
 ``hmoe_experiment.yaml``, ``tokenizer/``   the resolved experiment and the tokenizer, so a
@@ -48,6 +52,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
+from .shards import write_rank_shard
 from .naming import (
     MOE_STRUCTURE_FIELDS,
     STRUCTURE_FIELDS,
@@ -69,7 +74,6 @@ __all__ = [
     "MARKER",
     "MODEL_FILE",
     "PROBE_FILE",
-    "consolidated_state_dict",
     "checkpoint_info",
     "find_resume_checkpoint",
     "logical_config",
@@ -85,7 +89,7 @@ __all__ = [
 ]
 
 FORMAT = "hmoe-ds-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-rank logical shards replace the consolidated hmoe_model.safetensors
 MARKER = "hmoe_complete.json"
 MODEL_FILE = "hmoe_model.safetensors"
 PROBE_FILE = "hmoe_probe.safetensors"
@@ -239,7 +243,7 @@ def restore_cpu_adam_step_state(engine: Any) -> int | None:
     return step
 
 
-# --------------------------------------------------------------------------- consolidation (collective)
+# --------------------------------------------------------------------------- probe
 
 
 def _dist() -> tuple[int, int]:
@@ -248,88 +252,6 @@ def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _gathered(params: list[torch.nn.Parameter]) -> Any:
-    """Full parameters inside the block under ZeRO-3; a no-op for unpartitioned parameters."""
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _expert_dp_rank(layer: Any) -> int:
-    from deepspeed.utils import groups
-
-    rank, world = _dist()
-    if world == 1:
-        return 0
-    return groups._get_expert_data_parallel_rank(layer.expert_group_name)
-
-
-@torch.no_grad()
-def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The logical fp32 state dict of a (possibly ZeRO-3-partitioned, expert-parallel) model; collective.
-
-    Every rank must call it; rank 0 gets the dict, the others ``None``. Dense
-    parameters are gathered one at a time (under ZeRO-3 through
-    ``GatheredParameters``), so no rank ever holds more than one full dense
-    parameter extra. Experts travel one MoE layer at a time: the
-    expert-data-parallel rank 0 of each EP rank sends its
-    ``local_expert_weights()`` (keyed by logical id, so placement and packing are
-    already undone) to rank 0 with ``gather_object``. The result is checked
-    against the logical model's parameter names and shapes: a missing or
-    misshapen expert is an error, not a partial file.
-
-    The values are the weights the forward pass uses, in fp32; under bf16/fp16
-    training they are the low-precision module weights upcast (DeepSpeed's fp32
-    master copy stays in its own files, which exact resume uses).
-    """
-    import torch.distributed as dist
-
-    rank, world = _dist()
-    layers = moe_layers(module)
-    prefixes = [name for _, name, _ in layers]
-    expert_ids = {id(p) for _, _, layer in layers for p in mixin_host(layer).experts.parameters()}
-    out: dict[str, torch.Tensor] = {}
-    duplicates: list[str] = []
-    for name, param in module.named_parameters():
-        if id(param) in expert_ids:
-            continue
-        with _gathered([param]):
-            if rank == 0:
-                out[logical_dense_key(name, prefixes)] = param.detach().float().cpu().clone()
-    for _, prefix, layer in layers:
-        params = list(mixin_host(layer).experts.parameters())
-        with _gathered(params):
-            mine = None
-            if _expert_dp_rank(layer) == 0:
-                mine = {e: {w: t.float().cpu() for w, t in ws.items()} for e, ws in layer.local_expert_weights().items()}
-        received: list[Any] = [None] * world
-        if world > 1:
-            dist.gather_object(mine, received if rank == 0 else None, dst=0)
-        else:
-            received = [mine]
-        if rank != 0:
-            continue
-        for part in received:
-            for expert, weights in (part or {}).items():
-                for wname, tensor in weights.items():
-                    key = logical_expert_key(prefix, int(expert), wname)
-                    if key in out:  # raised after the last collective, so no rank is left waiting
-                        duplicates.append(key)
-                    out[key] = tensor
-    if rank != 0:
-        return None
-    if duplicates:
-        raise RuntimeError(f"consolidation: {duplicates[:5]} sent by two ranks; the expert placement is inconsistent")
-    expected = logical_parameter_shapes(module.config)
-    missing = sorted(set(expected) - set(out))
-    extra = sorted(set(out) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(out) if tuple(out[k].shape) != expected[k])
-    if missing or extra or wrong:
-        raise RuntimeError(f"consolidation does not match the logical model: missing {missing[:5]}, "
-                           f"unexpected {extra[:5]}, wrong shape {wrong[:5]}")
-    return {k: out[k] for k in expected}  # logical model order
 
 
 @torch.no_grad()
@@ -514,19 +436,23 @@ def has_checkpoint_dirs(checkpoint_dir: Path) -> list[str]:
 
 
 def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int, model_config: Any,
-                     zero_stage: int | None = None) -> None:
-    """Refuse a checkpoint that cannot be loaded exactly into this run; name every mismatch.
+                     zero_stage: int | None = None) -> list[str]:
+    """Refuse a checkpoint that cannot be loaded into this run; name every mismatch. Returns layout changes.
 
     Checked before the engine is built, so a wrong checkpoint costs seconds and
     one message instead of a load that fails halfway on every rank (or, worse,
-    loads part of the weights).
+    loads part of the weights). A different model *structure* (sizes, layers,
+    vocabulary, expert sizes) is always refused. A different *layout* (world
+    size, ZeRO stage, EP size, placement, front-end) is returned as a list of
+    changes: the run then resumes elastically from the logical shards
+    (:func:`hmoe_ds.shards.load_sharded_state`, optimizer state included); a
+    format-1 checkpoint, which has no shards, is refused instead.
     """
-    problems = []
+    problems, changes = [], []
     if int(marker.get("world_size", world_size)) != world_size:
-        problems.append(f"saved by {marker['world_size']} ranks, resumed on {world_size}; launch "
-                        f"{marker['world_size']} ranks (exact resume keeps the ZeRO partitioning)")
+        changes.append(f"world size {marker['world_size']} -> {world_size}")
     if zero_stage is not None and marker.get("zero_stage") is not None and int(marker["zero_stage"]) != zero_stage:
-        problems.append(f"saved with ZeRO stage {marker['zero_stage']}, resumed with stage {zero_stage}")
+        changes.append(f"ZeRO stage {marker['zero_stage']} -> {zero_stage}")
     saved_cfg = marker.get("model_config") or {}
     now_cfg = model_config.to_dict()
     for name in STRUCTURE_FIELDS:
@@ -539,15 +465,21 @@ def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int,
                         f"{[r['layer'] for r in now_layers]}")
     else:
         for saved, now in zip(saved_layers, now_layers):
-            for key in ("num_experts", "expert_sizes", "activation", "ep_size", "frontend", "placement"):
+            for key in ("num_experts", "expert_sizes", "activation"):
                 if saved.get(key) != now[key]:
                     problems.append(f"MoE layer {now['layer']} {key}: checkpoint {saved.get(key)!r}, "
                                     f"this run {now[key]!r}")
+        for key in ("ep_size", "frontend", "placement"):
+            if saved_layers and saved_layers[0].get(key) != now_layers[0][key]:
+                changes.append(f"MoE {key} {saved_layers[0].get(key)!r} -> {now_layers[0][key]!r}")
+    if changes and not marker.get("shards"):
+        problems += [f"{c} (this checkpoint predates elastic resume; launch it as it was saved)" for c in changes]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(
             f"{where}: this checkpoint does not fit the run: {shown}. Resume with the settings it was saved with, "
             "or start a new run.output_dir with run.init_from pointing at it (re-shards the weights)")
+    return changes
 
 
 def prepare_tag_dir(tag_dir: Path) -> str | None:
@@ -665,7 +597,7 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
 
     Order (each stage starts only when every rank finished the previous one):
     remove a stale same-tag directory -> DeepSpeed's files (``save_latest=False``)
-    + this rank's state file -> consolidated logical model and probe (rank 0)
+    + this rank's state file + this rank's logical shard -> probe, experiment, tokenizer (rank 0)
     -> barrier -> marker -> ``latest``. A kill anywhere before the marker leaves
     a directory that resume skips; ``latest`` never names it. A failure in one of
     rank 0's sections raises on every rank (:func:`hmoe_ds.collectives.on_rank0`).
@@ -689,20 +621,11 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "experiment": experiment},
                            save_latest=False)
     save_rank_state(tag_dir, rank, {**rank_state, "step": step, "rank": rank, "world_size": world})
-    consolidation_error: Exception | None = None
-    held: dict[str, Any] = {}  # the consolidated model, dropped as soon as it is written
-    try:
-        held["state"] = consolidated_state_dict(engine.module)
-    except RuntimeError as exc:  # rank 0 only, after every collective of the consolidation
-        consolidation_error = exc
+    # This rank's logical shard: the weights and optimizer state it owns, nothing gathered.
+    write_rank_shard(engine, tag_dir, rank)
     logits = probe_logits(engine, probe_ids) if probe_ids is not None else None
 
     def write_files() -> None:
-        if consolidation_error is not None:
-            raise consolidation_error
-        state = held.pop("state")
-        assert state is not None
-        _atomic_safetensors(state, tag_dir / MODEL_FILE, {"format": "pt", "layout": "hmoe-ds logical"})
         if logits is not None and probe_ids is not None:
             _atomic_safetensors({"input_ids": probe_ids.cpu(), "logits": logits}, tag_dir / PROBE_FILE,
                                 {"format": "pt"})
@@ -721,16 +644,16 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
             "model_config": json.loads(cfg.to_json_string(use_diff=False)),
             "logical_config": json.loads(logical_config(cfg).to_json_string(use_diff=False)),
             "moe_layers": moe_layer_records(engine.module),
+            "shards": world,
             "versions": _versions(),
         }
         write_marker(tag_dir, meta)
         write_latest(checkpoint_dir, tag)
 
     maybe_kill_before_marker(step, rank)
-    # A failure in a rank-0 section (a full disk, an inconsistent consolidation) stops every rank at once,
-    # without a marker, instead of leaving the others waiting in a barrier.
+    # A failure in a rank-0 section (a full disk) stops every rank at once, without a marker, instead of
+    # leaving the others waiting in a barrier.
     on_rank0(write_files)
-    held.clear()
     _barrier()  # every rank's own files are complete before the marker says so
     on_rank0(commit)
     return tag_dir, notes

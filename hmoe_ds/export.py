@@ -29,7 +29,8 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -53,6 +54,7 @@ from .naming import (
     moe_layers,
 )
 from .partitioned import write_full
+from .shards import SHARD_GLOB, ShardReader
 
 __all__ = ["WeightsSource", "export_hf", "load_logical_weights", "main", "resolve_source"]
 
@@ -68,7 +70,7 @@ class WeightsSource:
 
     kind: str  # "hf" or "checkpoint"
     path: Path  # the HF dir or the checkpoint tag dir
-    weights: Path  # a safetensors file with logical parameter names
+    weights: Path  # a safetensors file with logical parameter names, or the tag dir holding logical shards
     config: dict[str, Any]  # HMoEConfig fields of the logical model
     tokenizer_dir: Path | None
     probe: Path | None
@@ -78,13 +80,48 @@ class WeightsSource:
         step = f" (step {self.marker['step']})" if self.marker else ""
         return f"{'HF export' if self.kind == 'hf' else 'checkpoint'} {self.path}{step}"
 
+    def open(self) -> "LogicalWeights":
+        """A streaming reader of the logical tensors (one tensor in memory at a time)."""
+        try:
+            return ShardReader(self.weights) if self.weights.is_dir() else FileWeights(self.weights)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.weights}: unreadable weights ({exc})") from None
+        except Exception as exc:  # safetensors raises its own error types for truncated/garbage files
+            raise CheckpointError(f"{self.weights}: unreadable weights ({exc})") from None
+
+
+class LogicalWeights(Protocol):
+    """Logical tensors by name, read one at a time (:class:`FileWeights`, :class:`~hmoe_ds.shards.ShardReader`)."""
+
+    def shapes(self) -> dict[str, tuple[int, ...]]: ...
+
+    def get(self, name: str, state: str | None = None) -> torch.Tensor: ...
+
+
+class FileWeights:
+    """One safetensors file with logical names (an HF export, or a format-1 checkpoint's consolidated model)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._handle = safe_open(str(path), framework="pt")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(self._handle.get_slice(key).get_shape()) for key in self._handle.keys()}
+
+    def get(self, name: str, state: str | None = None) -> torch.Tensor:
+        if state is not None:
+            raise KeyError(f"{self.path} holds weights only, no optimizer state {state!r}")
+        return self._handle.get_tensor(name)
+
 
 def _from_tag_dir(tag_dir: Path) -> WeightsSource:
     marker = verify_checkpoint(tag_dir)
-    weights = tag_dir / MODEL_FILE
-    if not weights.is_file() or "logical_config" not in marker:
-        raise CheckpointError(f"{tag_dir}: no {MODEL_FILE} (consolidated model); the checkpoint was written by an "
-                              "older hmoe-ds. Resume it for one save_every interval to write one")
+    weights = tag_dir / MODEL_FILE if (tag_dir / MODEL_FILE).is_file() else tag_dir  # format 1, else shards
+    if "logical_config" not in marker or (weights == tag_dir and not any(tag_dir.glob(SHARD_GLOB))):
+        raise CheckpointError(f"{tag_dir}: neither logical shards ({SHARD_GLOB}) nor {MODEL_FILE}; the checkpoint "
+                              "was written by an older hmoe-ds. Resume it for one save_every interval to write one")
     run_dir = tag_dir.parent.parent
     tokenizer = next((d for d in (tag_dir / TOKENIZER_DIR, run_dir / TOKENIZER_DIR) if (d / "tokenizer.json").is_file()),
                      None)
@@ -132,16 +169,6 @@ def resolve_source(path: str | Path, tag: str | None = None) -> WeightsSource:
     return _from_tag_dir(info.path)
 
 
-def _file_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated/garbage files
-        raise CheckpointError(f"{weights}: unreadable safetensors file ({exc})") from None
-
-
 def check_structure(source: WeightsSource, model_config: Any) -> None:
     """Every logical parameter of ``model_config`` present in ``source`` with its shape, nothing extra.
 
@@ -149,7 +176,7 @@ def check_structure(source: WeightsSource, model_config: Any) -> None:
     and a few of the parameters, so the user knows what to change.
     """
     expected = logical_parameter_shapes(model_config)
-    found = _file_shapes(source.weights)
+    found = source.open().shapes()
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
@@ -185,21 +212,47 @@ def load_logical_weights(model: torch.nn.Module, source: WeightsSource) -> None:
     the structure is checked first (:func:`check_structure`), so a mismatch
     never leaves a half-loaded model.
     """
-    from safetensors import safe_open
-
     check_structure(source, model.config)
+    reader = source.open()
     layers = moe_layers(model)
     prefixes = [name for _, name, _ in layers]
     expert_ids = {id(p) for _, _, layer in layers for p in mixin_host(layer).experts.parameters()}
-    with safe_open(str(source.weights), framework="pt") as handle:
-        for name, param in model.named_parameters():
-            if id(param) in expert_ids:
-                continue
-            write_full(param, handle.get_tensor(logical_dense_key(name, prefixes)))
-        for _, prefix, layer in layers:
-            weights = {e: {w: handle.get_tensor(logical_expert_key(prefix, e, w)) for w in expert_weight_names(layer)}
-                       for e in layer.local_expert_ids}
-            layer.load_local_expert_weights(weights)
+    for name, param in model.named_parameters():
+        if id(param) not in expert_ids:
+            write_full(param, reader.get(logical_dense_key(name, prefixes)))
+    for _, prefix, layer in layers:  # one layer's local experts in memory at a time
+        weights = {e: {w: reader.get(logical_expert_key(prefix, e, w)) for w in expert_weight_names(layer)}
+                   for e in layer.local_expert_ids}
+        layer.load_local_expert_weights(weights)
+
+
+def write_safetensors_streaming(path: Path, names: Sequence[str], shapes: dict[str, tuple[int, ...]],
+                                get: Callable[[str], torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write an fp32 safetensors file one tensor at a time (peak memory: the largest tensor).
+
+    The format is a little-endian u64 header length, a JSON header with each
+    tensor's dtype, shape and byte range, then the raw bytes in header order,
+    so the header can be written from the shapes before any tensor is read.
+    """
+    import struct
+
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in names:
+        nbytes = 4 * math.prod(shapes[name])
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(blob)))
+        handle.write(blob)
+        for name in names:
+            tensor = get(name).to(torch.float32).contiguous()
+            if tuple(tensor.shape) != tuple(shapes[name]):
+                raise CheckpointError(f"{name}: read shape {tuple(tensor.shape)}, expected {shapes[name]}")
+            handle.write(tensor.numpy().tobytes())
+            del tensor
 
 
 # --------------------------------------------------------------------------- HF export
@@ -260,7 +313,9 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None
     tmp.mkdir()
     try:
         config.save_pretrained(str(tmp))
-        shutil.copyfile(src.weights, tmp / HF_WEIGHTS)
+        reader = src.open()
+        shapes = logical_parameter_shapes(config)  # the logical model's names, in its order
+        write_safetensors_streaming(tmp / HF_WEIGHTS, list(shapes), shapes, reader.get, {"format": "pt"})
         if src.tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (src.tokenizer_dir / name).is_file():

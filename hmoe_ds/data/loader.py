@@ -127,6 +127,29 @@ class TrainBatchIterator:
         self.epoch, self.position, self._shard = int(state["epoch"]), int(state["position"]), None
 
 
+    def load_global_state(self, state: dict[str, int]) -> None:
+        """Resume a :meth:`state_dict` saved at another data-parallel size or micro-batch size.
+
+        Rank r's micro-batch k holds entries ``(k*B + j)*W + r`` of the epoch's
+        permutation, so after k micro-batches per rank the first ``k*B*W``
+        entries are used, whatever W: the position carries over in samples and
+        the following global batches contain the same examples (grouped into
+        micro-batches differently). Only the end of an epoch differs (each
+        layout drops its own ``N mod (W*B)`` remainder).
+        """
+        for k in ("seed", "num_examples"):
+            if state[k] != getattr(self, k):
+                raise ValueError(f"Cannot resume: saved {k}={state[k]} but this iterator has {k}={getattr(self, k)}; "
+                                 "resume with the same data and seed.")
+        consumed = int(state["position"]) * int(state["micro_batch_size"]) * int(state["world_size"])
+        per_batch = self.micro_batch_size * self.world_size
+        if consumed % per_batch:
+            raise ValueError(f"Cannot resume: {consumed} samples of epoch {state['epoch']} were used, not a multiple of "
+                             f"micro_batch_size x data-parallel size = {per_batch}; keep the global batch size")
+        self.epoch, self.position, self._shard = int(state["epoch"]), min(consumed // per_batch,
+                                                                          self.batches_per_epoch), None
+
+
 class EvalBatchIterator:
     """Re-iterable pass over a validation set: rank-strided, in order, last batch possibly partial.
 

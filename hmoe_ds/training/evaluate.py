@@ -182,9 +182,10 @@ def run_evaluation(path: str | Path, tag: str | None, config: str | None, overri
 
     ``path`` is anything :func:`hmoe_ds.export.resolve_source` accepts (a run, its
     ``checkpoints/``, one checkpoint, an HF export). The model is rebuilt from the
-    checkpoint's consolidated *logical* weights, with every expert on every rank
-    (``ep_size=1``), so a checkpoint of any ZeRO stage, EP size or placement
-    evaluates on any number of processes; ranks split the validation set. The
+    checkpoint's *logical* weights, streamed tensor by tensor, with the experts
+    spread over the ranks (``ep_size = gcd(world size, experts)``), so a
+    checkpoint of any ZeRO stage, EP size or placement evaluates on any number
+    of processes; ranks split the validation set. The
     data come from ``config``, else the checkpoint's own experiment (an HF export
     needs ``config``). Collective when distributed.
     """
@@ -195,6 +196,7 @@ def run_evaluation(path: str | Path, tag: str | None, config: str | None, overri
     from hmoe_ds.data import EvalBatchIterator, build_lm_datasets
     from hmoe_ds.export import load_logical_weights, resolve_source
     from hmoe_ds.modeling import HMoEConfig, HMoEForCausalLM, parameter_summary
+    from transformers.initialization import no_init_weights
 
     from .experiment import ExperimentError, load_experiment
     from .trainer import _rank0_first
@@ -216,8 +218,17 @@ def run_evaluation(path: str | Path, tag: str | None, config: str | None, overri
         raise ExperimentError(f"{exp_path}: its tokenizer has {len(data.tokenizer)} tokens but the model "
                               f"{source.describe()} only {model_config.vocab_size}; evaluate with the experiment "
                               "the model was trained with (--config)")
-    model = HMoEForCausalLM(model_config)
+    # Experts are spread over the evaluating ranks (expert parallelism) rather than replicated: the largest
+    # EP size that divides both the world size and the number of experts.
+    ep_size = math.gcd(world, model_config.moe_layer_config().num_experts) if model_config.moe_layer_frequency else 1
+    if ep_size > 1:
+        model_config.moe = {**model_config.moe, "ep_size": ep_size}
+    with no_init_weights():  # every weight is loaded next, tensor by tensor
+        model = HMoEForCausalLM(model_config)
+    model.tie_weights()
     load_logical_weights(model, source)
+    if rank == 0 and ep_size > 1:
+        print(f"experts sharded over {ep_size} ranks (expert parallelism {ep_size})", flush=True)
     device = get_accelerator().current_device_name()
     model.to(device)
     loader = EvalBatchIterator(data.validation, _micro_batch(run_dir), rank=rank, world_size=world)

@@ -122,7 +122,7 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 
 
 def check_output_dir(exp: Experiment, resume: str | bool | None,
-                     world_size: int | None = None) -> tuple[str | None, list[str]]:
+                     world_size: int | None = None) -> tuple[str | None, list[str]]:  # noqa: ARG001 (kept for callers)
     """Decide what the output directory allows: (checkpoint tag to resume from, notes). Writes nothing.
 
     ``resume``: ``None``/``False`` = a new run; ``"auto"``/``True`` = the newest
@@ -176,12 +176,6 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
         notes.extend(f"--resume: {note}" for note in skipped)
     else:
         info = checkpoint_info(checkpoints, resume) if resume else None
-    saved_ranks = int(info.marker.get("world_size", 0)) if info else 0
-    if info and saved_ranks and world_size and saved_ranks != world_size:
-        raise ExperimentError(
-            f"{info.path}: saved by {saved_ranks} ranks, resumed on {world_size}; exact resume needs "
-            f"the same number of ranks (launch {saved_ranks}), or choose a new run.output_dir"
-        )
     if changed:
         notes.append(f"--resume with changed settings: {', '.join(changed)}")
     if resume and not info:
@@ -367,11 +361,13 @@ def _vet_output_dir(plan: TrainPlan) -> str | None:
 
 
 def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int,
-                 tag: str | None) -> tuple[str | None, int | None]:
+                 tag: str | None) -> tuple[str | None, int | None, bool]:
     """Rank 0, before any model exists: is the checkpoint (or ``run.init_from``) usable by this run? Writes nothing.
 
-    Returns ``(init_from weights directory to load, step of the checkpoint to resume)``,
-    either ``None``. The checkpoint itself was verified by :func:`check_output_dir`. Every mismatch
+    Returns ``(init_from weights directory to load, step of the checkpoint to resume,
+    whether the resume is elastic)``; the first two may be ``None``. A checkpoint
+    of another world size, ZeRO stage, EP size or placement resumes elastically.
+    The checkpoint itself was verified by :func:`check_output_dir`. Every mismatch
     (world size, ZeRO stage, expert sizes or count, EP size, placement, shapes)
     is one ``CheckpointError`` here, not a failure halfway through
     ``load_checkpoint`` on every rank.
@@ -383,19 +379,21 @@ def _check_start(exp: Experiment, ds_config: dict[str, Any], vocab_size: int,
     if tag is not None:
         tag_dir = exp.output_dir / CHECKPOINTS / tag
         marker = read_marker(tag_dir)
-        zero = ds_config.get("zero_optimization") or {}
-        check_compatible(marker, tag_dir, world_size=_world_size(), model_config=model_cfg,
-                         zero_stage=int(zero.get("stage", 0) if isinstance(zero, dict) else zero))
+        changes = check_compatible(marker, tag_dir, world_size=_world_size(), model_config=model_cfg,
+                                   zero_stage=zero_stage_of(ds_config))
         if exp.run.init_from:
             print(f"warning: run.init_from={exp.run.init_from} ignored: resuming from {tag_dir}", file=sys.stderr,
                   flush=True)
-        return None, int(marker["step"])
+        if changes:
+            print(f"warning: --resume: elastic resume ({'; '.join(changes)}): weights and optimizer state come from "
+                  "the checkpoint's logical shards", file=sys.stderr, flush=True)
+        return None, int(marker["step"]), bool(changes)
     if not exp.run.init_from:
-        return None, None
+        return None, None, False
     source = resolve_source(exp.run.init_from)
     check_structure(source, model_cfg)
     print(f"initialising weights from {source.describe()}", flush=True)
-    return str(source.path), None
+    return str(source.path), None, False
 
 
 def _commit_start(plan: TrainPlan, resume_step: int | None) -> None:
@@ -431,28 +429,67 @@ def _commit_start(plan: TrainPlan, resume_step: int | None) -> None:
     atomic_write_text(exp.output_dir / "ds_config.json", json.dumps(plan.ds_config, indent=2) + "\n")
 
 
-def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str) -> int:
-    """Load ``checkpoints/tag`` (DeepSpeed state + this rank's loader/RNG file); return the step to continue from."""
+def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str, elastic: bool, seed: int) -> int:
+    """Load ``checkpoints/tag`` into the engine; return the step to continue from.
+
+    Exact resume (same world size and layout): DeepSpeed's own files plus this
+    rank's loader/RNG file, bit for bit. Elastic resume: weights, fp32 master
+    values and optimizer moments from the logical shards into this run's
+    layout (:func:`hmoe_ds.shards.load_sharded_state`), the LR scheduler and
+    step counters from DeepSpeed's rank-0 file, and the data position carried
+    over in samples (the same global batches follow, as long as the global
+    batch size is unchanged). Router noise is re-seeded, the one thing that
+    cannot continue exactly across a change of world size.
+    """
     import torch.distributed as dist
 
     from hmoe_ds.checkpoint import load_rank_state, restore_cpu_adam_step_state, set_rng_state
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    load_path, _ = engine.load_checkpoint(str(checkpoints), tag=tag)
-    if load_path is None:  # DeepSpeed returns (None, None) instead of raising when it finds no state
-        raise ExperimentError(f"{checkpoints / tag}: DeepSpeed found no model state to load")
+    tag_dir = checkpoints / tag
+    if elastic:
+        step = _restore_elastic(engine, train_iter, tag_dir)
+        _seed(seed + world * step + rank)
+    else:
+        load_path, _ = engine.load_checkpoint(str(checkpoints), tag=tag)
+        if load_path is None:  # DeepSpeed returns (None, None) instead of raising when it finds no state
+            raise ExperimentError(f"{tag_dir}: DeepSpeed found no model state to load")
+        state = load_rank_state(tag_dir, rank)
+        try:
+            train_iter.load_state_dict(state["loader"])
+        except ValueError as exc:  # e.g. another micro batch size or other data: the batches would differ
+            raise ExperimentError(f"{tag_dir}: {exc}") from None
+        set_rng_state(state["rng"])  # the routers' noise continues as if never stopped
+        step = int(state["step"])
     restore_cpu_adam_step_state(engine)  # ZeRO-Offload's Adam: bias correction as if never stopped
-    state = load_rank_state(checkpoints / tag, rank)
-    try:
-        if int(state.get("world_size", world)) != world:
-            raise ValueError(f"saved by {state['world_size']} ranks, resumed on {world}; launch "
-                             f"{state['world_size']} ranks")
-        train_iter.load_state_dict(state["loader"])
-    except ValueError as exc:  # e.g. another micro batch size or other data: the batches would differ
-        raise ExperimentError(f"{checkpoints / tag}: {exc}") from None
-    set_rng_state(state["rng"])  # the routers' noise continues as if never stopped
+    log0(f"resumed from {tag_dir} at step {step}{' (elastic)' if elastic else ''}")
+    return step
+
+
+def _restore_elastic(engine: Any, train_iter: Any, tag_dir: Path) -> int:
+    from hmoe_ds.checkpoint import load_rank_state
+    from hmoe_ds.shards import ShardReader, load_sharded_state
+
+    load_sharded_state(engine, ShardReader(tag_dir))
+    state = load_rank_state(tag_dir, 0)
     step = int(state["step"])
-    log0(f"resumed from {checkpoints / tag} at step {step}")
+    ds_files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    if engine.lr_scheduler is not None and ds_files:
+        # mmap: under ZeRO 0-2 this file holds the whole dense model; only the scheduler's few bytes are read
+        client = torch.load(ds_files[0], map_location="cpu", mmap=True, weights_only=False)
+        if client.get("lr_scheduler") is not None:
+            scheduler = engine.lr_scheduler
+            scheduler.load_state_dict(client["lr_scheduler"])
+            # Exact resume restores the optimizer's param_groups (their lr) from DeepSpeed's files; here they are
+            # fresh, holding the schedule's first lr, so set the lr the schedule is at.
+            for group, lr in zip(engine.optimizer.param_groups, scheduler.get_lr()):
+                group["lr"] = lr
+    engine.global_steps = step
+    engine.global_samples = step * engine.train_batch_size()
+    try:
+        train_iter.load_global_state(state["loader"])
+    except ValueError as exc:
+        raise ExperimentError(f"{tag_dir}: {exc}") from None
     return step
 
 
@@ -474,7 +511,7 @@ def _train(plan: TrainPlan) -> int:
 
     datasets.disable_progress_bars()
     data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
-    init_from, resume_step = on_rank0(lambda: _check_start(exp, plan.ds_config, len(data.tokenizer), tag))
+    init_from, resume_step, elastic = on_rank0(lambda: _check_start(exp, plan.ds_config, len(data.tokenizer), tag))
     on_rank0(lambda: _commit_start(plan, resume_step))
     init_weights = None
     if init_from is not None:
@@ -488,7 +525,8 @@ def _train(plan: TrainPlan) -> int:
 
     micro = engine.train_micro_batch_size_per_gpu()
     train_iter = TrainBatchIterator(data.train, micro, rank=rank, world_size=world, seed=run.seed)
-    step = _restore(engine, train_iter, exp.output_dir / CHECKPOINTS, tag) if tag is not None else 0
+    step = (_restore(engine, train_iter, exp.output_dir / CHECKPOINTS, tag, elastic, run.seed) if tag is not None
+            else 0)
 
     summary = parameter_summary(engine.module)
     non_expert = int(summary["non_expert_params"])
