@@ -24,20 +24,35 @@ same decision at the same step. ``run.on_nonfinite`` says what happens:
 Before every save the trainer also checks that the weights are finite
 (:meth:`StepGuard.check_parameters`): an update from a damaged optimizer state
 can make them NaN while the step's loss was still finite.
+
+The test-only hook ``HMOE_DS_TEST_NONFINITE_AT_STEP=<step>`` makes one rank
+(``HMOE_DS_TEST_NONFINITE_RANK``, default 1) turn its loss into NaN during that
+optimizer step (1-based), before the backward; it does nothing unless set.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import torch
 
 from .experiment import ExperimentError
 
-__all__ = ["NONFINITE_MODES", "NonFiniteError", "StepGuard", "nonfinite_parameters"]
+__all__ = ["NONFINITE_MODES", "NonFiniteError", "StepGuard", "maybe_poison_loss", "nonfinite_parameters"]
 
 NONFINITE_MODES = ("stop", "skip")
+NONFINITE_AT_STEP_ENV = "HMOE_DS_TEST_NONFINITE_AT_STEP"
+NONFINITE_RANK_ENV = "HMOE_DS_TEST_NONFINITE_RANK"
+
+
+def maybe_poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    """Test hook: NaN instead of the loss of optimizer step ``step`` on one rank; the loss itself otherwise."""
+    value = os.environ.get(NONFINITE_AT_STEP_ENV)
+    if value and int(value) == step and rank == int(os.environ.get(NONFINITE_RANK_ENV, "1")):
+        return loss * float("nan")
+    return loss
 
 
 class NonFiniteError(ExperimentError):

@@ -473,7 +473,7 @@ def _train(plan: TrainPlan) -> int:
     from .evaluate import evaluate
     from .metrics import MetricsWriter, TrainAccumulator, ep_load_scalars, format_postfix, routing_scalars
 
-    from .guard import StepGuard
+    from .guard import StepGuard, maybe_poison_loss
     from .rundir_lock import RunDirLock
     from .signals import EXIT_CODE, StopWatch
 
@@ -570,8 +570,9 @@ def _train(plan: TrainPlan) -> int:
             batch = next(train_iter)
             input_ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
             out = engine(input_ids=input_ids, labels=labels)
-            guard.observe_loss(out.loss)
-            engine.backward(out.loss)
+            loss = maybe_poison_loss(out.loss, step + 1, rank)  # test-only hook; the loss itself unless set
+            guard.observe_loss(loss)
+            engine.backward(loss)
             maybe_kill_during_step(step + 1, rank)  # test-only crash hook; no-op unless its env var is set
             boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
             engine.step()
