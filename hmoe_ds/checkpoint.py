@@ -22,13 +22,16 @@ there (model/optimizer shards, one file per expert under ZeRO 0-2) with
                                checkpoint directory is self-contained.
 ``hmoe_complete.json``         the completion marker, written last by rank 0 after a barrier: step,
                                world size, ZeRO stage, the expert placement of every MoE layer, the
-                               training and logical model configs and every file with its size.
+                               training and logical model configs and every file with its size and
+                               content checksum (XXH3-128, :mod:`hmoe_ds.integrity`).
 
 Only after the marker is durable is ``checkpoints/latest`` replaced (temp file +
 ``os.replace``), so a process killed at any moment leaves either the previous
 complete checkpoint as newest, or the new one complete. ``--resume`` picks the
-newest directory *with* a marker and says which ones it skipped; a directory
-that has a marker but lost a file is an error, never a silent fallback.
+newest directory *with* a marker whose files all match their recorded sizes and
+checksums, and says which ones it skipped and why (naming the damaged file);
+skipped directories are moved to ``checkpoints_set_aside/``, never deleted or
+overwritten.
 
 The test-only hooks ``HMOE_DS_TEST_KILL_DURING_SAVE=<step>`` and
 ``HMOE_DS_TEST_KILL_DURING_STEP=<step>`` make one rank (``HMOE_DS_TEST_KILL_RANK``,
@@ -42,7 +45,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -82,7 +84,9 @@ __all__ = [
     "moe_layer_records",
     "read_latest",
     "read_marker",
+    "set_aside",
     "set_aside_newer_checkpoints",
+    "set_aside_unusable_checkpoints",
     "tag_for",
     "verify_checkpoint",
     "write_latest",
@@ -96,6 +100,7 @@ PROBE_FILE = "hmoe_probe.safetensors"
 EXPERIMENT_FILE = "hmoe_experiment.yaml"
 TOKENIZER_DIR = "tokenizer"
 LATEST = "latest"
+SET_ASIDE = "checkpoints_set_aside"
 TAG_PREFIX = "step_"
 PROBE_TOKENS = 32
 
@@ -271,22 +276,27 @@ def probe_logits(engine: Any, input_ids: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- marker and validation
 
 
-def _file_table(tag_dir: Path) -> dict[str, int]:
-    table = {}
-    for path in sorted(tag_dir.rglob("*")):
-        if path.is_file() and path.name != MARKER and not path.name.startswith("."):
-            table[path.relative_to(tag_dir).as_posix()] = path.stat().st_size
-    return table
+def _file_names(tag_dir: Path) -> list[str]:
+    """Every file of the checkpoint (listed now, so whatever files a save writes are covered), marker excluded."""
+    return [path.relative_to(tag_dir).as_posix() for path in sorted(tag_dir.rglob("*"))
+            if path.is_file() and path.name != MARKER and not path.name.startswith(".")]
 
 
 def write_marker(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Rank 0, after every rank finished writing: make the files durable, then commit the marker."""
+    """Rank 0, after every rank finished writing: make the files durable, checksum them, then commit the marker.
+
+    ``files`` maps every file to its size and content digest (:mod:`hmoe_ds.integrity`),
+    so resume detects bytes changed in place, not only lost or truncated files.
+    """
+    from .integrity import describe_files
+
     tag_dir = Path(tag_dir)
-    files = _file_table(tag_dir)
+    names = _file_names(tag_dir)
     # SIGKILL loses nothing the kernel has; fsync is for a node that loses power right after "complete".
-    for name in files:
+    for name in names:
         _fsync_file(tag_dir / name)
     _fsync_dir(tag_dir)
+    files = describe_files(tag_dir, names)
     marker = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "files": files,
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=1) + "\n")
@@ -314,25 +324,24 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
     return marker
 
 
-def verify_checkpoint(tag_dir: Path) -> dict[str, Any]:
-    """Marker present and every file it lists present with its recorded size; returns the marker."""
+def verify_checkpoint(tag_dir: Path, notes: list[str] | None = None) -> dict[str, Any]:
+    """Marker present and every file it lists present with its recorded size and content; returns the marker.
+
+    A damaged file is named in the :class:`CheckpointError`. Markers written before
+    content checksums existed list sizes only; their files are checked by size and
+    a note saying so is appended to ``notes`` (when given).
+    """
+    from .integrity import verify_files
+
     tag_dir = Path(tag_dir)
     marker = read_marker(tag_dir)
-    missing, resized = [], []
-    for name, size in marker.get("files", {}).items():
-        path = tag_dir / name
-        if not path.is_file():
-            missing.append(name)
-        elif path.stat().st_size != size:
-            resized.append(f"{name} ({path.stat().st_size} bytes, saved {size})")
-    if missing or resized:
-        what = []
-        if missing:
-            what.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if resized:
-            what.append(f"truncated or changed {', '.join(resized[:8])}")
-        raise CheckpointError(f"{tag_dir}: marked complete but damaged: {'; '.join(what)}. Restore the files, or "
-                              "move this directory away to use an older checkpoint")
+    problems, found_notes = verify_files(tag_dir, marker.get("files", {}))
+    if notes is not None:
+        notes.extend(found_notes)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(f"{tag_dir}: marked complete but damaged: {shown}. Restore the files, or resume "
+                              "from an older checkpoint")
     return marker
 
 
@@ -365,13 +374,16 @@ def _saved_step(path: Path) -> int:
 
 
 def find_resume_checkpoint(checkpoint_dir: Path) -> tuple[CheckpointInfo | None, list[str]]:
-    """The newest complete checkpoint under ``checkpoint_dir`` and notes on every directory skipped.
+    """The newest *verified* checkpoint under ``checkpoint_dir`` and notes on every directory skipped.
 
-    Directories without a marker (an interrupted save, or not ours) are skipped
-    with a note. The chosen (newest marked) checkpoint must be whole: if it lost
-    a file this raises, because falling back silently would discard steps the
-    user believes are saved. Older checkpoints are not read, so pruning files
-    from them (to free disk) never blocks a resume.
+    Directories without a readable marker (an interrupted save, a damaged
+    marker, or not ours) are skipped with a note. Marked checkpoints are verified
+    newest first (every file's size and content checksum); one that fails is
+    skipped with a note naming the damaged file, and the next older one is tried,
+    so a resume never loads bytes that differ from what was saved. Older
+    checkpoints than the one chosen are not read, so pruning files from them (to
+    free disk) never blocks a resume. The skipped newer directories are not
+    touched here: the trainer sets them aside (never deletes them) when it starts.
     ``latest`` is only a hint: a crash between marker and pointer leaves it one
     checkpoint behind, and the newest marker wins.
     """
@@ -386,12 +398,24 @@ def find_resume_checkpoint(checkpoint_dir: Path) -> tuple[CheckpointInfo | None,
             continue
         found.append(CheckpointInfo(path.name, path, int(marker["step"]), marker))
     notes.sort()
-    if not found:
+    best: CheckpointInfo | None = None
+    refused: list[str] = []
+    for info in sorted(found, key=lambda info: (info.step, info.tag), reverse=True):
+        try:
+            verify_checkpoint(info.path, notes)
+        except CheckpointError as exc:
+            notes.append(f"refusing {exc}")
+            refused.append(info.tag)
+            continue
+        best = info
+        break
+    if best is None:
         return None, notes
-    best = max(found, key=lambda info: (info.step, info.tag))
-    verify_checkpoint(best.path)
+    if refused:
+        notes.append(f"using {best.tag!r}, the newest checkpoint whose files match their checksums (skipped "
+                     f"{', '.join(map(repr, refused))}; they will be moved to checkpoints_set_aside/)")
     latest = read_latest(checkpoint_dir)
-    if latest is not None and latest != best.tag:
+    if latest is not None and latest != best.tag and latest not in refused:
         notes.append(f"{checkpoint_dir / LATEST} names {latest!r}, but the newest complete checkpoint is "
                      f"{best.tag!r}; using {best.tag!r}")
     return best, notes
@@ -403,8 +427,68 @@ def checkpoint_info(checkpoint_dir: Path, tag: str) -> CheckpointInfo:
     if not path.is_dir():
         have = has_checkpoint_dirs(checkpoint_dir)
         raise CheckpointError(f"{checkpoint_dir}: no checkpoint {tag!r}; available: {', '.join(have) or 'none'}")
-    marker = verify_checkpoint(path)
+    try:
+        marker = verify_checkpoint(path)
+    except CheckpointError as exc:
+        older = [info for info in _marked(checkpoint_dir) if info.tag != tag]
+        offer = ""
+        for info in sorted(older, key=lambda info: (info.step, info.tag), reverse=True):
+            try:
+                verify_checkpoint(info.path)
+            except CheckpointError:
+                continue
+            offer = f"; the newest checkpoint that verifies is {info.tag!r}: pass --resume {info.tag}"
+            break
+        raise CheckpointError(f"{exc}{offer}") from None
     return CheckpointInfo(tag, path, int(marker["step"]), marker)
+
+
+def _marked(checkpoint_dir: Path) -> list[CheckpointInfo]:
+    out = []
+    for path in _tag_dirs(Path(checkpoint_dir)):
+        try:
+            marker = read_marker(path)
+        except CheckpointError:
+            continue
+        out.append(CheckpointInfo(path.name, path, int(marker["step"]), marker))
+    return out
+
+
+def _set_aside_root(checkpoint_dir: Path) -> Path:
+    """A fresh ``<run>/checkpoints_set_aside/<time>[-n]/`` directory (never one already holding files)."""
+    base = Path(checkpoint_dir).parent / SET_ASIDE / time.strftime("%Y%m%d-%H%M%S")
+    target, n = base, 1
+    while target.exists() and any(target.iterdir()):
+        target, n = base.with_name(f"{base.name}-{n}"), n + 1
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def set_aside(checkpoint_dir: Path, paths: list[Path], why: str,
+              with_files: tuple[Path, ...] = ()) -> list[str]:
+    """Move checkpoint directories to ``<run>/checkpoints_set_aside/<time>/`` (nothing is ever deleted).
+
+    ``latest`` is removed if it names one of them (it would name a directory that
+    is gone); ``with_files`` that exist move along. Returns a note per thing moved
+    (saying ``why``).
+    """
+    if not paths:
+        return []
+    checkpoint_dir = Path(checkpoint_dir)
+    target = _set_aside_root(checkpoint_dir)
+    for extra in map(Path, with_files):
+        if extra.is_file():
+            os.replace(extra, target / extra.name)
+    notes = []
+    for path in paths:
+        os.replace(path, target / path.name)
+        notes.append(f"moved {path.name} ({why}) to {target / path.name}")
+    notes += [f"moved {Path(extra).name} along to {target}" for extra in with_files if (target / Path(extra).name).is_file()]
+    latest = read_latest(checkpoint_dir)
+    if latest is not None and latest in {path.name for path in paths}:
+        (checkpoint_dir / LATEST).unlink()
+    _fsync_dir(checkpoint_dir)
+    return notes
 
 
 def set_aside_newer_checkpoints(checkpoint_dir: Path, step: int) -> list[str]:
@@ -414,20 +498,30 @@ def set_aside_newer_checkpoints(checkpoint_dir: Path, step: int) -> list[str]:
     branch's later checkpoints left in place would make a later ``--resume``
     (newest complete checkpoint) jump back onto that branch. They go to
     ``<run>/checkpoints_set_aside/<time>/`` (nothing is deleted), and ``latest``
-    names ``step``'s checkpoint. Returns a note per directory moved.
+    names ``step``'s checkpoint. Checkpoints skipped because they failed
+    verification are among them (their marker's step is later). Returns a note
+    per directory moved.
     """
     checkpoint_dir = Path(checkpoint_dir)
     newer = sorted((saved, path.name, path) for path in _tag_dirs(checkpoint_dir) if (saved := _saved_step(path)) > step)
     if not newer:
         return []
-    target = checkpoint_dir.parent / "checkpoints_set_aside" / time.strftime("%Y%m%d-%H%M%S")
-    target.mkdir(parents=True, exist_ok=True)
-    notes = []
-    for _, _, path in newer:
-        os.replace(path, target / path.name)
-        notes.append(f"moved {path.name} (after the resumed step {step}) to {target / path.name}")
+    notes = set_aside(checkpoint_dir, [path for _, _, path in newer], f"after the resumed step {step}")
     write_latest(checkpoint_dir, tag_for(step))
     return notes
+
+
+def set_aside_unusable_checkpoints(checkpoint_dir: Path, with_files: tuple[Path, ...] = ()) -> list[str]:
+    """Rank 0, a resumed run that starts from scratch: move every checkpoint directory aside.
+
+    Such directories (an interrupted save, an unreadable marker, damaged files)
+    hold someone's work: a new save of the same tag must never overwrite them.
+    ``with_files`` (e.g. the old ``metrics.jsonl``) move along with them, so the
+    new run's log starts empty without the old one being lost.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    paths = sorted(_tag_dirs(checkpoint_dir))
+    return set_aside(checkpoint_dir, paths, "no verified checkpoint; this run starts from scratch", with_files)
 
 
 def has_checkpoint_dirs(checkpoint_dir: Path) -> list[str]:
@@ -483,20 +577,20 @@ def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int,
 
 
 def prepare_tag_dir(tag_dir: Path) -> str | None:
-    """Rank 0, before a save: remove a leftover directory of the same tag (an interrupted save).
+    """Rank 0, before a save: move a leftover directory of the same tag aside (never delete it).
 
-    Stale files would otherwise survive into the new checkpoint's file list.
-    Returns a note when something was removed.
+    Stale files would otherwise survive into the new checkpoint's file list, and
+    the directory may be the only copy of someone's work (a checkpoint whose
+    marker became unreadable is still a checkpoint). Returns a note when
+    something was moved.
     """
     tag_dir = Path(tag_dir)
     if not tag_dir.exists():
         return None
     complete = (tag_dir / MARKER).is_file()
-    if complete:
-        # Un-commit first: if we die while deleting, the directory is incomplete, not damaged-but-complete.
-        (tag_dir / MARKER).unlink()
-    shutil.rmtree(tag_dir)
-    return f"replaced the existing {'complete' if complete else 'incomplete'} checkpoint {tag_dir}"
+    (note,) = set_aside(tag_dir.parent, [tag_dir], f"an existing {'complete' if complete else 'incomplete'} "
+                        "checkpoint of the same step, replaced by this save")
+    return note
 
 
 def truncate_metrics(path: Path, step: int) -> int:

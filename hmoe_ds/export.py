@@ -272,6 +272,12 @@ def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits.float()
+    nonfinite = [name for name, param in model.named_parameters() if not bool(torch.isfinite(param).all())]
+    if nonfinite:  # not an export bug: the checkpoint's weights themselves are NaN/Inf
+        raise CheckpointError(
+            f"{model_dir}: the model's weights hold NaN/Inf ({len(nonfinite)} tensors, e.g. "
+            f"{', '.join(nonfinite[:3])}): the checkpoint was saved from a run that had diverged. Export an earlier "
+            "checkpoint (--tag step_N)")
     diff = float((logits - saved["logits"]).abs().max())
     # fp32: same weights, same math; only the summation order of expert-parallel grouping differs (~1e-6).
     # bf16/fp16: the engine computed in low precision, this check in fp32 from the same (upcast) weights.

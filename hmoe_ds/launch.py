@@ -101,6 +101,60 @@ def _check_experiment(user_args: Sequence[str], world: int) -> None:
         check_output_dir(plan.exp, known.resume, world)
     except ExperimentError as exc:
         raise LaunchError(str(exc)) from None
+    from hmoe_ds.training.rundir_lock import holder_of
+
+    holder = holder_of(plan.exp.output_dir)  # the trainer locks it too; this only saves a launch
+    if holder is not None:
+        raise LaunchError(f"run.output_dir={plan.exp.output_dir} is in use by another run (pid {holder.get('pid', '?')} "
+                          f"on host {holder.get('host', '?')}); wait for it to end, or choose another run.output_dir")
+
+
+def runner_command_line() -> list[str] | None:
+    """The ``deepspeed`` runner's arguments, read by a rank from ``/proc``; ``None`` when not launched by it.
+
+    A rank's parent is DeepSpeed's per-node launcher and its grandparent the
+    runner, whose command line holds what the user typed (``--hostfile`` ...).
+    Returns the arguments after the runner script (Linux, single-node runner).
+    """
+    from hmoe_ds.training.signals import _cmdline_args, _ppid_of
+
+    launcher = os.getppid()
+    if "deepspeed.launcher.launch" not in " ".join(_cmdline_args(launcher)):
+        return None
+    runner = _ppid_of(launcher)
+    args = _cmdline_args(runner) if runner else []
+    for i, token in enumerate(args):
+        if Path(token).name == "deepspeed" or token == "deepspeed.launcher.runner":
+            return args[i + 1:]
+    return None
+
+
+def check_runner_world(world: int) -> str | None:
+    """Rank 0 under plain ``deepspeed``: the hostfile the user named, and the world size it implies.
+
+    The runner falls back to local resources when ``--hostfile`` names no file
+    (one warning line among DeepSpeed's), so a run meant for several nodes
+    silently trains on one. Raises :class:`LaunchError`; returns a note when the
+    check could not be made (the runner's command line was not readable).
+    """
+    argv = runner_command_line()
+    if argv is None:
+        return None
+    from deepspeed.launcher.runner import parse_args
+
+    try:
+        args = parse_args(argv)
+    except SystemExit:
+        return "could not read the deepspeed runner's arguments; hostfile not checked"
+    launcher_tokens = argv[: len(argv) - len(args.user_args) - 1]
+    if not _explicit(launcher_tokens, "--hostfile", "-H"):
+        return None
+    expected = world_size(args, launcher_tokens)  # parses the hostfile: missing file, bad line, duplicate host
+    if expected != world:
+        raise LaunchError(f"--hostfile {args.hostfile} with these options means {expected} ranks, but the runner "
+                          f"started {world}; check the hostfile and --include/--exclude (python -m hmoe_ds.launch "
+                          "checks all this before any worker starts)")
+    return None
 
 
 def _forward_master_port(argv: list[str], launcher_tokens: Sequence[str], args: argparse.Namespace) -> list[str]:

@@ -255,6 +255,13 @@ class HMoEComputeMixin:
 
     def _moe_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
+        weight_dtype = self.gate.wg.weight.dtype  # the layer's dtype (also under ZeRO-3, where data is partitioned)
+        if not x.is_floating_point() or (x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type)):
+            # Otherwise torch fails deep inside the experts with "expected m1 and m2 to have the same dtype".
+            what = "not floating point (token ids? embed them first)" if not x.is_floating_point() else \
+                f"but the layer's weights are {weight_dtype}"
+            raise TypeError(f"HMoE input has dtype {x.dtype}, {what}; pass hidden states as x.to({weight_dtype}), "
+                            "or convert the layer with layer.to(dtype)")
         if x.shape[-1] != self.hidden_size:
             raise ValueError(
                 f"HMoE input has width {x.shape[-1]} but the layer was built with hidden_size={self.hidden_size}; "

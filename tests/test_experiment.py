@@ -364,3 +364,80 @@ def test_branching_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path: 
     assert read_latest(out / "checkpoints") == "step_5"
     assert find_resume_checkpoint(out / "checkpoints")[0].tag == "step_5"
     assert set_aside_newer_checkpoints(out / "checkpoints", 5) == []
+
+
+# --------------------------------------------------------------------------- issue 11: the remaining bad inputs
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "model: {}\nrun: {}\n", "run:\n  train_steps: 5\n"])
+def test_defect3_empty_or_near_empty_experiment_is_refused_with_what_is_missing(tmp_path: Path, text: str) -> None:
+    """Defect 3: an empty YAML used to start the 380M-parameter, 1000-step default run."""
+    msg = error_of(load_experiment, write_yaml(tmp_path, text))
+    assert "missing: model.hidden_size, model.num_hidden_layers, model.moe.expert_sizes, run.output_dir" in msg
+    assert str(tmp_path / "exp.yaml") in msg
+
+
+def test_required_keys_may_come_from_set(tmp_path: Path) -> None:
+    doc = {k: dict(v) for k, v in TINY.items()}
+    path = write_yaml(tmp_path, doc)
+    assert "missing: run.output_dir" in error_of(load_experiment, path)
+    assert load_experiment(path, [f"run.output_dir={tmp_path / 'out'}"]).output_dir == tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ({"optimizer": {"type": "AdamWW", "params": {"lr": 1e-3}}},
+         "optimizer.type='AdamWW' is not an optimizer DeepSpeed knows (did you mean 'adamw'?)"),
+        ({"optimizer": {"type": "Module", "params": {"lr": 1e-3}}}, "optimizer.type='Module' is not an optimizer"),
+        ({"scheduler": {"type": "WarmupLr", "params": {}}},
+         "scheduler.type='WarmupLr' is not a scheduler DeepSpeed knows (did you mean 'WarmupLR'?)"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": -1e-3}}},
+         "optimizer.params.lr=-0.001: a learning rate must be > 0"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": "fast"}}}, "optimizer.params.lr='fast': must be a finite"),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": -3e-3}}},
+         "scheduler.params.warmup_max_lr=-0.003: a learning rate must be >= 0"),
+    ],
+)
+def test_defect9_optimizer_scheduler_and_learning_rate_are_checked_before_the_engine(
+        tmp_path: Path, patch: dict[str, Any], expected: str) -> None:
+    """Defect 9: these ended in tracebacks inside deepspeed.initialize on every rank."""
+    exp = load_experiment(tiny(tmp_path))
+    assert expected in error_of(effective_ds_config, {**DS, **patch}, "ds.json", exp, world_size=2)
+
+
+@pytest.mark.parametrize("name", ["Adam", "adamw", "Lamb", "SGD", "RMSprop"])
+def test_accepted_optimizer_names(tmp_path: Path, name: str) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    sched = {"type": "OneCycle", "params": {"cycle_min_lr": 0.0, "cycle_max_lr": 1e-3}}
+    effective_ds_config({**DS, "optimizer": {"type": name, "params": {"lr": 1e-3}}, "scheduler": sched},
+                        "ds.json", exp, world_size=2)
+    effective_ds_config({**DS, "scheduler": {"type": "CosineAnnealingLR", "params": {"T_max": 10}}},
+                        "ds.json", exp, world_size=2)
+
+
+def test_defect8_nvme_offload_is_checked(tmp_path: Path) -> None:
+    """Defect 8: ZeRO-2 silently offloaded to CPU; ZeRO-3 failed after 45 s in the async_io op."""
+    exp = load_experiment(tiny(tmp_path))
+
+    def zero(stage: int, **offload: Any) -> dict[str, Any]:
+        return {**DS, "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "nvme", **offload}}}
+
+    msg = error_of(effective_ds_config, zero(2, nvme_path=str(tmp_path)), "ds.json", exp, 2)
+    assert "offload_optimizer.device=nvme needs ZeRO stage 3 (stage is 2)" in msg
+    assert "needs zero_optimization.offload_optimizer.nvme_path" in error_of(effective_ds_config, zero(3), "ds.json",
+                                                                             exp, 2)
+    missing = tmp_path / "no_such_nvme"
+    msg = error_of(effective_ds_config, zero(3, nvme_path=str(missing)), "ds.json", exp, 2)
+    assert f"nvme_path='{missing}' is not an existing directory" in msg and not missing.exists()
+    msg = error_of(effective_ds_config, zero(3, nvme_path=str(tmp_path)), "ds.json", exp, 2)
+    assert "needs DeepSpeed's async_io op, which is not available on this machine" in msg  # CPU-only here
+
+
+def test_run_options_of_issue11(tmp_path: Path) -> None:
+    exp = load_experiment(tiny(tmp_path))
+    assert exp.run.save_on_signal is True and exp.run.on_nonfinite == "stop"
+    msg = error_of(load_experiment, tiny(tmp_path, run={"on_nonfinite": "ignore"}))
+    assert "run.on_nonfinite='ignore': allowed values are 'stop'" in msg
+    assert load_experiment(tiny(tmp_path, run={"on_nonfinite": "skip", "save_on_signal": False})).run.on_nonfinite \
+        == "skip"

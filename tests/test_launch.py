@@ -140,3 +140,29 @@ def test_local_world_from_num_accelerators(files: Path, execv: list, capsys) -> 
 def test_no_arguments_prints_usage(capsys) -> None:
     assert launch.main([]) == 2
     assert "python -m hmoe_ds.launch" in capsys.readouterr().err
+
+
+def test_defect3_empty_experiment_is_refused_before_the_runner(files: Path, execv: list, capsys) -> None:
+    """Defect 3 through python -m hmoe_ds.launch (tests/test_robustness.py covers plain deepspeed)."""
+    (files / "exp.yaml").write_text("", encoding="utf-8")
+    argv = ["--num_accelerators", "2", "run/train.py", "--config", str(files / "exp.yaml"), "--deepspeed_config",
+            str(files / "ds.json")]
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "missing: model.hidden_size, model.num_hidden_layers, model.moe.expert_sizes, run.output_dir" in err
+    assert execv == []
+
+
+def test_defect5_an_output_dir_held_by_a_live_run_is_refused_before_the_runner(files: Path, execv: list,
+                                                                               capsys) -> None:
+    from hmoe_ds.training.rundir_lock import RunDirLock
+
+    lock = RunDirLock(files / "out")
+    lock.acquire("another run")
+    try:
+        assert run_main(["--num_accelerators", "2", *train_args(files)]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err and "in use by another run" in err and execv == []
+    finally:
+        lock.release()
+    assert run_main(["--num_accelerators", "2", *train_args(files)]) is None

@@ -245,3 +245,16 @@ def test_deepspeed_outside_the_tested_range_is_refused(monkeypatch):
         check_deepspeed_version("0.18.3")
     monkeypatch.setenv("HMOE_DS_SKIP_VERSION_CHECK", "1")
     check_deepspeed_version("0.21.0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.bool])
+def test_defect6_non_float_or_other_dtype_input_is_a_clear_error(dtype: torch.dtype) -> None:
+    """Defect 6 (layer): float64/int64 input failed 17 frames deep with 'expected m1 and m2 to have the same dtype'."""
+    layer = HMoE(hidden_size=D, expert_sizes=SIZES)
+    x = torch.ones(2, 3, D).to(dtype)
+    with pytest.raises(TypeError, match=rf"HMoE input has dtype {dtype}.*x\.to\(torch\.float32\)"):
+        layer(x)
+    layer.to(torch.float64)
+    if dtype == torch.float64:  # a layer converted to the input's dtype accepts it
+        out, l_aux, _ = layer(x)
+        assert out.dtype == torch.float64 and torch.isfinite(out).all()

@@ -57,7 +57,8 @@ class RunConfig:
 
     Attributes:
         output_dir: where the run lives (checkpoints/, tensorboard/, metrics.jsonl,
-            experiment.yaml, ds_config.json). Default ``outputs/<run_name>``.
+            experiment.yaml, ds_config.json). Required (as are ``model.hidden_size``,
+            ``model.num_hidden_layers`` and ``model.moe.expert_sizes``).
         run_name: TensorBoard job name; default the YAML file's stem.
         train_steps: optimizer steps (one step = one global batch of
             ``train_batch_size`` sequences, after gradient accumulation).
@@ -73,6 +74,12 @@ class RunConfig:
             checkpoint). The EP size, placement and ZeRO stage may differ from the run that
             produced them (re-sharding); the model structure must not. Ignored when
             ``--resume`` finds a checkpoint of this run.
+        save_on_signal: on SIGTERM to a rank, or when the ``deepspeed`` runner exits
+            (SIGINT/SIGTERM to it alone), every rank stops after the same step and,
+            when true, saves a checkpoint there first (preemptible clusters).
+        on_nonfinite: a NaN/Inf training loss or gradient norm: ``stop`` the run at that
+            step (nothing saved, ``latest`` unchanged) or ``skip`` the step and go on,
+            counted as ``train/skipped_nonfinite_steps``.
     """
 
     output_dir: str | None = None
@@ -86,6 +93,8 @@ class RunConfig:
     seed: int = 1234
     progress_bar: bool = True
     init_from: str | None = None
+    save_on_signal: bool = True
+    on_nonfinite: str = "stop"
 
     def validate(self) -> None:
         """Raise ``ValueError("<field>=<value>: <why>")`` for an out-of-range value."""
@@ -97,6 +106,9 @@ class RunConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be an int >= 0 (0 = only at the end)")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed!r}: must be an int >= 0")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r}: allowed values are 'stop' (default: end the run "
+                             "at a non-finite loss or gradient norm) and 'skip' (drop such steps)")
         for name in ("output_dir", "run_name", "init_from"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise ValueError(f"{name}: must not be empty")
@@ -387,6 +399,25 @@ def _validate_data(data: dict[str, Any], source: str, overridden: set[str]) -> N
         raise ExperimentError(f"{source}: {message if 'data.' in message else 'data: ' + message}") from None
 
 
+#: What an experiment must state itself: without them, an empty or near-empty file would silently train the
+#: 0.4B-parameter defaults for hours into a directory the user never chose.
+REQUIRED_KEYS = ("model.hidden_size", "model.num_hidden_layers", "model.moe.expert_sizes", "run.output_dir")
+
+
+def _check_required(model: Mapping[str, Any], run: RunConfig, source: str) -> None:
+    moe = model.get("moe") or {}
+    present = {"model.hidden_size": "hidden_size" in model, "model.num_hidden_layers": "num_hidden_layers" in model,
+               "model.moe.expert_sizes": isinstance(moe, dict) and "expert_sizes" in moe,
+               "run.output_dir": run.output_dir is not None}
+    missing = [key for key in REQUIRED_KEYS if not present[key]]
+    if missing:
+        raise ExperimentError(
+            f"{source}: the experiment must name the model and where the run goes; missing: {', '.join(missing)}. "
+            "Add them to the file (run/configs/quickstart.yaml is a complete example) or pass them with "
+            f"--set, e.g. --set {missing[0]}=..."
+        )
+
+
 def experiment_from_dict(
     raw: Any, source: str, overridden: set[str] = frozenset(), default_name: str = "run"  # type: ignore[assignment]
 ) -> Experiment:
@@ -411,9 +442,9 @@ def experiment_from_dict(
     except ValueError as exc:
         raise ExperimentError(f"{source}: run.{exc}") from None
     run.run_name = run.run_name or default_name
-    run.output_dir = run.output_dir or str(Path("outputs") / run.run_name)
     _validate_model(model, source, overridden)
     _validate_data(data, source, overridden)
+    _check_required(model, run, source)
     model.setdefault("vocab_size", "auto")
     return Experiment(model=model, data=data, run=run, source=source)
 
@@ -551,6 +582,9 @@ def effective_ds_config(
             f'{where}: no "optimizer" section; the trainer builds none itself. Add e.g. '
             '"optimizer": {"type": "AdamW", "params": {"lr": 0.0003, "weight_decay": 0.01}}'
         )
+    _check_optimizer_and_scheduler(cfg, where)
+    if isinstance(zero, dict):
+        _check_offload(zero, stage, where)
     fp16 = bool((cfg.get("fp16") or {}).get("enabled", False))
     bf16 = bool((cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False))
     if fp16 and bf16:
@@ -598,6 +632,110 @@ def effective_ds_config(
     else:
         warnings.append(f"{where}: tensorboard.enabled is false: only metrics.jsonl will be written")
     return cfg, warnings
+
+
+def _accepted_optimizers() -> tuple[list[str], Any]:
+    """(DeepSpeed's own optimizer names, the ``torch.optim`` module): what ``deepspeed.initialize`` accepts."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    return list(DEEPSPEED_OPTIMIZERS), torch.optim
+
+
+def _is_torch_class(module: Any, name: str, base: type) -> bool:
+    value = getattr(module, name, None)
+    return isinstance(value, type) and issubclass(value, base) and value is not base
+
+
+def _check_lr(value: Any, key: str, where: str, allow_zero: bool) -> None:
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ExperimentError(f"{where}: {key}={value!r}: must be a finite number, e.g. 0.0003")
+    if value < 0 or (value == 0 and not allow_zero):
+        need = ">= 0" if allow_zero else "> 0"
+        raise ExperimentError(f"{where}: {key}={value!r}: a learning rate must be {need}, e.g. 0.0003")
+
+
+def _check_optimizer_and_scheduler(cfg: dict[str, Any], where: str) -> None:
+    """Optimizer and scheduler types DeepSpeed accepts, and learning rates that make sense, before any engine.
+
+    DeepSpeed checks these only inside ``deepspeed.initialize`` on every rank, with
+    a traceback (an assertion for an unknown scheduler, a ``ValueError`` deep in
+    torch for a negative learning rate).
+    """
+    import torch
+
+    native, torch_optim = _accepted_optimizers()
+    optimizer = cfg["optimizer"]
+    name = optimizer.get("type")
+    if not isinstance(name, str) or not (name.lower() in native
+                                         or _is_torch_class(torch_optim, name, torch_optim.Optimizer)):
+        close = difflib.get_close_matches(str(name).lower(), native, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ExperimentError(
+            f"{where}: optimizer.type={name!r} is not an optimizer DeepSpeed knows{hint}; use one of DeepSpeed's "
+            f"({', '.join(native)}; any case) or a torch.optim class name (e.g. SGD, RMSprop)")
+    params = optimizer.get("params") or {}
+    if not isinstance(params, dict):
+        raise ExperimentError(f"{where}: optimizer.params must be an object of optimizer arguments")
+    if "lr" in params:
+        _check_lr(params["lr"], "optimizer.params.lr", where, allow_zero=False)
+    sched = cfg.get("scheduler")
+    if sched is None:
+        return
+    if not isinstance(sched, dict) or not sched.get("type"):
+        raise ExperimentError(f'{where}: scheduler must be an object with a "type", e.g. '
+                              '{"type": "WarmupLR", "params": {...}}')
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    kind = sched["type"]
+    if not isinstance(kind, str) or not (kind in VALID_LR_SCHEDULES or _is_torch_class(
+            torch.optim.lr_scheduler, kind, torch.optim.lr_scheduler.LRScheduler)):
+        close = difflib.get_close_matches(str(kind), VALID_LR_SCHEDULES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ExperimentError(
+            f"{where}: scheduler.type={kind!r} is not a scheduler DeepSpeed knows{hint}; use one of "
+            f"{', '.join(VALID_LR_SCHEDULES)} (case matters) or a torch.optim.lr_scheduler class name")
+    for key, value in (sched.get("params") or {}).items():
+        # WarmupLR's warmup_min_lr, OneCycle's cycle_min_lr, LRRangeTest's lr_range_test_min_lr, ...
+        if key == "lr" or key.endswith("_lr"):
+            _check_lr(value, f"scheduler.params.{key}", where, allow_zero=True)
+
+
+def _check_offload(zero: dict[str, Any], stage: Any, where: str) -> None:
+    """NVMe offload: stage 3, an existing ``nvme_path`` and DeepSpeed's async_io op, or one line saying which."""
+    for section in ("offload_optimizer", "offload_param"):
+        offload = zero.get(section)
+        if not isinstance(offload, dict) or str(offload.get("device", "")).lower() != "nvme":
+            continue
+        key = f"zero_optimization.{section}"
+        if stage != 3:
+            raise ExperimentError(
+                f"{where}: {key}.device=nvme needs ZeRO stage 3 (stage is {stage}); DeepSpeed would silently offload "
+                "to CPU instead. Set zero_optimization.stage to 3, or device to cpu")
+        path = offload.get("nvme_path")
+        if not path:
+            raise ExperimentError(f'{where}: {key}.device=nvme needs {key}.nvme_path, a directory on the NVMe '
+                                  'drive, e.g. "nvme_path": "/local_nvme"; or set device to cpu')
+        if not Path(path).is_dir():
+            raise ExperimentError(f"{where}: {key}.nvme_path={path!r} is not an existing directory; create it on the "
+                                  "NVMe drive (it must exist on every node), or set device to cpu")
+        if not _async_io_available():
+            raise ExperimentError(
+                f"{where}: {key}.device=nvme needs DeepSpeed's async_io op, which is not available on this machine "
+                "(it needs a GPU accelerator and libaio: apt install libaio-dev, then DS_BUILD_AIO=1); set device "
+                "to cpu")
+
+
+def _async_io_available() -> bool:
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("AsyncIOBuilder")
+        return builder is not None and bool(builder.is_compatible(verbose=False))
+    except Exception:  # noqa: BLE001 - any failure to even probe the op means it cannot be used
+        return False
 
 
 def _data_default(name: str) -> Any:

@@ -131,10 +131,13 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
     A directory holding a different experiment, or checkpoints of this one, is
     an error unless resuming; so is a non-empty directory that is no run.
     """
+    from .rundir_lock import HOLDER_FILE
+
     resume = "auto" if resume is True else (resume or None)
     out = exp.output_dir
     notes: list[str] = []
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    # The run lock's holder record (this run's, or a killed run's) does not make a directory a run.
+    if not out.exists() or (out.is_dir() and not any(p.name != HOLDER_FILE for p in out.iterdir())):
         if resume not in (None, "auto"):
             raise ExperimentError(f"--resume {resume}: run.output_dir={out} holds no run; pass --resume (newest "
                                   "checkpoint) or point run.output_dir at the run to continue")
@@ -197,9 +200,13 @@ def _rank0_first(fn: Callable[[], T]) -> T:
             raise ExperimentError(str(exc).replace("DataConfig.", "data.")) from None
 
     if dist.get_rank() == 0:
-        result = guarded()
-        on_rank0(lambda: None)
-        return result
+        held: dict[str, T] = {}
+
+        def first() -> None:  # the result stays here (a dataset is not worth broadcasting), the failure travels
+            held["result"] = guarded()
+
+        on_rank0(first)  # a data error stops every rank with its message, not rank 1 with a dropped connection
+        return held["result"]
     on_rank0(lambda: None)
     return guarded()
 
@@ -346,15 +353,41 @@ def run_training(args: argparse.Namespace) -> int:
     except ExperimentError as exc:
         if _rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        elif getattr(exc, "local", False):  # an error only this rank met (its own write failed)
+            print(f"error (rank {_rank()}): {exc}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as exc:
+        if not _peer_lost(exc):
+            raise
+        # Another rank failed first and printed why; this rank's collective only lost its peer.
+        print(f"rank {_rank()}: stopping: another rank of this run ended (its error is above)", file=sys.stderr,
+              flush=True)
+        return 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "ProcessGroupGloo", "connection closed")
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away (gloo's errors)."""
+    text = str(exc)
+    return any(marker in text for marker in _PEER_LOST)
+
+
 def _vet_output_dir(plan: TrainPlan) -> str | None:
     """Rank 0: what the output directory allows (the checkpoint tag to resume from); prints the notes. Writes nothing."""
+    from hmoe_ds.launch import check_runner_world
+
+    try:  # plain `deepspeed --hostfile missing ...` falls back to local ranks with one warning: refuse that
+        runner_note = check_runner_world(_world_size())
+    except ValueError as exc:  # LaunchError, HostfileError
+        raise ExperimentError(str(exc)) from None
     tag, notes = check_output_dir(plan.exp, plan.resume, _world_size())
+    notes += [runner_note] if runner_note else []
     for line in plan.warnings + notes:
         print(f"warning: {line}", file=sys.stderr, flush=True)
     return tag
@@ -405,12 +438,17 @@ def _commit_start(plan: TrainPlan, resume_step: int | None) -> None:
     ``metrics.jsonl`` and TensorBoard, since this run computes them again.
     Then ``experiment.yaml`` and ``ds_config.json`` are (re)written.
     """
-    from hmoe_ds.checkpoint import set_aside_newer_checkpoints, truncate_metrics
+    from hmoe_ds.checkpoint import set_aside_newer_checkpoints, set_aside_unusable_checkpoints, truncate_metrics
 
     from .metrics import purge_tensorboard_after
 
     exp = plan.exp
     notes: list[str] = []
+    if resume_step is None and plan.resume:
+        # --resume found no verified checkpoint: whatever checkpoint directories are there (interrupted, damaged,
+        # unreadable marker) are someone's work, so they and their metrics.jsonl move aside before this run saves.
+        notes += [f"--resume: {note}" for note in set_aside_unusable_checkpoints(
+            exp.output_dir / CHECKPOINTS, with_files=(exp.output_dir / "metrics.jsonl",))]
     if resume_step is not None:
         step = resume_step
         notes += [f"--resume: {note}" for note in set_aside_newer_checkpoints(exp.output_dir / CHECKPOINTS, step)]
@@ -505,12 +543,26 @@ def _train(plan: TrainPlan) -> int:
     from .evaluate import evaluate
     from .metrics import MetricsWriter, TrainAccumulator, ep_load_scalars, format_postfix, routing_scalars
 
+    from .guard import StepGuard, maybe_poison_loss
+    from .rundir_lock import RunDirLock
+    from .signals import EXIT_CODE, StopWatch
+
     exp, run = plan.exp, plan.exp.run
     rank, world = dist.get_rank(), dist.get_world_size()
+    lock = RunDirLock(exp.output_dir)  # rank 0 holds it until the process ends, before anything is written
+    on_rank0(lambda: _take_lock(lock))
+    watch = StopWatch().start()  # SIGTERM, or the deepspeed runner exiting: stop at the next step boundary
     tag = on_rank0(lambda: _vet_output_dir(plan))
 
     datasets.disable_progress_bars()
     data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
+    micro = int(plan.ds_config["train_micro_batch_size_per_gpu"])  # as resolved for the engine
+    # Before anything is written or built: a micro-batch the data cannot fill is one line, not a later traceback.
+    try:
+        train_iter = TrainBatchIterator(data.train, micro, rank=rank, world_size=world, seed=run.seed)
+    except ValueError as exc:
+        raise ExperimentError(f"{plan.ds_path}: train_micro_batch_size_per_gpu={micro} on {world} ranks: {exc}") \
+            from None
     init_from, resume_step, elastic = on_rank0(lambda: _check_start(exp, plan.ds_config, len(data.tokenizer), tag))
     on_rank0(lambda: _commit_start(plan, resume_step))
     init_weights = None
@@ -522,9 +574,6 @@ def _train(plan: TrainPlan) -> int:
     _seed(run.seed)  # identical initial weights on every rank
     engine, model_cfg = build_engine(exp, plan.ds_config, len(data.tokenizer), init_weights=init_weights)
     _seed(run.seed + rank)  # different router noise per rank from here on
-
-    micro = engine.train_micro_batch_size_per_gpu()
-    train_iter = TrainBatchIterator(data.train, micro, rank=rank, world_size=world, seed=run.seed)
     step = (_restore(engine, train_iter, exp.output_dir / CHECKPOINTS, tag, elastic, run.seed) if tag is not None
             else 0)
 
@@ -560,14 +609,26 @@ def _train(plan: TrainPlan) -> int:
                  if len(data.validation) else None)
 
     def save(at: int) -> None:
-        tag_dir, notes = save_training_checkpoint(
-            engine, exp.output_dir / CHECKPOINTS, at,
-            rank_state={"loader": train_iter.state_dict(), "rng": rng_state()},
-            experiment=exp.to_dict(), tokenizer=data.tokenizer if rank == 0 else None, probe_ids=probe_ids)
+        try:
+            tag_dir, notes = save_training_checkpoint(
+                engine, exp.output_dir / CHECKPOINTS, at,
+                rank_state={"loader": train_iter.state_dict(), "rng": rng_state()},
+                experiment=exp.to_dict(), tokenizer=data.tokenizer if rank == 0 else None, probe_ids=probe_ids)
+        except (OSError, RuntimeError) as exc:
+            full = disk_full_error(exc, exp.output_dir / CHECKPOINTS, at, _last_checkpoint_path(exp.output_dir))
+            if full is None:
+                raise
+            # Raised by this rank's own write (DeepSpeed's files are written by every rank): say it here, since
+            # the other ranks may not have failed. A rank-0 failure relayed by on_rank0 is printed by rank 0.
+            full.local = rank != 0 and not str(exc).startswith("rank 0 failed")  # type: ignore[attr-defined]
+            raise full from None
         for note in notes:
             log0(f"note: {note}")
         log0(f"step {at}: checkpoint saved to {tag_dir}")
 
+    guard = StepGuard(run.on_nonfinite, engine.device,
+                      lambda: _last_checkpoint_path(exp.output_dir))
+    stopped_by: str | None = None
     first_val = run_eval(0) if step == 0 and run.eval_at_start else None
     last_val = first_val
     acc = TrainAccumulator()
@@ -580,7 +641,9 @@ def _train(plan: TrainPlan) -> int:
             batch = next(train_iter)
             input_ids, labels = batch["input_ids"].to(engine.device), batch["labels"].to(engine.device)
             out = engine(input_ids=input_ids, labels=labels)
-            engine.backward(out.loss)
+            loss = maybe_poison_loss(out.loss, step + 1, rank)  # test-only hook; the loss itself unless set
+            guard.observe_loss(loss)
+            engine.backward(loss)
             maybe_kill_during_step(step + 1, rank)  # test-only crash hook; no-op unless its env var is set
             boundary = engine.is_gradient_accumulation_boundary()  # must be asked before step()
             engine.step()
@@ -589,9 +652,17 @@ def _train(plan: TrainPlan) -> int:
                 continue
             step += 1
             bar.update(1)
+            # One all-reduce per step: a non-finite loss on any rank, and a stop request on any rank.
+            skipped, stop = guard.end_step(step, engine.get_global_grad_norm(), watch.requested)
+            if skipped:  # run.on_nonfinite: skip (stop mode has raised)
+                guard.check_parameters(engine.module, step, "skipping cannot undo an update that already reached "
+                                       "them (DeepSpeed drops such updates itself under ZeRO 1-2, or with "
+                                       "fp16/bf16)")
+                log0(f"step {step}: non-finite loss or gradient norm; step skipped ({guard.skipped} so far)")
             final = step == run.train_steps
             if step % run.log_every == 0 or final:
                 scalars, loads = acc.reduce()
+                scalars.update(guard.scalars())
                 scalars["train/lr"] = float(engine.get_lr()[0])
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
@@ -604,16 +675,82 @@ def _train(plan: TrainPlan) -> int:
             paused = time.perf_counter()
             if (run.eval_every and step % run.eval_every == 0) or final:
                 last_val = run_eval(step)
-            if (run.save_every and step % run.save_every == 0) or final:
+            saving = bool(run.save_every and step % run.save_every == 0) or final or (stop and run.save_on_signal)
+            if saving:
+                guard.check_parameters(engine.module, step, "refusing to save them")
                 save(step)
             acc.exclude_time(time.perf_counter() - paused)
+            if stop and not final:
+                stopped_by = watch.reason or "a stop request on another rank"
+                break
     finally:
         bar.close()
         writer.close()
+        watch.close()
+    if stopped_by is not None:
+        saved = (f"checkpoint saved: {_last_checkpoint_path(exp.output_dir)}; --resume continues from it"
+                 if run.save_on_signal else "no checkpoint saved (run.save_on_signal is false)")
+        log0(f"stopped after step {step} ({stopped_by}); {saved}")
+        engine.destroy()
+        if rank == 0:
+            lock.release()
+        return EXIT_CODE
     if rank == 0:
         _final_report(exp, tb_dir, first_val, last_val, step)
     engine.destroy()
+    if rank == 0:
+        lock.release()
     return 0
+
+
+_DISK_FULL = ("No space left on device", "iostream error", "file write failed", "inline_container.cc",
+              "Disk quota exceeded")
+
+
+def disk_full_error(exc: BaseException, checkpoints: Path, step: int, last: str | None) -> ExperimentError | None:
+    """A one-line error for a save that ran out of disk, or ``None`` if ``exc`` is something else.
+
+    DeepSpeed's own writes go through torch's zip writer, which reports a full
+    disk as ``basic_ios::clear: iostream error`` / ``enforce fail at
+    inline_container.cc`` without the word "space"; ``errno`` ENOSPC/EDQUOT
+    covers plain Python writes.
+    """
+    import errno as errno_codes
+
+    seen: BaseException | None = exc
+    matched = False
+    while seen is not None and not matched:
+        matched = getattr(seen, "errno", None) in (errno_codes.ENOSPC, errno_codes.EDQUOT) or any(
+            marker in str(seen) for marker in _DISK_FULL)
+        seen = seen.__cause__ or seen.__context__
+    if not matched:
+        return None
+    try:
+        import shutil
+
+        where = checkpoints if checkpoints.exists() else checkpoints.parent
+        free = f"{shutil.disk_usage(where).free / 2**20:,.1f} MiB free now"
+    except OSError:
+        free = "free space unknown"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    kept = f"the last complete checkpoint, {last}, is intact" if last else "no earlier checkpoint exists"
+    return ExperimentError(
+        f"step {step}: the checkpoint could not be written to {checkpoints}: the disk is full, or the write "
+        f"failed ({free}; "
+        f"{first[:160]}). The partial save has no completion marker, so resume skips it and {kept}. Free space "
+        "(or point run.output_dir at a larger disk) and run again with --resume")
+
+
+def _take_lock(lock: Any) -> None:
+    """Rank 0: lock the output directory for this run (an error names the run holding it)."""
+    note = lock.acquire(" ".join(sys.argv))
+    if note:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+
+
+def _last_checkpoint_path(output_dir: Path) -> str | None:
+    tag = latest_checkpoint(output_dir)
+    return str(output_dir / CHECKPOINTS / tag) if tag else None
 
 
 def _final_report(exp: Experiment, tb_dir: Path | None, first: float | None, last: float | None, step: int) -> None:
