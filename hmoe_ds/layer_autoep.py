@@ -63,7 +63,8 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         placement = make_placement(config.placement, config.expert_sizes, ep_size)
         local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
         self._init_moe(hidden_size, config, placement, ep_rank, PackedHeteroExperts(hidden_size, local_sizes,
-                                                                                     config.activation))
+                                                                                     config.activation,
+                                                                                     config.expert_compute))
         # The attributes DeepSpeed's engine reads from AutoEP layers.
         self.ep_size = ep_size
         self.ep_rank = ep_rank
