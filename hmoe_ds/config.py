@@ -62,6 +62,21 @@ class PlacementStrategy(StrEnum):
     BALANCED = "balanced"  # equalise expected work (size x routed share) per rank
 
 
+class ExpertCompute(StrEnum):
+    """How a rank computes its experts (:mod:`hmoe_ds.experts`); the result is the same.
+
+    ``grouped``: one grouped GEMM (``torch.nn.functional.grouped_mm``) per
+    width bucket for each projection, so the operator count per layer is
+    bounded by the number of buckets, not the number of experts. ``loop``:
+    one ``F.linear`` chain per expert (the reference path). ``auto``: the
+    rule in :func:`hmoe_ds.experts.resolve_expert_compute`.
+    """
+
+    AUTO = "auto"
+    GROUPED = "grouped"
+    LOOP = "loop"
+
+
 class MoEFrontend(StrEnum):
     """How the layer presents its parameters to DeepSpeed (the math is identical).
 
@@ -120,6 +135,10 @@ class HMoELayerConfig:
         placement: how experts are placed over the ``ep_size`` ranks.
         frontend: the DeepSpeed base class (``moe`` for ZeRO 0-2, ``autoep``
             for ZeRO-3); the trainer picks it from the DeepSpeed config.
+        expert_compute: ``auto`` (default), ``grouped`` or ``loop``: how the
+            experts are computed (same numbers within fp32 round-off; see
+            :class:`ExpertCompute`). ``grouped`` needs ``hidden_size`` to be a
+            multiple of 8 (``grouped_mm``'s 16-byte stride rule in bf16).
     """
 
     expert_sizes: list[int]
@@ -140,6 +159,7 @@ class HMoELayerConfig:
     ep_size: int = 1
     placement: PlacementStrategy = PlacementStrategy.CONTIGUOUS
     frontend: MoEFrontend = MoEFrontend.MOE
+    expert_compute: ExpertCompute = ExpertCompute.AUTO
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +191,7 @@ class HMoELayerConfig:
         self.size_normalization = _choice(SizeNormalization, "size_normalization", self.size_normalization)
         self.placement = _choice(PlacementStrategy, "placement", self.placement)
         self.frontend = _choice(MoEFrontend, "frontend", self.frontend)
+        self.expert_compute = _choice(ExpertCompute, "expert_compute", self.expert_compute)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= n:
             raise ValueError(f"top_k={self.top_k!r}: must be an int with 1 <= top_k <= number of experts ({n})")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < float(self.top_p) <= 1.0):

@@ -29,7 +29,7 @@ from . import losses as L
 from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .dispatch import AllToAllExchange, LocalExchange, TokenExchange, combine, expert_capacity, plan_dispatch
-from .experts import HeteroExperts
+from .experts import HeteroExperts, expert_compute_order
 from .partitioned import write_full
 from .placement import ExpertPlacement, make_placement
 from .routing import multiplicative_jitter, route
@@ -121,6 +121,9 @@ class HMoEComputeMixin:
         # ``experts`` is called as a module (``experts(x, counts)``), never through
         # a method: ZeRO-3 gathers a module's parameters in its forward hooks.
         self.experts = experts
+        own = [config.expert_sizes[e] for e in self.local_expert_ids]
+        if list(experts.compute_order) != expert_compute_order(config.expert_compute, hidden_size, own):
+            raise ValueError("the experts module's compute order differs from the layer's dispatch order")
         # Small constants built lazily on the compute device from Python data, not
         # buffers: HF loading builds modules on the meta device and leaves
         # non-persistent buffers uninitialised.
@@ -206,12 +209,30 @@ class HMoEComputeMixin:
         key = (name, device)
         if key not in self._constants:
             if name == "slot_to_expert":
-                value = torch.tensor(self.placement.slot_to_expert, dtype=torch.long, device=device)
+                value = torch.tensor(self._compute_slot_order(), dtype=torch.long, device=device)
             else:
                 cfg = self.config
                 value = L.normalized_expert_sizes(cfg.expert_sizes, cfg.size_normalization, device=device)
             self._constants[key] = value
         return self._constants[key]
+
+    def _compute_slot_order(self) -> list[int]:
+        """Logical expert of each slot of the grouped buffer: the placement's rank blocks, and inside
+        each rank the order its experts module computes in (``experts.compute_order``).
+
+        The grouped expert path wants each width bucket's rows contiguous;
+        grouping the dispatch plan in that order costs nothing, where permuting
+        rows afterwards would copy them. Every rank derives every other rank's
+        order from the configuration alone (same function as its own), so the
+        all-to-all's per-rank blocks agree.
+        """
+        cfg = self.config
+        order = []
+        for rank in range(self.placement.ep_size):
+            local = self.placement.local_experts(rank)
+            sizes = [cfg.expert_sizes[e] for e in local]
+            order += [local[j] for j in expert_compute_order(cfg.expert_compute, self.hidden_size, sizes)]
+        return order
 
     def _set_ep_group(self, ep_group: Any) -> None:
         """Bind the expert-parallel process group (DeepSpeed calls this on set-up)."""
@@ -319,7 +340,7 @@ class HMoEBlock(HMoEComputeMixin, nn.Module):
     ) -> None:
         super().__init__()
         local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
-        experts = HeteroExperts(hidden_size, local_sizes, config.activation, expert_group_name)
+        experts = HeteroExperts(hidden_size, local_sizes, config.activation, expert_group_name, config.expert_compute)
         self._init_moe(hidden_size, config, placement, ep_rank, experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

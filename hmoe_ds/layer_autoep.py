@@ -73,8 +73,8 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
         # Every EP rank's pack has the same shape (see PackedHeteroExperts), whatever the placement.
         padded_width = max(sum(config.expert_sizes[e] for e in rank) for rank in placement.rank_experts)
-        experts = PackedHeteroExperts(hidden_size, local_sizes, config.activation, padded_width=padded_width,
-                                      tag_parameter=self._tag_expert_parameter)
+        experts = PackedHeteroExperts(hidden_size, local_sizes, config.activation, config.expert_compute,
+                                      padded_width=padded_width, tag_parameter=self._tag_expert_parameter)
         self._init_moe(hidden_size, config, placement, ep_rank, experts)
         for param in self.gate.parameters():
             param.allreduce = True

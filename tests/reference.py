@@ -100,3 +100,26 @@ def z_loss_reference(logits: torch.Tensor) -> torch.Tensor:
 
 def isclose(a: float, b: float, tol: float = 1e-6) -> bool:
     return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+def experts_reference(x_RD: torch.Tensor, counts: Sequence[int], order: Sequence[int], weights, activation: str):
+    """Expert ``order[j]`` applied to rows ``[sum(counts[:j]), sum(counts[:j+1]))``, one row at a time.
+
+    ``weights[s]`` is ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of local slot s;
+    the FFN is written out from its definition (gated: ``w2 (act(w1 x) * (w3 x))``).
+    """
+    act = {"swiglu": torch.nn.functional.silu, "geglu": torch.nn.functional.gelu,
+           "gelu": torch.nn.functional.gelu, "relu": torch.relu}[str(activation)]
+    rows, start = [], 0
+    for slot, count in zip(order, counts):
+        w1, w2, w3 = weights[slot]
+        for r in range(start, start + int(count)):
+            x = x_RD[r]
+            hidden = act(w1 @ x)
+            if w3 is not None:
+                hidden = hidden * (w3 @ x)
+            rows.append(w2 @ hidden)
+        start += int(count)
+    if not rows:
+        return x_RD[:0] * 0
+    return torch.stack(rows)

@@ -1,0 +1,285 @@
+"""The grouped expert path (``grouped_mm`` per width bucket) against the per-row reference and the loop.
+
+Every case checks the output and the gradient of the input and of every
+expert weight, for both storages (module list, ZeRO 0-2; packed, ZeRO-3), with
+empty experts, one token, all tokens on one expert, no token at all, padded
+buckets (``max_buckets`` below the number of distinct widths) and every
+activation. Tolerances are fp32 round-off: the paths sum the same products in
+a different order.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hmoe_ds import HMoE, HMoELayerConfig
+from hmoe_ds.config import ExpertCompute
+from hmoe_ds.experts import (HeteroExperts, PackedHeteroExperts, WidthBucket, expert_compute_order,
+                             plan_width_buckets, resolve_expert_compute)
+
+from .distributed import run_distributed
+from .reference import experts_reference
+
+D = 24
+SIZES = [32, 48, 48, 20, 96, 128, 64, 48]  # unsorted, repeats, one width (20) not a multiple of 8
+
+COUNT_PATTERNS = {
+    "random": [5, 0, 7, 3, 11, 2, 0, 9],
+    "one token": [0, 0, 0, 0, 0, 1, 0, 0],
+    "all on one expert": [0, 0, 0, 37, 0, 0, 0, 0],
+    "no token": [0] * 8,
+    "all on the widest, rest empty": [0, 0, 0, 0, 0, 23, 0, 0],
+}
+
+
+def _make(storage: str, activation: str, compute: str, max_buckets: int = 8, sizes=SIZES, dtype=torch.float32):
+    torch.manual_seed(7)
+    if storage == "module":
+        experts = HeteroExperts(D, sizes, activation, "ep_size_1", compute, max_buckets)
+    else:
+        experts = PackedHeteroExperts(D, sizes, activation, compute, max_buckets)
+    return experts.to(dtype)
+
+
+def _copy_weights(src, dst) -> None:
+    with torch.no_grad():
+        for a, b in zip(src.per_expert_weights(), dst.per_expert_weights()):
+            for wa, wb in zip(a, b):
+                if wa is not None:
+                    wb.copy_(wa)
+
+
+def _run(experts, x_RD, counts, upstream):
+    x = x_RD.detach().clone().requires_grad_(True)
+    out = experts(x, counts)
+    (out * upstream).sum().backward()
+    grads = [w.grad for w in experts.parameters()]
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("storage", ["module", "packed"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+@pytest.mark.parametrize("max_buckets", [8, 2, 1])
+@pytest.mark.parametrize("pattern", list(COUNT_PATTERNS))
+def test_grouped_equals_reference_and_loop_in_output_and_every_gradient(storage, activation, max_buckets, pattern):
+    grouped = _make(storage, activation, "grouped", max_buckets)
+    loop = _make(storage, activation, "loop")
+    _copy_weights(grouped, loop)
+    assert grouped.expert_compute is ExpertCompute.GROUPED and loop.expert_compute is ExpertCompute.LOOP
+    assert len(grouped.width_buckets) <= max_buckets
+    slot_counts = COUNT_PATTERNS[pattern]
+    order = grouped.compute_order
+    counts = [slot_counts[s] for s in order]  # rows arrive in compute order
+    rows = sum(counts)
+    x = torch.randn(rows, D)
+    upstream = torch.randn(rows, D)
+    out_g, dx_g, dw_g = _run(grouped, x, counts, upstream)
+
+    # The slow reference, with autograd through its per-row math.
+    weights = [tuple(None if w is None else w.detach().clone().requires_grad_(True) for w in triple)
+               for triple in grouped.per_expert_weights()]
+    x_ref = x.clone().requires_grad_(True)
+    ref = experts_reference(x_ref, counts, order, weights, activation)
+    torch.testing.assert_close(out_g, ref.detach(), rtol=1e-5, atol=1e-5)
+    flat = [w for triple in weights for w in triple if w is not None]
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [x_ref] + flat, allow_unused=True)
+    ref_dx = ref_grads[0] if ref_grads[0] is not None else torch.zeros_like(x)
+    torch.testing.assert_close(dx_g, ref_dx, rtol=1e-5, atol=1e-5)
+    # Per-expert weight gradients, through per_expert_weights() views of the parameter gradients.
+    ref_by_weight = iter(ref_grads[1:])
+    for slot, (mine, triple) in enumerate(zip(_per_expert_grads(grouped), weights)):
+        for g, w in zip(mine, [w for w in triple if w is not None]):
+            r = next(ref_by_weight)
+            torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-5, atol=1e-5,
+                                       msg=f"slot {slot}")
+            if slot_counts[slot] == 0:
+                assert g.abs().sum() == 0  # idle experts: a zero gradient, never None (DeepSpeed issue 4808)
+
+    # And against the loop path, row for row (the loop receives rows in its own, identity, order).
+    perm = _rows_in_slot_order(order, counts)
+    out_l, dx_l, dw_l = _run(loop, x[perm], [slot_counts[s] for s in range(len(SIZES))], upstream[perm])
+    torch.testing.assert_close(out_g[perm], out_l, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_g[perm], dx_l, rtol=1e-5, atol=1e-5)
+    for g, l in zip(dw_g, dw_l):
+        torch.testing.assert_close(g, l, rtol=1e-5, atol=1e-5)
+
+
+def _per_expert_grads(experts):
+    if isinstance(experts, HeteroExperts):
+        return [tuple(w.grad for w in (e.w1.weight, e.w2.weight) + ((e.w3.weight,) if e.w3 is not None else ()))
+                for e in experts.deepspeed_experts]
+    out = []
+    w1g = experts.w1.grad[0].split(experts.expert_sizes, dim=0)
+    w2g = experts.w2.grad[0].split(experts.expert_sizes, dim=1)
+    w3g = experts.w3.grad[0].split(experts.expert_sizes, dim=0) if experts.w3 is not None else None
+    for i in range(len(experts.expert_sizes)):
+        out.append((w1g[i], w2g[i]) + ((w3g[i],) if w3g is not None else ()))
+    return out
+
+
+def _rows_in_slot_order(order, counts) -> torch.Tensor:
+    """Index that reorders rows grouped in ``order`` into rows grouped by slot 0, 1, ..."""
+    starts, pos = {}, 0
+    for slot, count in zip(order, counts):
+        starts[slot] = (pos, count)
+        pos += count
+    return torch.cat([torch.arange(starts[s][0], starts[s][0] + starts[s][1]) for s in sorted(starts)]
+                     + [torch.zeros(0, dtype=torch.long)])
+
+
+def test_width_buckets_share_equal_widths_and_respect_the_bound():
+    buckets = plan_width_buckets([64, 128, 64, 192, 128, 64])
+    assert [b.width for b in buckets] == [64, 128, 192]
+    assert [b.slots for b in buckets] == [(0, 2, 5), (1, 4), (3,)]
+    assert all(b.padding == 0 for b in buckets)
+    # Widths round up to a multiple of 8 (grouped_mm's 16-byte strides in bf16).
+    assert plan_width_buckets([20])[0].width == 24
+    # 17 distinct widths, at most 8 buckets; every slot exactly once, widths cover their sizes.
+    sizes = [512 + 64 * (i // 2) for i in range(34)]
+    buckets = plan_width_buckets(sizes, max_buckets=8)
+    assert len(buckets) == 8
+    assert sorted(s for b in buckets for s in b.slots) == list(range(len(sizes)))
+    assert all(b.width >= h for b in buckets for h in b.sizes)
+
+
+def test_width_bucket_partition_is_the_least_padding_one():
+    """Dynamic programming against brute force over every way to cut the sorted widths."""
+    sizes = [16, 24, 24, 40, 48, 88, 96, 96, 200]
+    widths = sorted(set(sizes))
+    for max_buckets in range(1, len(widths) + 1):
+        best = min(
+            sum(max(run) * sum(sizes.count(w) for w in run) - sum(h for h in sizes if h in run) for run in runs)
+            for cuts in itertools.combinations(range(1, len(widths)), max_buckets - 1)
+            for runs in [[widths[i:j] for i, j in zip((0,) + cuts, cuts + (len(widths),))]]
+        )
+        got = plan_width_buckets(sizes, max_buckets)
+        assert sum(b.width * len(b.sizes) - sum(b.sizes) for b in got) == best, max_buckets
+
+
+def test_auto_rule_and_forcing():
+    assert resolve_expert_compute("auto", 24, SIZES) is ExpertCompute.GROUPED
+    assert resolve_expert_compute("auto", 12, SIZES) is ExpertCompute.LOOP  # 12 * 2 bytes: not 16-byte aligned
+    assert resolve_expert_compute("loop", 24, SIZES) is ExpertCompute.LOOP
+    with pytest.raises(ValueError, match=r"expert_compute='grouped' cannot run here: hidden_size=12 .*'loop'"):
+        resolve_expert_compute("grouped", 12, SIZES)
+    with pytest.raises(ValueError, match=r"expert_compute='fast' is not supported; allowed values: 'auto', 'grouped', "
+                                         r"'loop'"):
+        HMoELayerConfig(expert_sizes=SIZES, expert_compute="fast")
+    with pytest.raises(ValueError, match="expert_compute='grouped' cannot run here"):
+        HMoE(12, SIZES, expert_compute="grouped")
+    assert HMoE(12, SIZES).deepspeed_moe.experts.expert_compute is ExpertCompute.LOOP
+    assert HMoE(D, SIZES).deepspeed_moe.experts.expert_compute is ExpertCompute.GROUPED
+    assert HMoE(D, SIZES, expert_compute="loop").deepspeed_moe.experts.expert_compute is ExpertCompute.LOOP
+    assert expert_compute_order("loop", D, SIZES) == list(range(len(SIZES)))
+    assert sorted(expert_compute_order("grouped", D, SIZES)) == list(range(len(SIZES)))
+
+
+@pytest.mark.parametrize("routing", [dict(routing="top_k", top_k=2), dict(routing="top_p", top_p=0.7),
+                                     dict(routing="top_k", top_k=2, capacity_factor=0.5, min_capacity=1)])
+@pytest.mark.parametrize("placement", ["contiguous", "balanced"])
+def test_layer_grouped_equals_layer_loop(routing, placement):
+    """Whole layers: same output, aux loss, counts and gradients whichever path computes the experts."""
+    layers = {}
+    for compute in ("grouped", "loop"):
+        torch.manual_seed(3)
+        layers[compute] = HMoE(D, SIZES, expert_compute=compute, placement=placement, **routing)
+    layers["loop"].load_state_dict(layers["grouped"].state_dict())
+    x = torch.randn(4, 9, D)
+    results = {}
+    for compute, layer in layers.items():
+        xi = x.clone().requires_grad_(True)
+        out, aux, counts = layer(xi)
+        ((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + aux).backward()
+        results[compute] = (out.detach(), aux.detach(), counts, xi.grad,
+                            {n: p.grad for n, p in layer.named_parameters()})
+    g, l = results["grouped"], results["loop"]
+    torch.testing.assert_close(g[0], l[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g[1], l[1])
+    assert g[2].tolist() == l[2].tolist()
+    torch.testing.assert_close(g[3], l[3], rtol=1e-5, atol=1e-6)
+    for name, grad in g[4].items():
+        torch.testing.assert_close(grad, l[4][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("storage", ["module", "packed"])
+def test_bf16_grouped_matches_fp32_reference_within_bf16_rounding(storage):
+    """bf16 weights and rows: grouped and loop agree with the fp32 computation to bf16 precision."""
+    fp32 = _make(storage, "swiglu", "grouped", max_buckets=3)
+    counts_by_slot = COUNT_PATTERNS["random"]
+    order = fp32.compute_order
+    counts = [counts_by_slot[s] for s in order]
+    x = torch.randn(sum(counts), D)
+    ref = fp32(x, counts).detach()
+    for compute in ("grouped", "loop"):
+        experts = _make(storage, "swiglu", compute, max_buckets=3, dtype=torch.bfloat16)
+        _copy_weights(fp32, experts)
+        if compute == "loop":
+            perm = _rows_in_slot_order(order, counts)
+            out = experts(x[perm].bfloat16(), list(counts_by_slot))
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(len(perm))
+            out = out[inverse]
+        else:
+            out = experts(x.bfloat16(), counts)
+        assert out.dtype is torch.bfloat16
+        # bf16 has an 8-bit mantissa: relative error ~2^-8 per rounding, a few roundings deep.
+        torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+def _ep_case(rank: int, world_size: int, compute: str, placement: str, skew: bool) -> dict:
+    from hmoe_ds import HMoE
+
+    sizes = [16, 24, 32, 40, 48, 56, 64, 72, 24, 16, 32, 40]
+    torch.manual_seed(0)
+    full = HMoE(16, sizes, routing="top_k", top_k=2, expert_compute="loop")
+    ep = HMoE(16, sizes, routing="top_k", top_k=2, ep_size=world_size, placement=placement, expert_compute=compute)
+    block = ep.deepspeed_moe
+    block.gate.load_state_dict(full.deepspeed_moe.gate.state_dict())
+    if skew:  # every token to experts 0 and 1 (one EP rank idle under contiguous placement)
+        with torch.no_grad():
+            for layer in (full, ep):
+                layer.deepspeed_moe.gate.wg.weight.zero_()
+                layer.deepspeed_moe.gate.wg.weight[0].fill_(5.0)
+                layer.deepspeed_moe.gate.wg.weight[1].fill_(4.0)
+    for slot, logical in enumerate(block.local_expert_ids):
+        block.experts.deepspeed_experts[slot].load_state_dict(
+            full.deepspeed_moe.experts.deepspeed_experts[logical].state_dict())
+
+    def inputs(r):
+        x = torch.randn(1 if r == 1 else 17, 16, generator=torch.Generator().manual_seed(100 + r))  # rank 1: one token
+        return x.abs() if skew else x
+
+    x = inputs(rank).requires_grad_(True)
+    out, _, counts = ep(x)
+    (out * 1.5).sum().backward()
+    ref_out = ref_grad = None
+    for r in range(world_size):
+        xr = inputs(r).requires_grad_(True)
+        o, _, c = full(xr)
+        (o * 1.5).sum().backward()
+        if r == rank:
+            ref_out, ref_grad = o.detach(), xr.grad
+    torch.testing.assert_close(out.detach(), ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-5, atol=1e-6)
+    for slot, logical in enumerate(block.local_expert_ids):
+        mine = dict(block.experts.deepspeed_experts[slot].named_parameters())
+        for name, p in full.deepspeed_moe.experts.deepspeed_experts[logical].named_parameters():
+            torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-5, atol=1e-6)
+    return {"compute": str(block.experts.expert_compute), "buckets": len(block.experts.width_buckets)}
+
+
+def _ep_cases(rank: int, world_size: int) -> dict:
+    return {f"{compute} {placement} skew={skew}": _ep_case(rank, world_size, compute, placement, skew)
+            for compute in ("grouped", "loop") for placement in ("contiguous", "balanced") for skew in (False, True)}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_expert_parallel_grouped_path_matches_single_process():
+    """EP=2: grouped and loop paths, both placements, one rank with one token, and one EP rank idle."""
+    results = run_distributed(_ep_cases, world_size=2)
+    for name, value in results[0].items():
+        assert value["compute"] == name.split()[0], name
