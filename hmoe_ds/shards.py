@@ -110,8 +110,7 @@ def _owned(engine: Any, param: torch.nn.Parameter) -> tuple[LocalSlice, torch.Te
     if mapping is not None:  # ZeRO-1/2 (and DeepSpeed's bf16 optimizer): this rank's fragment
         address = mapping.lp_fragment_address
         part = LocalSlice(address.start, address.start + address.numel, address.numel, 0, 1)
-        keys = mapping.get_optim_state_keys() if mapping.optim_fragment else []
-        return part, mapping.get_hp_fragment(), {k: mapping.get_hp_fragment(k) for k in keys}
+        return part, mapping.get_hp_fragment(), _fragment_states(engine, mapping)
     if hasattr(param, "_hp_mapping"):
         return None  # ZeRO-1/2: another rank owns this parameter's optimizer partition
     # No ZeRO partitioning: one replica writes (rank 0 of the parameter's data-parallel replicas).
@@ -120,6 +119,28 @@ def _owned(engine: Any, param: torch.nn.Parameter) -> tuple[LocalSlice, torch.Te
     state = (_inner_optimizer(engine).state.get(param, {}) if engine is not None else {})
     states = {k: v.reshape(-1) for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape}
     return LocalSlice(0, param.numel(), param.numel(), 0, 1), param.data.reshape(-1), states
+
+
+def _fragment_states(engine: Any, mapping: Any) -> dict[str, torch.Tensor]:
+    """Views of the optimizer states of a ZeRO-1/2 fragment, read from the optimizer's own state.
+
+    DeepSpeed links fragments to their states lazily (``optim_fragment``), and not
+    for every parameter group by the time a checkpoint is written, so the
+    states are located here from the fragment's flat partition and address.
+    """
+    flat = _flat_partitions(engine)[mapping.param_group_index]
+    address = mapping.hp_fragment_address
+    state = _inner_optimizer(engine).state.get(flat, {})
+    return {k: v.narrow(0, address.start, address.numel) for k, v in state.items()
+            if torch.is_tensor(v) and v.shape == flat.shape}
+
+
+def _flat_partitions(engine: Any) -> list[torch.Tensor]:
+    """The fp32 flat partitions the inner optimizer steps on (ZeRO-3 sub-groups, or ZeRO-1/2 groups)."""
+    optimizer = engine.optimizer
+    return list(getattr(optimizer, "fp32_partitioned_groups_flat", None)
+                or getattr(optimizer, "single_partition_of_fp32_groups", None)
+                or getattr(optimizer, "fp32_groups_flat_partition", None) or [])
 
 
 def _replica_rank(param: torch.nn.Parameter) -> int:
@@ -149,9 +170,6 @@ def write_rank_shard(engine: Any, tag_dir: Path, rank: int) -> Path:
 
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, Any] = {}
-    link = getattr(getattr(engine, "optimizer", None), "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None and optimizer_step(engine) is not None:
-        link()  # ZeRO-1/2 link each fragment to its optimizer states lazily; every fragment needs them here
     for stored in stored_tensors(engine.module):
         owned = _owned(engine, stored.param)
         if owned is None or owned[0].numel == 0:
@@ -283,17 +301,11 @@ def _full_value(stored: StoredTensor, reader: ShardReader, state: str | None) ->
 
 def _create_optimizer_states(engine: Any, names: list[str]) -> None:
     """Zero optimizer states for every flat fp32 partition, as the first step would create them."""
-    optimizer = engine.optimizer
     inner = _inner_optimizer(engine)
-    flats = (getattr(optimizer, "fp32_partitioned_groups_flat", None)
-             or getattr(optimizer, "single_partition_of_fp32_groups", None) or [])
-    for flat in flats:
+    for flat in _flat_partitions(engine):
         state = inner.state.setdefault(flat, {})
         for name in names:
             state.setdefault(name, torch.zeros_like(flat))
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def _set_step(engine: Any, step: int) -> None:
@@ -319,17 +331,23 @@ def load_sharded_state(engine: Any, reader: ShardReader, *, optimizer: bool = Tr
         param = stored.param
         value = _full_value(stored, reader, None)
         write_full(param, value)  # the module's (possibly partitioned, low-precision) copy
+        z3 = getattr(param, "_z3_optimizer", None) if is_partitioned(param) else None
+        mapping = getattr(param, "_hp_mapping", None)
+        if z3 is None and mapping is None and hasattr(param, "_hp_mapping"):
+            continue  # ZeRO-1/2: another rank owns this parameter's optimizer partition
         for state in [None, *names]:
             target = value if state is None else _full_value(stored, reader, state)
-            if is_partitioned(param) and getattr(param, "_z3_optimizer", None) is not None:
+            if z3 is not None:
                 # Not DeepSpeed's set_full_hp_param: it cannot set the last rank's padded partition.
-                partition, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, False, state)
+                partition, _ = z3._get_fp32_opt_state_partition(param, False, state)
                 part = local_slice(param)
                 partition.zero_()
                 partition.narrow(0, 0, part.numel).copy_(target.reshape(-1)[part.start:part.stop])
-            elif getattr(param, "_hp_mapping", None) is not None:
-                param.set_full_hp_param(target, state)
-            elif state is not None:
+            elif mapping is not None:
+                address = mapping.lp_fragment_address
+                fragment = mapping.get_hp_fragment() if state is None else _fragment_states(engine, mapping)[state]
+                fragment.copy_(target.reshape(-1).narrow(0, address.start, address.numel))
+            elif state is not None:  # no ZeRO partitioning: the optimizer steps the module parameter itself
                 inner_state = _inner_optimizer(engine).state.setdefault(param, {})
                 inner_state[state] = target.reshape(param.shape).to(param.device).clone()
     if optimizer and reader.optimizer_step is not None:

@@ -511,7 +511,9 @@ def _restore_elastic(engine: Any, train_iter: Any, tag_dir: Path) -> int:
     load_sharded_state(engine, ShardReader(tag_dir))
     state = load_rank_state(tag_dir, 0)
     step = int(state["step"])
-    ds_files = sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))
+    # DeepSpeed's rank-0 model-states file (ZeRO 0-2, or ZeRO-3's) holds the scheduler; expert files do not.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    ds_files = [tag_dir / name for name in names if (tag_dir / name).is_file()]
     if engine.lr_scheduler is not None and ds_files:
         # mmap: under ZeRO 0-2 this file holds the whole dense model; only the scheduler's few bytes are read
         client = torch.load(ds_files[0], map_location="cpu", mmap=True, weights_only=False)
