@@ -1,7 +1,7 @@
 """Rank-0 sections that every rank waits for: the result, or the failure, reaches every rank.
 
 Training and checkpointing have steps that only rank 0 performs (checking the
-output directory, writing the consolidated model and the completion marker)
+output directory, writing the probe, tokenizer and the completion marker)
 while the other ranks wait. If rank 0 fails there and the others wait in a
 plain barrier, they hang until the collective timeout. :func:`on_rank0`
 broadcasts the outcome instead, so every rank stops at once with an error.

@@ -1,7 +1,7 @@
 """Hugging Face export and re-sharding of hmoe-ds checkpoints.
 
-Every checkpoint holds ``hmoe_model.safetensors``, the consolidated logical
-model (see :mod:`hmoe_ds.checkpoint`): the parameter names of
+Every checkpoint holds per-rank logical shards (:mod:`hmoe_ds.shards`; format-1
+checkpoints one consolidated ``hmoe_model.safetensors``): the parameter names of
 ``HMoEForCausalLM`` with ``ep_size=1`` and ``frontend="moe"``. Export is therefore
 a file operation that needs no DeepSpeed engine, no process group and no GPU,
 whatever ZeRO stage, EP size, placement, offload or front-end trained the model::
@@ -15,7 +15,7 @@ and the run's tokenizer files, then (by default) loads the result with
 probe logits the training engine computed at save time.
 
 Re-sharding goes the other way: :func:`load_logical_weights` copies a logical
-state dict (an export, or a checkpoint's consolidated file) into a freshly built
+state dict (an export, or a checkpoint's shards) into a freshly built
 model of *any* EP size, placement or front-end, through each layer's
 ``load_local_expert_weights``; the trainer uses it for ``run.init_from``.
 """
@@ -272,12 +272,6 @@ def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits.float()
-    nonfinite = [name for name, param in model.named_parameters() if not bool(torch.isfinite(param).all())]
-    if nonfinite:  # not an export bug: the checkpoint's weights themselves are NaN/Inf
-        raise CheckpointError(
-            f"{model_dir}: the model's weights hold NaN/Inf ({len(nonfinite)} tensors, e.g. "
-            f"{', '.join(nonfinite[:3])}): the checkpoint was saved from a run that had diverged. Export an earlier "
-            "checkpoint (--tag step_N)")
     diff = float((logits - saved["logits"]).abs().max())
     # fp32: same weights, same math; only the summation order of expert-parallel grouping differs (~1e-6).
     # bf16/fp16: the engine computed in low precision, this check in fp32 from the same (upcast) weights.
@@ -321,7 +315,20 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None
         config.save_pretrained(str(tmp))
         reader = src.open()
         shapes = logical_parameter_shapes(config)  # the logical model's names, in its order
-        write_safetensors_streaming(tmp / HF_WEIGHTS, list(shapes), shapes, reader.get, {"format": "pt"})
+        nonfinite: list[str] = []
+
+        def checked(name: str) -> torch.Tensor:
+            tensor = reader.get(name)
+            if not bool(torch.isfinite(tensor).all()):
+                nonfinite.append(name)
+            return tensor
+
+        write_safetensors_streaming(tmp / HF_WEIGHTS, list(shapes), shapes, checked, {"format": "pt"})
+        if nonfinite:  # not an export bug: the checkpoint's weights themselves are NaN/Inf
+            raise CheckpointError(
+                f"{src.path}: the model's weights hold NaN/Inf ({len(nonfinite)} tensors, e.g. "
+                f"{', '.join(nonfinite[:3])}): the checkpoint was saved from a run that had diverged. Export an "
+                "earlier checkpoint (--tag step_N)")
         if src.tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (src.tokenizer_dir / name).is_file():

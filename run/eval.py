@@ -11,8 +11,9 @@ activated parameters per token) and writes it all as JSON (default
 <run>/eval_<tag>.json or <hf_dir>/eval.json). The data (validation split) comes
 from the checkpoint's saved experiment, or --config. Any checkpoint (any ZeRO
 stage, expert-parallel size or placement) evaluates on any number of processes:
-the model is rebuilt from the checkpoint's consolidated weights with every
-expert on every rank, and ranks split the validation set.
+the model is rebuilt from the checkpoint's logical shards, tensor by tensor, with
+the experts spread over the ranks (expert parallelism), and ranks split the
+validation set.
 """
 
 from __future__ import annotations

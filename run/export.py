@@ -6,8 +6,8 @@
     python run/export.py outputs/quickstart/checkpoints/step_200 exported/step_200
 
 Works for checkpoints of any ZeRO stage, expert-parallel size, placement or
-offload setting: it reads the consolidated logical model every checkpoint
-holds (hmoe_model.safetensors). The result has config.json (moe.ep_size=1,
+offload setting: it streams the per-rank logical shards every checkpoint
+holds (hmoe_shard_<rank>.safetensors), one tensor at a time. The result has config.json (moe.ep_size=1,
 frontend "moe"), model.safetensors and the run's tokenizer, and loads with
 
     import hmoe_ds.modeling

@@ -69,17 +69,20 @@ def _save_with_a_full_disk_on_rank0(rank: int, world_size: int, root: str) -> di
 
     if rank == 0:
         ckpt._atomic_safetensors = full_disk
-    failed = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={}))
+    probe = torch.arange(8).reshape(1, 8)  # rank 0 writes the probe logits: the write that fails here
+    failed = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={},
+                                                            probe_ids=probe))
     ckpt._atomic_safetensors = write
     after_failure = {"marker": (Path(root) / "step_1" / ckpt.MARKER).exists(),
                      "latest": ckpt.read_latest(Path(root))}
-    retried = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={}))
+    retried = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={},
+                                                             probe_ids=probe))
     engine.destroy()
     return {"failed": failed, "after_failure": after_failure, "retried": retried}
 
 
 def test_a_failed_rank0_write_during_a_save_stops_every_rank_without_a_marker(tmp_path: Path) -> None:
-    """2 ranks, EP=2, ZeRO-2: rank 0 cannot write the consolidated model; the retry then succeeds."""
+    """2 ranks, EP=2, ZeRO-2: rank 0 cannot write its part of the checkpoint (the probe); the retry succeeds."""
     from hmoe_ds.checkpoint import find_resume_checkpoint
 
     rank0, rank1 = run_distributed(_save_with_a_full_disk_on_rank0, world_size=2, timeout=240, root=str(tmp_path))

@@ -295,7 +295,7 @@ def test_defect6_a_nonfinite_loss_stops_the_run_at_that_step_without_saving(
 
 def test_defect6_skip_mode_drops_the_step_counts_it_and_keeps_finite_checkpoints(
         data_cache: Path, tmp_path: Path) -> None:
-    from safetensors.torch import load_file
+    from hmoe_ds.shards import ShardReader
 
     proc = repro(tmp_path, data_cache, exp=experiment(on_nonfinite="skip"),
                  env={"HMOE_DS_TEST_NONFINITE_AT_STEP": "7"})
@@ -306,8 +306,8 @@ def test_defect6_skip_mode_drops_the_step_counts_it_and_keeps_finite_checkpoints
     assert all(math.isfinite(records[s]["train/lm_loss"]) for s in (8, 9, 10))  # the weights stayed finite
     board = scalars(tmp_path / "out" / "tensorboard" / "repro")
     assert board["train/skipped_nonfinite_steps"][-1] == (10, 1.0)
-    weights = load_file(str(tmp_path / "out" / "checkpoints" / "step_10" / "hmoe_model.safetensors"))
-    assert all(bool(t.isfinite().all()) for t in weights.values())
+    shards = ShardReader(tmp_path / "out" / "checkpoints" / "step_10")
+    assert all(bool(shards.get(name).isfinite().all()) for name in shards.shapes())
 
 
 # --------------------------------------------------------------------------- 7: a full disk inside DeepSpeed's write
@@ -382,6 +382,7 @@ def test_defect10_a_data_error_on_rank0_is_one_message_without_the_other_ranks_n
 def test_defect10_export_of_nan_weights_names_them(base_run: Path, tmp_path: Path) -> None:
     """A checkpoint saved before the guard existed, with NaN weights: export names them instead of 'report it'."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from hmoe_ds.checkpoint import write_marker
@@ -390,11 +391,13 @@ def test_defect10_export_of_nan_weights_names_them(base_run: Path, tmp_path: Pat
 
     run = copy_run(base_run, tmp_path)
     tag_dir = run / "out" / "checkpoints" / "step_10"
-    model_file = tag_dir / "hmoe_model.safetensors"
-    weights = load_file(str(model_file))
-    name = next(iter(weights))
+    shard = tag_dir / "hmoe_shard_00000.safetensors"  # rank 0's logical shard: poison its first weight
+    with safe_open(str(shard), framework="pt") as handle:
+        metadata = handle.metadata()
+    weights = load_file(str(shard))
+    name = next(k for k in weights if "::" not in k)  # a weight, not an optimizer state
     weights[name] = torch.full_like(weights[name], float("nan"))
-    save_file(weights, str(model_file), metadata={"format": "pt", "layout": "hmoe-ds logical"})
+    save_file(weights, str(shard), metadata=metadata)
     marker = json.loads((tag_dir / MARKER).read_text())
     write_marker(tag_dir, {k: v for k, v in marker.items() if k not in ("format", "version", "files", "saved_at")})
     env = environment(tmp_path / "cache")
