@@ -76,7 +76,9 @@ __all__ = [
 ]
 
 FORMAT = "hmoe-ds-checkpoint"
-FORMAT_VERSION = 1
+# 2: ``files`` maps each file to ``{"size", "digest"}`` (1: to its size). Version 1 markers still verify, by size;
+# an hmoe-ds that only knows 1 says "upgrade" for a version 2 marker instead of calling every file damaged.
+FORMAT_VERSION = 2
 MARKER = "hmoe_complete.json"
 MODEL_FILE = "hmoe_model.safetensors"
 PROBE_FILE = "hmoe_probe.safetensors"

@@ -341,8 +341,9 @@ def run_training(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+# How gloo (and the TCP store) report a collective whose peer process is gone.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-              "ProcessGroupGloo", "connection closed")
+              "connection closed")
 
 
 def _peer_lost(exc: BaseException) -> bool:
@@ -555,8 +556,7 @@ def _train(plan: TrainPlan) -> int:
             log0(f"note: {note}")
         log0(f"step {at}: checkpoint saved to {tag_dir}")
 
-    guard = StepGuard(run.on_nonfinite, engine.device,
-                      lambda: _last_checkpoint_path(exp.output_dir))
+    guard = StepGuard(run.on_nonfinite, engine.device, lambda: _last_checkpoint_path(exp.output_dir))
     stopped_by: str | None = None
     first_val = run_eval(0) if step == 0 and run.eval_at_start else None
     last_val = first_val
