@@ -464,8 +464,10 @@ def write_marker(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     for name in names:
         _fsync_file(tag_dir / name)
     _fsync_dir(tag_dir)
+    started = time.perf_counter()
     files = describe_files(tag_dir, names)
     marker = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "files": files,
+              "checksum_seconds": round(time.perf_counter() - started, 4),  # its cost, next to the save's
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=1) + "\n")
     return marker

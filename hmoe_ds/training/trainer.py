@@ -539,6 +539,7 @@ def _train(plan: TrainPlan) -> int:
                  if len(data.validation) else None)
 
     def save(at: int) -> None:
+        started = time.perf_counter()
         try:
             tag_dir, notes = save_training_checkpoint(
                 engine, exp.output_dir / CHECKPOINTS, at,
@@ -554,7 +555,7 @@ def _train(plan: TrainPlan) -> int:
             raise full from None
         for note in notes:
             log0(f"note: {note}")
-        log0(f"step {at}: checkpoint saved to {tag_dir}")
+        log0(f"step {at}: checkpoint saved to {tag_dir} ({time.perf_counter() - started:.2f} s)")
 
     guard = StepGuard(run.on_nonfinite, engine.device, lambda: _last_checkpoint_path(exp.output_dir))
     stopped_by: str | None = None
