@@ -93,7 +93,10 @@ __all__ = [
 ]
 
 FORMAT = "hmoe-ds-checkpoint"
-FORMAT_VERSION = 2  # 2: per-rank logical shards replace the consolidated hmoe_model.safetensors
+# 2: per-rank logical shards replace the consolidated hmoe_model.safetensors, and ``files`` maps each file to
+# ``{"size", "digest"}`` (1: to its size). Version 1 markers still verify, by size, and their checkpoints still
+# export and resume at their own layout; an hmoe-ds that only knows 1 says "upgrade" for a version 2 marker.
+FORMAT_VERSION = 2
 MARKER = "hmoe_complete.json"
 MODEL_FILE = "hmoe_model.safetensors"
 PROBE_FILE = "hmoe_probe.safetensors"
@@ -296,8 +299,10 @@ def write_marker(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     for name in names:
         _fsync_file(tag_dir / name)
     _fsync_dir(tag_dir)
+    started = time.perf_counter()
     files = describe_files(tag_dir, names)
     marker = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "files": files,
+              "checksum_seconds": round(time.perf_counter() - started, 4),  # its cost, next to the save's
               "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write_text(tag_dir / MARKER, json.dumps(marker, indent=1) + "\n")
     return marker

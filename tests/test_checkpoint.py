@@ -24,6 +24,7 @@ from hmoe_ds.checkpoint import (
     MARKER,
     CheckpointError,
     check_compatible,
+    checkpoint_info,
     find_resume_checkpoint,
     read_latest,
     verify_checkpoint,
@@ -140,10 +141,15 @@ def expert_file(tag_dir: Path) -> Path:
 
 
 def test_a_truncated_expert_file_is_named_and_never_silently_skipped(checkpoint_copy: Path) -> None:
+    """--resume refuses the damaged newest checkpoint with a note naming the file and takes the previous one;
+    --resume naming the damaged one is an error."""
     victim = expert_file(checkpoint_copy / f"step_{STEPS}")
     victim.write_bytes(victim.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=rf"marked complete but damaged: truncated or changed {victim.name}"):
-        find_resume_checkpoint(checkpoint_copy)
+    info, notes = find_resume_checkpoint(checkpoint_copy)
+    assert info is not None and info.tag == f"step_{SAVE_EVERY}"
+    assert any(f"marked complete but damaged: truncated or changed {victim.name}" in note for note in notes), notes
+    with pytest.raises(CheckpointError, match=rf"truncated or changed {victim.name}.*--resume step_{SAVE_EVERY}"):
+        checkpoint_info(checkpoint_copy, f"step_{STEPS}")
 
 
 def test_a_missing_expert_file_is_named(checkpoint_copy: Path) -> None:

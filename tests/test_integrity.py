@@ -71,18 +71,20 @@ def test_marker_records_size_and_checksum_of_every_file(tmp_path: Path) -> None:
     assert files == describe_files(tag_dir, sorted(files))
 
 
+@pytest.mark.parametrize("victim", [OPTIM, "mp_rank_00_model_states.pt"])
 def test_defect1_same_size_corruption_is_refused_naming_the_file_and_resume_takes_the_previous(
-        tmp_path: Path) -> None:
-    """Defect 1: 4 KiB overwritten in the middle of the newest checkpoint's optimizer file."""
+        tmp_path: Path, victim: str) -> None:
+    """Defect 1 (and 9's corrupted model states, which ended in a traceback naming no file): 4 KiB overwritten in
+    the middle of a file of the newest checkpoint."""
     checkpoints = tmp_path / "checkpoints"
     make_checkpoint(checkpoints, 5)
     newest = make_checkpoint(checkpoints, 10)
-    overwrite_middle(newest / OPTIM)
-    with pytest.raises(CheckpointError, match=rf"marked complete but damaged: corrupted {OPTIM} \(same size"):
+    overwrite_middle(newest / victim)
+    with pytest.raises(CheckpointError, match=rf"marked complete but damaged: corrupted {victim} \(same size"):
         verify_checkpoint(newest)
     info, notes = find_resume_checkpoint(checkpoints)
     assert info is not None and info.tag == "step_5"
-    assert any("refusing" in note and f"corrupted {OPTIM}" in note for note in notes), notes
+    assert any("refusing" in note and f"corrupted {victim}" in note for note in notes), notes
     assert any("using 'step_5'" in note for note in notes), notes
     with pytest.raises(CheckpointError, match=r"corrupted .*pass --resume step_5"):
         checkpoint_info(checkpoints, "step_10")  # --resume step_10 names the file and offers step_5
@@ -97,6 +99,7 @@ def test_markers_with_sizes_only_still_verify_by_size_with_a_note(tmp_path: Path
     tag_dir = make_checkpoint(tmp_path / "checkpoints", 5)
     marker = json.loads((tag_dir / MARKER).read_text())
     marker["files"] = {name: entry["size"] for name, entry in marker["files"].items()}  # the version-1 layout
+    marker["version"] = 1
     (tag_dir / MARKER).write_text(json.dumps(marker))
     notes: list[str] = []
     verify_checkpoint(tag_dir, notes)

@@ -368,8 +368,9 @@ def run_training(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
 
 
+# How gloo (and the TCP store) report a collective whose peer process is gone.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-              "ProcessGroupGloo", "connection closed")
+              "connection closed")
 
 
 def _peer_lost(exc: BaseException) -> bool:
@@ -611,6 +612,7 @@ def _train(plan: TrainPlan) -> int:
                  if len(data.validation) else None)
 
     def save(at: int) -> None:
+        started = time.perf_counter()
         try:
             tag_dir, notes = save_training_checkpoint(
                 engine, exp.output_dir / CHECKPOINTS, at,
@@ -626,10 +628,9 @@ def _train(plan: TrainPlan) -> int:
             raise full from None
         for note in notes:
             log0(f"note: {note}")
-        log0(f"step {at}: checkpoint saved to {tag_dir}")
+        log0(f"step {at}: checkpoint saved to {tag_dir} ({time.perf_counter() - started:.2f} s)")
 
-    guard = StepGuard(run.on_nonfinite, engine.device,
-                      lambda: _last_checkpoint_path(exp.output_dir))
+    guard = StepGuard(run.on_nonfinite, engine.device, lambda: _last_checkpoint_path(exp.output_dir))
     stopped_by: str | None = None
     first_val = run_eval(0) if step == 0 and run.eval_at_start else None
     last_val = first_val
