@@ -21,15 +21,21 @@ the tests' multi-process helper) goes through this module:
   ``deepspeed.comm.destroy_process_group`` (torch's, plus the release of
   DeepSpeed's own module-level references to the groups), then a garbage
   collection, so the groups' gloo threads are joined while Python is alive.
-* :func:`exit_process` is the entry points' last call. Under ZeRO-3 DeepSpeed
-  keeps its engine (and through its parameters, the process groups) alive past
-  ``engine.destroy()`` in a reference cycle that runs through C++ and that
-  Python's collector cannot free, so the gloo worker and I/O threads survive
-  until interpreter teardown. An interpreter finalising (module globals cleared,
-  C++ static destructors run) while those threads exist is what made a finished
-  run's rank abort at exit (``terminate called without an active exception``).
-  When such threads remain, :func:`exit_process` runs the ``atexit`` handlers,
-  flushes, and ends the process without that teardown (``os._exit``).
+* :func:`exit_process` is the entry points' last call. Under ZeRO-3 the process
+  groups outlive all of the above: DeepSpeed's engine stays alive after
+  ``engine.destroy()`` (the engine and the model each have a reference from
+  outside Python's object graph, so no collection frees them), its parameters
+  hold the groups (``ds_process_group``), and every group's gloo threads
+  (``pt_gloo_runloop``, ``gloo_tcp_loop``) still run when the interpreter
+  finalises; torch's ``destroy_process_group`` only unregisters the groups, and
+  gloo's ``shutdown``/``abort`` do not stop those threads. Interpreter teardown
+  (module globals cleared, C++ static destructors run) beside live native
+  threads is where a finished rank aborted (``terminate called without an
+  active exception``, once in three 2-rank ZeRO-3 runs). When such threads
+  remain, :func:`exit_process` runs the ``atexit`` handlers, flushes, and ends
+  the process without that teardown (``os._exit``); otherwise (measured for
+  ZeRO-2: the groups are freed and their threads joined in
+  :func:`shutdown_distributed`) it is a plain ``sys.exit``.
 """
 
 from __future__ import annotations
@@ -77,14 +83,22 @@ def unlink_shm_segments() -> list[str]:
     """Collective: once every rank has mapped every segment (barrier), unlink this job's names; return those removed.
 
     Every rank unlinks every rank's name (a missing one is fine), so the names
-    go even when a rank dies right after the barrier. A no-op without a process
-    group; the barrier runs on every rank whether or not segments exist, since
-    whether DeepSpeed made any cannot differ between ranks of one job.
+    go even when a rank dies right after the barrier. A no-op (no barrier)
+    without a process group, or where DeepSpeed makes no segments: the CPU
+    accelerator only, and only when every rank is local (``LOCAL_SIZE`` == world
+    size, as its ``shm_interface.cpp`` decides). That condition is the same on
+    every rank of a job, so either all ranks take the barrier or none.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return []
+    from deepspeed.accelerator import get_accelerator
+
+    world = dist.get_world_size()
+    local = os.environ.get("LOCAL_SIZE", "")
+    if get_accelerator().device_name() != "cpu" or not local.isdigit() or int(local) != world:
+        return []  # e.g. GPUs (NCCL: no segments, and no barrier before the device is chosen), or several nodes
     try:
         # Each rank returned from deepspeed.init_distributed, so from shm_initialize, so it has mapped
         # every other rank's segment: after this barrier nothing opens them by name again.
@@ -92,7 +106,7 @@ def unlink_shm_segments() -> list[str]:
     finally:
         # Even when the barrier failed (a rank died during start-up), the job is over: nobody will map them.
         removed = []
-        for name in shm_segment_names(dist.get_world_size()):
+        for name in shm_segment_names(world):
             try:
                 (SHM_DIR / name).unlink()
                 removed.append(name)
