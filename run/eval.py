@@ -50,22 +50,25 @@ def main() -> int:
     from hmoe_ds.training.trainer import quiet_deepspeed
 
     quiet_deepspeed()
-    import deepspeed
-    import torch.distributed as dist
+    from hmoe_ds.distributed_env import init_distributed, shutdown_distributed
 
+    finished = False
     try:
-        deepspeed.init_distributed()
+        init_distributed()  # and unlink DeepSpeed's /dev/shm segments of this run once every rank mapped them
         run_evaluation(args.path, args.tag, args.config, [s for group in args.set for s in group], args.eval_batches,
                        args.output)
+        finished = True
         return 0
     except ExperimentError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # Only a finished evaluation synchronises: after a failure a peer may never arrive.
+        shutdown_distributed(synchronize=finished)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hmoe_ds.distributed_env import exit_process
+
+    exit_process(main())

@@ -11,7 +11,6 @@ says how to optimise it. The logic lives in ``hmoe_ds.training``.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from hmoe_ds.env import configure_environment
 
@@ -43,4 +42,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hmoe_ds.distributed_env import exit_process
+
+    # Not sys.exit: a ZeRO-3 engine keeps gloo threads alive, and interpreter teardown beside them can abort.
+    exit_process(main())

@@ -43,3 +43,43 @@ def zero3_ep2_run(tmp_path_factory: pytest.TempPathFactory, data_cache):
     from .checkpoint_runs import reference_run
 
     return reference_run(tmp_path_factory.mktemp("zero3_ep2"), "zero3", data_cache)
+
+
+# --------------------------------------------------------------------------- /dev/shm hygiene of multi-rank tests
+
+
+def shm_names_of_ports(ports: set[str]) -> list[str]:
+    """Names in /dev/shm of DeepSpeed's CPU all-reduce segments whose job used one of ``ports`` (MASTER_PORT).
+
+    The names end ``_<MASTER_PORT>_<rank>`` (``hmoe_ds.distributed_env.shm_segment_names``); other
+    people's concurrent runs use other ports, so only this session's runs are ever matched.
+    """
+    from hmoe_ds.distributed_env import SHM_DIR, SHM_PREFIX
+
+    if not SHM_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}_*") if p.name.rsplit("_", 2)[-2] in ports)
+
+
+@pytest.fixture(autouse=True)
+def _no_shm_segments_left(request: pytest.FixtureRequest):
+    """Multi-rank tests (marked ``distributed``) must leave /dev/shm as they found it.
+
+    Checked after each such test, for every port this session's launched runs used
+    so far (a module-scoped fixture's run is set up before this fixture, so its
+    leftovers are caught after the first test using it). Leftovers fail the test
+    and are removed, so they are reported once and never pile up.
+    """
+    yield
+    if request.node.get_closest_marker("distributed") is None:
+        return
+    from .distributed import PORTS
+
+    left = shm_names_of_ports({str(p) for p in PORTS})
+    if not left:
+        return
+    from hmoe_ds.distributed_env import SHM_DIR
+
+    for name in left:
+        (SHM_DIR / name).unlink(missing_ok=True)
+    pytest.fail(f"{len(left)} DeepSpeed shared-memory segment(s) of this test's runs left in {SHM_DIR}: {left}")

@@ -18,10 +18,18 @@ import io
 import multiprocessing as mp
 
 
+#: Every port :func:`free_port` handed out in this test session, in order. A run's MASTER_PORT is part of the
+#: names DeepSpeed gives its /dev/shm segments, so ``tests/conftest.py`` tells this session's leftovers from
+#: those of other people's concurrent runs by these ports.
+PORTS: list[int] = []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    PORTS.append(port)
+    return port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, queue) -> None:
@@ -29,26 +37,29 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, kwargs: dict, q
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
     )
+    finished = False
     try:
-        import deepspeed
         import torch
 
+        from hmoe_ds.distributed_env import init_distributed
+
         torch.set_num_threads(1)
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        # As the entry points: DeepSpeed's /dev/shm segments (made when LOCAL_SIZE says all ranks are local) unlinked.
+        init_distributed(dist_backend="gloo", verbose=False)
         result = fn(rank=rank, world_size=world_size, **kwargs)
         # Serialised to bytes: tensors sent as shared-memory handles would die with this process.
         buffer = io.BytesIO()
         torch.save(result, buffer)
         queue.put((rank, "ok", buffer.getvalue()))
+        finished = True
     except BaseException:  # noqa: BLE001 - reported to the parent verbatim
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        try:
-            import torch.distributed as dist
+        from hmoe_ds.distributed_env import shutdown_distributed
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001
+        try:
+            shutdown_distributed(synchronize=finished)
+        except Exception:  # noqa: BLE001 - the result (or error) is already reported
             pass
 
 

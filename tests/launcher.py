@@ -14,8 +14,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -62,10 +64,24 @@ def environment(cache: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run in its own session; on timeout (or ever after) kill the whole group: runner, mpirun, ranks."""
+def run(cmd: list[str], env: dict[str, str], timeout: float = 300,
+        watch: Callable[[int], None] | None = None) -> subprocess.CompletedProcess:
+    """Run in its own session; on timeout (or ever after) kill the whole group: runner, mpirun, ranks.
+
+    ``watch(pgid)``, if given, is called about every 0.2 s while the command runs
+    (from another thread), with the process group of everything it started.
+    """
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    watcher = None
+    if watch is not None:
+        def observe() -> None:
+            while proc.poll() is None:
+                watch(proc.pid)
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=observe, daemon=True)
+        watcher.start()
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -77,6 +93,8 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> subprocess
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if watcher is not None:
+            watcher.join()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -89,13 +107,16 @@ def write_configs(tmp: Path, experiment: dict[str, Any], ds: dict[str, Any]) -> 
 
 def train(tmp: Path, *extra: str, experiment: dict[str, Any] = EXPERIMENT, ds: dict[str, Any] = DS_CONFIG,
           ranks: int = 2, cache: Path | None = None, env: dict[str, str] | None = None,
-          timeout: float = 300) -> subprocess.CompletedProcess:
-    """``deepspeed --num_accelerators <ranks> run/train.py`` into ``tmp/out``; ``extra`` are train.py arguments."""
+          timeout: float = 300, watch: Callable[[int], None] | None = None) -> subprocess.CompletedProcess:
+    """``deepspeed --num_accelerators <ranks> run/train.py`` into ``tmp/out``; ``extra`` are train.py arguments.
+
+    The run's master port is ``tests.distributed.PORTS[-1]`` afterwards; ``watch`` as for :func:`run`.
+    """
     exp_file, ds_file = write_configs(tmp, experiment, ds)
     cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(free_port()), "run/train.py",
            "--config", str(exp_file), "--deepspeed_config", str(ds_file), "--set", f"run.output_dir={tmp / 'out'}",
            *extra]
-    return run(cmd, environment(cache or tmp / "cache", **(env or {})), timeout)
+    return run(cmd, environment(cache or tmp / "cache", **(env or {})), timeout, watch)
 
 
 def output(proc: subprocess.CompletedProcess) -> str:

@@ -344,12 +344,16 @@ def run_training(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     _threads_per_rank()
-    import deepspeed
+    from hmoe_ds.distributed_env import init_distributed, shutdown_distributed
 
     # MPI discovery (mpirun without RANK etc.) would otherwise always pick port 29500 and ignore MASTER_PORT.
-    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT") or 29500))
+    # init_distributed also unlinks DeepSpeed's /dev/shm segments of this run once every rank mapped them.
+    init_distributed(distributed_port=int(os.environ.get("MASTER_PORT") or 29500))
+    finished = False
     try:
-        return _train(plan)
+        code = _train(plan)
+        finished = True
+        return code
     except ExperimentError as exc:
         if _rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -364,8 +368,8 @@ def run_training(args: argparse.Namespace) -> int:
               flush=True)
         return 1
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        # Only a finished run synchronises: after a failure a peer may be stuck elsewhere and never arrive.
+        shutdown_distributed(synchronize=finished)
 
 
 # How gloo (and the TCP store) report a collective whose peer process is gone.

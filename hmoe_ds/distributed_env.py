@@ -1,0 +1,214 @@
+"""Process-group lifetime for every hmoe-ds entry point: start it, leave nothing in /dev/shm, end it cleanly.
+
+Every process that initialises distributed (``run/train.py``, ``run/eval.py``,
+the tests' multi-process helper) goes through this module:
+
+* :func:`init_distributed` is ``deepspeed.init_distributed`` followed by
+  :func:`unlink_shm_segments`. DeepSpeed's CPU accelerator, when every rank of
+  the job is on this machine (``LOCAL_SIZE`` == world size), gives each rank a
+  POSIX shared-memory segment for its low-latency all-reduce
+  (``deepspeed/ops/csrc/cpu/comm/shm.cpp``, ``shm_initialize``, called from
+  ``TorchBackend.__init__`` in ``deepspeed/comm/torch.py``): rank ``r`` creates
+  ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<r>``
+  (about 66 MB), then spins until it has opened and mapped every other rank's.
+  Nothing ever unlinks them, so each finished, failed or killed run leaves
+  world-size segments behind. Once every rank has mapped every segment (each
+  rank has returned from ``shm_initialize``: a barrier proves it) the names are
+  no longer needed: unlinking them keeps the mappings valid, and the kernel
+  frees the memory when the last rank exits, however it exits (SIGKILL too).
+* :func:`shutdown_distributed` ends a run: barrier on every process group (so
+  no collective is still running on a communication thread), then
+  ``deepspeed.comm.destroy_process_group`` (torch's, plus the release of
+  DeepSpeed's own module-level references to the groups), then a garbage
+  collection, so the groups' gloo threads are joined while Python is alive.
+* :func:`exit_process` is the entry points' last call. Under ZeRO-3 the process
+  groups outlive all of the above: DeepSpeed's engine stays alive after
+  ``engine.destroy()`` (the engine and the model each have a reference from
+  outside Python's object graph, so no collection frees them), its parameters
+  hold the groups (``ds_process_group``), and every group's gloo threads
+  (``pt_gloo_runloop``, ``gloo_tcp_loop``) still run when the interpreter
+  finalises; torch's ``destroy_process_group`` only unregisters the groups, and
+  gloo's ``shutdown``/``abort`` do not stop those threads. Interpreter teardown
+  (module globals cleared, C++ static destructors run) beside live native
+  threads is where a finished rank aborted (``terminate called without an
+  active exception``, once in three 2-rank ZeRO-3 runs). When such threads
+  remain, :func:`exit_process` runs the ``atexit`` handlers, flushes, and ends
+  the process without that teardown (``os._exit``); otherwise (measured for
+  ZeRO-2: the groups are freed and their threads joined in
+  :func:`shutdown_distributed`) it is a plain ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = [
+    "SHM_DIR",
+    "SHM_PREFIX",
+    "comm_threads",
+    "exit_process",
+    "init_distributed",
+    "shm_segment_names",
+    "shutdown_distributed",
+    "unlink_shm_segments",
+]
+
+SHM_DIR = Path("/dev/shm")
+#: ``SHM_BUFFER_NAME`` in DeepSpeed's ``ops/csrc/cpu/comm/shm.cpp``.
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+#: Thread names (``/proc/self/task/*/comm``) of torch's gloo process groups: workers and TCP event loops.
+_COMM_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+def shm_segment_names(world_size: int, addr: str | None = None, port: str | int | None = None,
+                      uid: int | None = None) -> list[str]:
+    """The /dev/shm names DeepSpeed's CPU all-reduce gives the ranks of one job (``shm_initialize``'s format).
+
+    ``addr``/``port`` default to ``MASTER_ADDR``/``MASTER_PORT`` as DeepSpeed's C++
+    reads them (empty when unset), ``uid`` to this process's user: names of
+    other jobs (another port) or other users never match.
+    """
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
+    uid = os.getuid() if uid is None else uid
+    return [f"{SHM_PREFIX}_{uid}_{addr}_{port}_{rank}" for rank in range(world_size)]
+
+
+def unlink_shm_segments() -> list[str]:
+    """Collective: once every rank has mapped every segment (barrier), unlink this job's names; return those removed.
+
+    Every rank unlinks every rank's name (a missing one is fine), so the names
+    go even when a rank dies right after the barrier. A no-op (no barrier)
+    without a process group, or where DeepSpeed makes no segments: the CPU
+    accelerator only, and only when every rank is local (``LOCAL_SIZE`` == world
+    size, as its ``shm_interface.cpp`` decides). That condition is the same on
+    every rank of a job, so either all ranks take the barrier or none.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    from deepspeed.accelerator import get_accelerator
+
+    world = dist.get_world_size()
+    local = os.environ.get("LOCAL_SIZE", "")
+    if get_accelerator().device_name() != "cpu" or not local.isdigit() or int(local) != world:
+        return []  # e.g. GPUs (NCCL: no segments, and no barrier before the device is chosen), or several nodes
+    try:
+        # Each rank returned from deepspeed.init_distributed, so from shm_initialize, so it has mapped
+        # every other rank's segment: after this barrier nothing opens them by name again.
+        dist.barrier()
+    finally:
+        # Even when the barrier failed (a rank died during start-up), the job is over: nobody will map them.
+        removed = []
+        for name in shm_segment_names(world):
+            try:
+                (SHM_DIR / name).unlink()
+                removed.append(name)
+            except FileNotFoundError:
+                pass  # another rank was first, or all ranks are not local and DeepSpeed made none
+    return removed
+
+
+def init_distributed(**kwargs: Any) -> None:
+    """``deepspeed.init_distributed(**kwargs)``, then :func:`unlink_shm_segments`. Collective."""
+    import deepspeed
+
+    deepspeed.init_distributed(**kwargs)
+    unlink_shm_segments()
+
+
+def comm_threads() -> list[str]:
+    """Names of this process's live gloo threads (Linux ``/proc``); ``["unknown"]`` where they cannot be listed."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return ["unknown"]
+    names = []
+    for task in tasks.iterdir():
+        try:
+            name = (task / "comm").read_text(encoding="utf-8").strip()
+        except OSError:  # the thread ended while listing
+            continue
+        if name.startswith(_COMM_THREAD_NAMES):
+            names.append(name)
+    return sorted(names)
+
+
+def _groups_in_order() -> list[Any]:
+    """This rank's process groups, in the same order on every rank (creation order), the default one last."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    world = dist.group.WORLD
+    # Private, but the only list of every group (DeepSpeed creates its expert/ZeRO groups itself). Groups are
+    # created collectively, so their names (a creation counter) order them identically on every rank.
+    names: dict[Any, str] = dict(getattr(getattr(c10d, "_world", None), "pg_names", {}) or {})
+    ordered = sorted((pg for pg in names if pg is not world),
+                     key=lambda pg: (not str(names[pg]).isdigit(), int(names[pg]) if str(names[pg]).isdigit()
+                                     else 0, str(names[pg])))
+    mine = [pg for pg in ordered if pg is not dist.GroupMember.NON_GROUP_MEMBER and dist.get_rank(pg) >= 0]
+    return mine + [world]
+
+
+def shutdown_distributed(synchronize: bool) -> None:
+    """End this process's distributed state; call after the engine is destroyed. Collective if ``synchronize``.
+
+    ``synchronize`` (every rank finished the run): barrier on each process group,
+    which in gloo completes only after every collective queued before it on
+    that group, so no communication thread is still working when the groups
+    go. Pass ``False`` on a failure path, where a peer may never reach it. Then
+    DeepSpeed's ``destroy_process_group`` (torch's, and DeepSpeed's own references
+    to the groups released) and a collection, which lets each group's
+    destructor join its threads when nothing else holds it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        try:
+            for group in _groups_in_order():
+                dist.barrier(group=group)
+        except Exception as exc:  # noqa: BLE001 - a peer died after finishing: this rank's run is still complete
+            print(f"warning: rank {dist.get_rank()}: final barrier failed ({type(exc).__name__}: {exc}); a peer "
+                  "process ended early", file=sys.stderr, flush=True)
+    try:
+        from deepspeed import comm as ds_comm
+
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+    finally:
+        if dist.is_initialized():  # DeepSpeed's comm was never set up (e.g. plain torch.distributed)
+            dist.destroy_process_group()
+    _release_zero3_module_stack()
+    gc.collect()
+
+
+def _release_zero3_module_stack() -> None:
+    """ZeRO-3 leaves the model on its module-level forward stack after evaluation; drop that reference."""
+    module = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(module, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack.clear()
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with ``code``; without interpreter teardown while gloo threads remain (see the module docstring).
+
+    The ``atexit`` handlers still run and stdout/stderr are flushed first, so
+    nothing a normal exit would write is lost.
+    """
+    if not comm_threads():
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what the interpreter would run first at exit (logging, TensorBoard writers, ...)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)

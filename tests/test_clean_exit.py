@@ -1,0 +1,90 @@
+"""Launched runs end cleanly and leave /dev/shm as they found it, through ``deepspeed ... run/train.py`` on 2 ranks.
+
+DeepSpeed's CPU all-reduce gives each rank a /dev/shm segment named after the
+run's MASTER_PORT (``hmoe_ds.distributed_env``); the entry points unlink the
+names once every rank has mapped them. Here: while a run trains, its ranks map
+the segments and the names are already gone; a rank SIGKILLed mid-run leaves
+nothing; a finished ZeRO-3 run exits 0 on every rank without an abort at exit.
+``tests/conftest.py`` checks /dev/shm after every multi-rank test as well.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+from hmoe_ds.distributed_env import SHM_DIR, SHM_PREFIX
+
+from .conftest import shm_names_of_ports
+from .distributed import PORTS
+from .launcher import DS_CONFIG, output, train
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+ZERO3 = {**copy.deepcopy(DS_CONFIG), "zero_optimization": {"stage": 3}}
+
+
+class MappedSegments:
+    """``watch`` for :func:`tests.launcher.train`: the latest run's shm segments that its processes map, each
+    with whether a process's mapping already showed it unlinked (``(deleted)`` in ``/proc/<pid>/maps``)."""
+
+    def __init__(self) -> None:
+        self.mapped: dict[str, bool] = {}
+
+    def __call__(self, pgid: int) -> None:
+        port = str(PORTS[-1])
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getpgid(int(pid)) != pgid:  # only this run's runner and ranks
+                    continue
+                maps = Path(f"/proc/{pid}/maps").read_text()
+            except OSError:  # the process ended meanwhile (ProcessLookupError is an OSError)
+                continue
+            for line in maps.splitlines():
+                if f"/dev/shm/{SHM_PREFIX}_" not in line:
+                    continue
+                entry = line.split("/dev/shm/", 1)[1]
+                name = entry.removesuffix(" (deleted)")
+                if name.rsplit("_", 2)[-2] == port:
+                    self.mapped[name] = self.mapped.get(name, False) or entry.endswith(" (deleted)")
+
+
+def _requires_shm() -> None:
+    if not SHM_DIR.is_dir() or not Path("/proc/self/maps").is_file():
+        pytest.skip("needs Linux /dev/shm and /proc")
+
+
+def test_sigkilled_rank_leaves_no_shared_memory(tmp_path: Path) -> None:
+    """Rank 1 SIGKILLs itself in step 3: the run fails, yet no segment of its port is left in /dev/shm."""
+    _requires_shm()
+    watch = MappedSegments()
+    proc = train(tmp_path, ds=ZERO3, env={"HMOE_DS_TEST_KILL_DURING_STEP": "3", "HMOE_DS_TEST_KILL_RANK": "1"},
+                 timeout=240, watch=watch)
+    port = str(PORTS[-1])
+    assert proc.returncode != 0, output(proc)
+    assert "SIGKILL during step 3" in proc.stdout + proc.stderr, output(proc)
+    # The segments existed and were mapped by the live ranks (so the check below is not vacuous) ...
+    assert sorted(watch.mapped) == sorted(f"{SHM_PREFIX}_{os.getuid()}_127.0.0.1_{port}_{r}" for r in (0, 1)), \
+        watch.mapped
+    # ... their names were unlinked while the run was still going ...
+    assert all(watch.mapped.values()), f"segments mapped but never seen unlinked while running: {watch.mapped}"
+    # ... and nothing of this run remains after the kill.
+    assert shm_names_of_ports({port}) == []
+
+
+def test_finished_zero3_run_exits_zero_on_every_rank(tmp_path: Path) -> None:
+    """A finished 2-rank ZeRO-3 run: launcher exit 0 (every rank 0), no abort at exit, nothing in /dev/shm."""
+    _requires_shm()
+    proc = train(tmp_path, ds=ZERO3, timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output(proc)
+    assert "done: " in proc.stdout, output(proc)  # rank 0's summary: the run really finished
+    # DeepSpeed's launcher names any rank that exits non-zero; a teardown abort prints "terminate called".
+    for sign in ("terminate called", "exits with return code", "Fatal Python error", "final barrier failed"):
+        assert sign not in text, output(proc)
+    assert shm_names_of_ports({str(PORTS[-1])}) == []
