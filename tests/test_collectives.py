@@ -53,6 +53,7 @@ def _save_with_a_full_disk_on_rank0(rank: int, world_size: int, root: str) -> di
     import torch
 
     import hmoe_ds.checkpoint as ckpt
+    import hmoe_ds.checkpoint.save as saving
     from hmoe_ds.modeling import HMoEForCausalLM, debug_config
     from hmoe_ds.training.trainer import param_groups
 
@@ -62,17 +63,17 @@ def _save_with_a_full_disk_on_rank0(rank: int, world_size: int, root: str) -> di
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.0), config=config)
     state = {"loader": {}, "rng": ckpt.rng_state()}
-    write = ckpt._atomic_safetensors
+    write = saving.atomic_safetensors
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if rank == 0:
-        ckpt._atomic_safetensors = full_disk
+        saving.atomic_safetensors = full_disk
     probe = torch.arange(8).reshape(1, 8)  # rank 0 writes the probe logits: the write that fails here
     failed = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={},
                                                             probe_ids=probe))
-    ckpt._atomic_safetensors = write
+    saving.atomic_safetensors = write
     after_failure = {"marker": (Path(root) / "step_1" / ckpt.MARKER).exists(),
                      "latest": ckpt.read_latest(Path(root))}
     retried = _outcome(lambda: ckpt.save_training_checkpoint(engine, Path(root), 1, rank_state=state, experiment={},
