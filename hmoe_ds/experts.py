@@ -223,16 +223,23 @@ def expert_compute_order(mode: ExpertCompute | str, hidden_size: int, sizes: Seq
 Weights = Sequence[tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
 
 
-def _stack_padded(pieces: Sequence[torch.Tensor], width: int, index: torch.Tensor | None) -> torch.Tensor:
-    """``[G, width, D]`` from G row blocks ``[h_g, D]``: one stack, or cat + index_select when padded.
+def _stack_padded(pieces: Sequence[torch.Tensor], width: int, index: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Stack G expert matrices into ``[G, ...]``, padding their width dimension ``dim`` (0 or 1) to ``width``.
 
-    ``index`` maps each padded row to a row of ``cat(pieces + [zero row])``;
-    padding rows point at the zero row.
+    Equal widths: one ``torch.stack``. Otherwise one ``cat`` of the pieces and a
+    zero slice along ``dim``, then one ``index_select`` by ``index``, which maps
+    each padded position to a real row (column) or to the zero slice. Either
+    way the operator count does not depend on G, and the copy reads each
+    weight once in its storage order (no transposed, strided copy).
     """
-    if index is None:  # every h_g == width
+    if index is None:  # every width == bucket width
         return torch.stack(list(pieces))
-    rows = torch.cat([*pieces, pieces[0].new_zeros(1, pieces[0].shape[1])])
-    return rows.index_select(0, index).view(len(pieces), width, -1)
+    shape = list(pieces[0].shape)
+    shape[dim] = 1
+    rows = torch.cat([*pieces, pieces[0].new_zeros(shape)], dim=dim).index_select(dim, index)
+    if dim == 0:
+        return rows.view(len(pieces), width, -1)
+    return rows.view(rows.shape[0], len(pieces), width).transpose(0, 1)
 
 
 def _act_forward(h1: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
@@ -264,14 +271,14 @@ class _BucketRuntime:
 class _GroupedFFN(torch.autograd.Function):
     """Every bucket's FFN, forward and backward, with ``grouped_mm``; one autograd node per layer.
 
-    Forward per bucket (rows X [n, D], stacked weights W1, W3, W2' [G, H, D],
-    ``W2'[g] = w2_g^T``; for gated activations)::
+    Forward per bucket (rows X [n, D], stacked weights W1, W3 [G, H, D] and
+    W2 [G, D, H], ``nn.Linear`` layout; for gated activations)::
 
-        A1 = X W1^T,  A3 = X W3^T,  Y = (act(A1) * A3) W2'        (grouped over G by offs)
+        A1 = X W1^T,  A3 = X W3^T,  Y = (act(A1) * A3) W2^T        (grouped over G by offs)
 
     Backward, with ``Z = act(A1) * A3`` recomputed from the saved A1, A3::
 
-        dW2' = Z^T dY          dZ  = dY W2'^T
+        dW2  = dY^T Z          dZ  = dY W2
         dA3  = dZ * act(A1)    dA1 = act'(A1) * dZ * A3
         dW1  = dA1^T X         dW3 = dA3^T X         dX = dA1 W1 + dA3 W3
 
@@ -292,14 +299,14 @@ class _GroupedFFN(torch.autograd.Function):
                 saved += [x_RD.new_empty(0), x_RD.new_empty(0)]
                 continue
             x_nD = x_RD[rt.row_start:rt.row_end]
-            w1, w2t, w3 = plan.stack(weights, bucket, index)
+            w1, w2, w3 = plan.stack(weights, bucket, index)
             a1 = F.grouped_mm(x_nD, w1.transpose(1, 2), offs=rt.offs)
             z = _act_forward(a1, plan.activation)
             a3 = None
             if w3 is not None:
                 a3 = F.grouped_mm(x_nD, w3.transpose(1, 2), offs=rt.offs)
                 z = z.mul_(a3)
-            y_RD[rt.row_start:rt.row_end] = F.grouped_mm(z, w2t, offs=rt.offs)
+            y_RD[rt.row_start:rt.row_end] = F.grouped_mm(z, w2.transpose(1, 2), offs=rt.offs)
             saved += [a1, a3 if a3 is not None else x_RD.new_empty(0)]
         ctx.plan, ctx.runtime = plan, runtime
         ctx.save_for_backward(x_RD, *flat_weights, *saved)
@@ -322,13 +329,13 @@ class _GroupedFFN(torch.autograd.Function):
                 continue
             a1, a3 = saved[2 * b], saved[2 * b + 1]
             x_nD, dy = x_RD[rt.row_start:rt.row_end], grad_RD[rt.row_start:rt.row_end]
-            w1, w2t, w3 = plan.stack(weights, bucket, index)
+            w1, w2, w3 = plan.stack(weights, bucket, index)
             act = _act_forward(a1, plan.activation)
             gated = w3 is not None
             z = act * a3 if gated else act
-            dw2t = F.grouped_mm(z.t(), dy, offs=rt.offs)  # [G, H, D]
+            dw2 = F.grouped_mm(dy.t(), z, offs=rt.offs)  # [G, D, H]
             del z
-            dz = F.grouped_mm(dy, w2t.transpose(1, 2), offs=rt.offs)  # [n, H]
+            dz = F.grouped_mm(dy, w2, offs=rt.offs)  # [n, H]
             if gated:
                 da3 = dz * act
                 da1 = _act_backward(dz.mul_(a3), a1, plan.activation)
@@ -343,7 +350,7 @@ class _GroupedFFN(torch.autograd.Function):
                     dx = dx.add_(F.grouped_mm(da3, w3, offs=rt.offs))
                 grad_x[rt.row_start:rt.row_end] = dx
             for g, (slot, h) in enumerate(zip(bucket.slots, bucket.sizes)):
-                grads[slot] = [dw1[g, :h], dw2t[g, :h].t(), dw3[g, :h] if gated else None]
+                grads[slot] = [dw1[g, :h], dw2[g, :, :h], dw3[g, :h] if gated else None]
         flat_grads = [g for slot_grads, w in zip(grads, weights) for g, wt in zip(slot_grads, w) if wt is not None]
         return (grad_x, None, None, *flat_grads)
 
@@ -391,11 +398,11 @@ class _GroupedPlan:
         return out
 
     def stack(self, weights, bucket: WidthBucket, index: torch.Tensor | None):
-        """Padded ``(W1 [G, H, D], W2^T [G, H, D], W3 [G, H, D] | None)`` of one bucket (copies)."""
-        w1 = _stack_padded([weights[s][0] for s in bucket.slots], bucket.width, index)
-        w2t = _stack_padded([weights[s][1].t() for s in bucket.slots], bucket.width, index)
-        w3 = _stack_padded([weights[s][2] for s in bucket.slots], bucket.width, index) if self.gated else None
-        return w1, w2t, w3
+        """Padded ``(W1 [G, H, D], W2 [G, D, H], W3 [G, H, D] | None)`` of one bucket (copies)."""
+        w1 = _stack_padded([weights[s][0] for s in bucket.slots], bucket.width, index, 0)
+        w2 = _stack_padded([weights[s][1] for s in bucket.slots], bucket.width, index, 1)
+        w3 = _stack_padded([weights[s][2] for s in bucket.slots], bucket.width, index, 0) if self.gated else None
+        return w1, w2, w3
 
     def runtime(self, counts: Sequence[int], device: torch.device) -> list[_BucketRuntime]:
         """Row ranges and ``offs`` of every bucket for this call's token counts (in compute order)."""
