@@ -283,8 +283,9 @@ class _GroupedFFN(torch.autograd.Function):
         dW1  = dA1^T X         dW3 = dA3^T X         dX = dA1 W1 + dA3 W3
 
     (jagged-K ``grouped_mm`` for the weight gradients). Saved: X (a view of
-    the input), A1 and A3. Stacked weights are rebuilt in backward from the
-    saved per-expert views rather than kept.
+    the input), A1 and A3, each bucket's pair released as soon as its backward
+    is done. Stacked weights are rebuilt in backward from the saved per-expert
+    views rather than kept.
     """
 
     @staticmethod
@@ -299,25 +300,32 @@ class _GroupedFFN(torch.autograd.Function):
                 saved += [x_RD.new_empty(0), x_RD.new_empty(0)]
                 continue
             x_nD = x_RD[rt.row_start:rt.row_end]
-            w1, w2, w3 = plan.stack(weights, bucket, index)
-            a1 = F.grouped_mm(x_nD, w1.transpose(1, 2), offs=rt.offs)
+            # One stacked (padded) weight copy alive at a time: they are transient, never saved.
+            a1 = F.grouped_mm(x_nD, plan.stack(weights, bucket, index, 0).transpose(1, 2), offs=rt.offs)
             z = _act_forward(a1, plan.activation)
             a3 = None
-            if w3 is not None:
-                a3 = F.grouped_mm(x_nD, w3.transpose(1, 2), offs=rt.offs)
+            if plan.gated:
+                a3 = F.grouped_mm(x_nD, plan.stack(weights, bucket, index, 2).transpose(1, 2), offs=rt.offs)
                 z = z.mul_(a3)
-            y_RD[rt.row_start:rt.row_end] = F.grouped_mm(z, w2.transpose(1, 2), offs=rt.offs)
+            y_RD[rt.row_start:rt.row_end] = F.grouped_mm(z, plan.stack(weights, bucket, index, 1).transpose(1, 2),
+                                                         offs=rt.offs)
+            del z
             saved += [a1, a3 if a3 is not None else x_RD.new_empty(0)]
         ctx.plan, ctx.runtime = plan, runtime
-        ctx.save_for_backward(x_RD, *flat_weights, *saved)
+        ctx.save_for_backward(x_RD, *flat_weights)
+        # Intermediates (not inputs or outputs) may live on ctx directly; unlike saved tensors,
+        # backward can then drop each bucket's pair as soon as it is used, which keeps the peak of
+        # backward (all weight gradients + remaining activations) at the per-expert loop's level.
+        ctx.activations = saved
         return y_RD
 
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         plan: _GroupedPlan = ctx.plan
         runtime: list[_BucketRuntime] = ctx.runtime
-        x_RD, *rest = ctx.saved_tensors
-        flat_weights, saved = rest[:plan.num_flat], rest[plan.num_flat:]
+        x_RD, *flat_weights = ctx.saved_tensors
+        saved: list[torch.Tensor | None] = ctx.activations
+        ctx.activations = None
         weights = plan.unflatten(flat_weights)
         grad_RD = grad_RD.contiguous()
         grad_x = x_RD.new_empty(x_RD.shape) if ctx.needs_input_grad[0] else None
@@ -328,27 +336,33 @@ class _GroupedFFN(torch.autograd.Function):
                     grads[slot] = [None if w is None else torch.zeros_like(w) for w in weights[slot]]
                 continue
             a1, a3 = saved[2 * b], saved[2 * b + 1]
+            saved[2 * b] = saved[2 * b + 1] = None
             x_nD, dy = x_RD[rt.row_start:rt.row_end], grad_RD[rt.row_start:rt.row_end]
-            w1, w2, w3 = plan.stack(weights, bucket, index)
+            gated = plan.gated
+            # Ordered so that at most ~5 [n, H] temporaries and one stacked weight copy are alive at once.
             act = _act_forward(a1, plan.activation)
-            gated = w3 is not None
             z = act * a3 if gated else act
             dw2 = F.grouped_mm(dy.t(), z, offs=rt.offs)  # [G, D, H]
             del z
-            dz = F.grouped_mm(dy, w2, offs=rt.offs)  # [n, H]
+            dz = F.grouped_mm(dy, plan.stack(weights, bucket, index, 1), offs=rt.offs)  # [n, H]
+            dx = None
+            dw3 = None
             if gated:
                 da3 = dz * act
-                da1 = _act_backward(dz.mul_(a3), a1, plan.activation)
-            else:
-                da3, da1 = None, _act_backward(dz, a1, plan.activation)
-            del act, dz
+                dw3 = F.grouped_mm(da3.t(), x_nD, offs=rt.offs)
+                if grad_x is not None:
+                    dx = F.grouped_mm(da3, plan.stack(weights, bucket, index, 2), offs=rt.offs)
+                del da3
+                dz = dz.mul_(a3)
+            del act
+            da1 = _act_backward(dz, a1, plan.activation)
+            del dz
             dw1 = F.grouped_mm(da1.t(), x_nD, offs=rt.offs)
-            dw3 = F.grouped_mm(da3.t(), x_nD, offs=rt.offs) if gated else None
             if grad_x is not None:
-                dx = F.grouped_mm(da1, w1, offs=rt.offs)
-                if gated:
-                    dx = dx.add_(F.grouped_mm(da3, w3, offs=rt.offs))
-                grad_x[rt.row_start:rt.row_end] = dx
+                dx1 = F.grouped_mm(da1, plan.stack(weights, bucket, index, 0), offs=rt.offs)
+                grad_x[rt.row_start:rt.row_end] = dx1 if dx is None else dx.add_(dx1)
+                del dx, dx1
+            del da1, a1, a3
             for g, (slot, h) in enumerate(zip(bucket.slots, bucket.sizes)):
                 grads[slot] = [dw1[g, :h], dw2[g, :, :h], dw3[g, :h] if gated else None]
         flat_grads = [g for slot_grads, w in zip(grads, weights) for g, wt in zip(slot_grads, w) if wt is not None]
@@ -397,12 +411,9 @@ class _GroupedPlan:
             out.append((chunk[0], chunk[1], chunk[2] if self.gated else None))
         return out
 
-    def stack(self, weights, bucket: WidthBucket, index: torch.Tensor | None):
-        """Padded ``(W1 [G, H, D], W2 [G, D, H], W3 [G, H, D] | None)`` of one bucket (copies)."""
-        w1 = _stack_padded([weights[s][0] for s in bucket.slots], bucket.width, index, 0)
-        w2 = _stack_padded([weights[s][1] for s in bucket.slots], bucket.width, index, 1)
-        w3 = _stack_padded([weights[s][2] for s in bucket.slots], bucket.width, index, 0) if self.gated else None
-        return w1, w2, w3
+    def stack(self, weights, bucket: WidthBucket, index: torch.Tensor | None, which: int) -> torch.Tensor:
+        """Padded copy of one bucket's ``w1`` (``which=0``, ``[G, H, D]``), ``w2`` (1, ``[G, D, H]``) or ``w3`` (2)."""
+        return _stack_padded([weights[s][which] for s in bucket.slots], bucket.width, index, 1 if which == 1 else 0)
 
     def runtime(self, counts: Sequence[int], device: torch.device) -> list[_BucketRuntime]:
         """Row ranges and ``offs`` of every bucket for this call's token counts (in compute order)."""
