@@ -223,47 +223,41 @@ def expert_compute_order(mode: ExpertCompute | str, hidden_size: int, sizes: Seq
 Weights = Sequence[tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
 
 
-def _adjacent_view(pieces: Sequence[torch.Tensor], dim: int) -> torch.Tensor | None:
-    """``[G, ...]`` *view* of equal-width pieces that already lie back to back in one storage, else None.
+def _strided_view(pieces: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[G, r, c]`` *view* of equal-shape pieces that lie at a constant distance in one storage, else None.
 
-    True for a bucket of one expert, and for the packed (ZeRO-3) storage when a
-    bucket's experts are neighbours in it (e.g. contiguous placement of sorted
-    sizes): those buckets cost no weight copy at all. Only called inside the
-    autograd function, where no graph is recorded.
+    True for a one-expert bucket; for :class:`HeteroExperts`, whose parameters
+    are allocated bucket by bucket (:meth:`HeteroExperts._share_bucket_storage`);
+    for the packed (ZeRO-3) storage when a bucket's experts are neighbours in it;
+    and for DeepSpeed's flat ZeRO-1/2 buffers when equal experts follow each
+    other. Those buckets cost no weight copy. Only called inside the autograd
+    function, where no graph is recorded.
     """
     first = pieces[0]
-    rows, cols = first.shape
-    if dim == 0:  # [h, D] row blocks, contiguous
-        if first.stride() != (cols, 1):
-            return None
-        step = rows * cols
-        size, stride = (len(pieces), rows, cols), (step, cols, 1)
-    else:  # [D, h] column blocks of a [D, H_total] matrix
-        if first.stride(1) != 1:
-            return None
-        step = cols
-        size, stride = (len(pieces), rows, cols), (step, first.stride(0), 1)
-    base = first.data_ptr()
+    size = first.element_size()
+    storage = first.untyped_storage().data_ptr()
+    step = (pieces[1].data_ptr() - first.data_ptr()) // size if len(pieces) > 1 else first.numel()
+    if step <= 0:
+        return None
     for i, piece in enumerate(pieces):
         if (piece.shape != first.shape or piece.stride() != first.stride()
-                or piece.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or piece.data_ptr() != base + i * step * first.element_size()):
+                or piece.untyped_storage().data_ptr() != storage or piece.data_ptr() != first.data_ptr() + i * step * size):
             return None
-    return first.as_strided(size, stride)
+    return first.as_strided((len(pieces), *first.shape), (step, *first.stride()))
 
 
 def _stack_padded(pieces: Sequence[torch.Tensor], width: int, index: torch.Tensor | None, dim: int) -> torch.Tensor:
     """Stack G expert matrices into ``[G, ...]``, padding their width dimension ``dim`` (0 or 1) to ``width``.
 
-    Equal widths: a view when the pieces are adjacent in memory
-    (:func:`_adjacent_view`), else one ``torch.stack``. Otherwise one ``cat``
+    Equal widths: a view when the pieces lie at a constant distance in memory
+    (:func:`_strided_view`), else one ``torch.stack``. Otherwise one ``cat``
     of the pieces and a zero slice along ``dim``, then one ``index_select`` by
     ``index``, which maps each padded position to a real row (column) or to the
     zero slice. Either way the operator count does not depend on G, and the
     copy reads each weight in its storage order (no transposed, strided copy).
     """
     if index is None:  # every width == bucket width
-        view = _adjacent_view(pieces, dim)
+        view = _strided_view(pieces)
         return view if view is not None else torch.stack(list(pieces))
     shape = list(pieces[0].shape)
     shape[dim] = 1
@@ -580,8 +574,35 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
             self.deepspeed_experts = nn.ModuleList(FFNExpert(hidden_size, h, activation) for h in expert_sizes)
         self.num_local_experts = len(self.deepspeed_experts)
         self.expert_group_name = expert_group_name
-        self.tag_expert_parameters()
         self._init_compute(hidden_size, expert_sizes, expert_compute, max_buckets)
+        if self._plan is not None:
+            self._share_bucket_storage()
+        self.tag_expert_parameters()
+
+    @torch.no_grad()
+    def _share_bucket_storage(self) -> None:
+        """Re-home each equal-width bucket's weights in one ``[G, h, D]`` (``[G, D, h]`` for w2) block.
+
+        The parameters stay one ``nn.Parameter`` per expert matrix (names,
+        checkpoints and DeepSpeed's per-expert files are unchanged); they become
+        views of a shared block, so the grouped path reads a bucket's weights as
+        one strided view instead of stacking a copy every forward and backward.
+        Values are copied over, so initialisation is unchanged. Anything that
+        later replaces the parameter tensors (``.to(dtype)``, DeepSpeed's flat
+        buffers) only loses the zero-copy property, never correctness.
+        """
+        assert self._plan is not None
+        for bucket, index in zip(self._plan.buckets, self._plan.indices):
+            if index is not None or len(bucket.slots) < 2:
+                continue
+            experts = [self.deepspeed_experts[s] for s in bucket.slots]
+            for name in ("w1", "w2", "w3"):
+                linears = [getattr(e, name) for e in experts]
+                if linears[0] is None:
+                    continue
+                block = torch.stack([lin.weight.detach() for lin in linears])
+                for g, lin in enumerate(linears):
+                    lin.weight = nn.Parameter(block[g], requires_grad=lin.weight.requires_grad)
 
     def tag_expert_parameters(self) -> None:
         """Mark every expert parameter as DeepSpeed's ``Experts`` does.
