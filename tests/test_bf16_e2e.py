@@ -85,7 +85,11 @@ def test_bf16_loss_follows_fp32(pair: dict[str, Any]) -> None:
 def test_bf16_run_holds_bf16_weights(pair: dict[str, Any]) -> None:
     saved = json.loads((pair["bf16"] / "ds_config.json").read_text())
     assert saved["bf16"]["enabled"] is True
-    states = torch.load(pair["bf16"] / "checkpoints" / f"step_{STEPS}" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)
+    tag = pair["bf16"] / "checkpoints" / f"step_{STEPS}"
+    # ZeRO-2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_<r>_mp_rank_00_model_states.pt.
+    files = sorted(p for p in tag.glob("*mp_rank_00_model_states.pt") if "expert" not in p.name)
+    assert files, sorted(p.name for p in tag.iterdir())
+    states = torch.load(files[0], map_location="cpu", weights_only=False)
     dtypes = {v.dtype for v in states["module"].values() if torch.is_tensor(v) and v.is_floating_point()}
     assert dtypes == {torch.bfloat16}, dtypes
+    assert list(tag.glob("bf16_zero_pp_rank_*_optim_states.pt")), "no bf16 ZeRO optimizer states"
