@@ -29,23 +29,28 @@ number of experts; :attr:`WidthBucket.padding` reports the waste (none up to 8
 distinct widths; for the arithmetic sizes of ``solve_expert_sizes`` at E=32/64,
 0.8% of the expert FLOPs at d=256 (9 widths) and 3.5% at d=512 (17 widths)).
 
-Why this design (measured on 2 CPU cores, torch 2.13, ``benchmarks.bench_layer``;
-README "Grouped experts"): the alternatives were (a) splitting every expert
-into equal blocks of width g and repeating each token once per block of its
-expert, which is exact but multiplies the gathered input by h/g (4-24x for
-arithmetic sizes at g=64) and is memory-bound; (b) one bucket padded to the
-widest expert, 44% wasted FLOPs for arithmetic sizes {9..23}; (c) jagged
-weights (``offs`` over the hidden dimension), which needs every expert to see
-the same tokens, i.e. padding tokens to the busiest expert. Width buckets pad
-nothing for the paper's size distributions, keep each expert's GEMM exactly its
-own size, and on CUDA (sm90+, bf16) each bucket projection is one grouped-GEMM
-kernel. On CPU ``grouped_mm`` runs the groups' GEMMs back to back in C++, so
-the gain there is the Python/autograd overhead, the concatenation of expert
-outputs, and memory: the autograd function saves only the input rows and the
-two pre-activations ``w1 x`` and ``w3 x`` per bucket and recomputes the
-activation in backward (the per-expert loop keeps four ``[R, H]`` tensors),
-and stacks (pads) weights transiently in forward and again in backward instead
-of keeping copies alive.
+Why this design (README, "Expert computation"): the alternatives were (a)
+splitting every expert into equal blocks of width g and repeating each token
+once per block of its expert, exact but it multiplies the gathered input by
+h/g (4-24x for arithmetic sizes at g=64: memory-bound and over the plain
+loop's peak memory); (b) one bucket padded to the widest expert, ~44% wasted
+FLOPs for arithmetic sizes {9..23}; (c) jagged weights (``offs`` over the
+hidden dimension), which needs every expert to see the same tokens, i.e.
+padding tokens to the busiest expert. Width buckets pad nothing for repeated
+widths, keep each expert's GEMM its own size, and on CUDA (sm90+, bf16) each
+bucket projection is one grouped-GEMM kernel. On CPU ``grouped_mm`` runs the
+groups' GEMMs back to back in C++, so the gain there is the Python/autograd
+overhead, the concatenation of expert outputs, and memory: the autograd
+function saves only the input rows and the two pre-activations ``w1 x`` and
+``w3 x`` per bucket, recomputes the activation in backward (the per-expert
+loop keeps four ``[R, H]`` tensors), and releases each bucket's tensors as
+soon as its backward is done. A bucket's weights are read as one strided view
+when they already lie at a constant distance in memory (always for
+:class:`HeteroExperts`, whose equal-width parameters share one block per
+bucket; for the packed storage when the bucket's experts are neighbours);
+otherwise (padded buckets, weights scattered by e.g. a dtype conversion) one
+stacked copy is built transiently, one matrix at a time, in forward and again
+in backward, never kept.
 
 Token rows arrive grouped in :attr:`compute_order` (local slots sorted by
 bucket), so every bucket's rows are one contiguous block: the layer passes
@@ -579,13 +584,20 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
             self._share_bucket_storage()
         self.tag_expert_parameters()
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """After ``.to(dtype/device)`` (new tensors per parameter), share the bucket blocks again."""
+        out = super()._apply(fn, recurse)
+        if self._plan is not None:
+            self._share_bucket_storage()
+        return out
+
     @torch.no_grad()
     def _share_bucket_storage(self) -> None:
         """Re-home each equal-width bucket's weights in one ``[G, h, D]`` (``[G, D, h]`` for w2) block.
 
-        The parameters stay one ``nn.Parameter`` per expert matrix (names,
-        checkpoints and DeepSpeed's per-expert files are unchanged); they become
-        views of a shared block, so the grouped path reads a bucket's weights as
+        The parameters stay the same ``nn.Parameter`` objects, one per expert
+        matrix (names, checkpoints, optimizer groups and DeepSpeed's per-expert
+        files are unchanged); their ``.data`` become views of a shared block, so the grouped path reads a bucket's weights as
         one strided view instead of stacking a copy every forward and backward.
         Values are copied over, so initialisation is unchanged. Anything that
         later replaces the parameter tensors (``.to(dtype)``, DeepSpeed's flat
@@ -600,9 +612,12 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
                 linears = [getattr(e, name) for e in experts]
                 if linears[0] is None:
                     continue
+                if _strided_view([lin.weight for lin in linears]) is not None:
+                    continue  # already one block
                 block = torch.stack([lin.weight.detach() for lin in linears])
                 for g, lin in enumerate(linears):
-                    lin.weight = nn.Parameter(block[g], requires_grad=lin.weight.requires_grad)
+                    # Same Parameter object (optimizer groups and DeepSpeed's tags refer to it), new storage.
+                    lin.weight.data = block[g]
 
     def tag_expert_parameters(self) -> None:
         """Mark every expert parameter as DeepSpeed's ``Experts`` does.

@@ -299,3 +299,18 @@ def test_buckets_adjacent_in_memory_are_views_not_copies():
                 assert stacked.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
                 expected = torch.stack([weights[s][which] for s in bucket.slots])
                 torch.testing.assert_close(stacked, expected, rtol=0, atol=0)
+
+
+def test_module_list_buckets_stay_views_after_dtype_conversion_with_the_same_parameter_objects():
+    """``.to(bf16)`` re-shares the bucket blocks; parameter objects (optimizer groups, DeepSpeed tags) are kept."""
+    experts = HeteroExperts(D, [32, 32, 48, 48], "swiglu", "ep_size_1", "grouped")
+    before = [id(p) for p in experts.parameters()]
+    experts = experts.to(torch.bfloat16)
+    assert [id(p) for p in experts.parameters()] == before
+    assert all(p.dtype is torch.bfloat16 and p.allreduce is False and p.group_name == "ep_size_1"
+               for p in experts.parameters())
+    weights = experts.per_expert_weights()
+    for bucket in experts.width_buckets:
+        for which in range(3):
+            pieces = [weights[s][which] for s in bucket.slots]
+            assert len({p.untyped_storage().data_ptr() for p in pieces}) == 1
