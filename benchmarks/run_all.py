@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SUITES, default=None,
                         help="suites to run (default: layer scaling; train only when asked)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory worker processes")
+    parser.add_argument("--layer-configs", nargs="+", default=None, metavar="T,E,D",
+                        help="layer benchmark points (tokens,experts,d_model) instead of the default grid")
     parser.add_argument("--json", default=None, help="also write every table to this JSON file")
     parser.add_argument("--wait-quiet", type=float, default=None, metavar="S",
                         help="before each timing round wait up to S seconds for other processes to go idle "
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if "layer" in suites:
         from . import bench_layer
 
-        layer_table = bench_layer.run(args.quick, threads, not args.no_memory)
+        configs = None
+        if args.layer_configs:
+            configs = [bench_layer.LayerConfig(*(int(v) for v in spec.split(","))) for spec in args.layer_configs]
+        layer_table = bench_layer.run(args.quick, threads, not args.no_memory, configs=configs)
         tables.append(layer_table)
         print(layer_table.render() + "\n", flush=True)
     if "scaling" in suites:
