@@ -113,7 +113,7 @@ def _packed_like(layer: nn.Module) -> nn.Module:
     """``PackedHeteroExperts`` holding the same expert weights as ``layer``'s module list."""
     from hmoe_ds.experts import PackedHeteroExperts
 
-    packed = PackedHeteroExperts(layer.hidden_size, layer.expert_sizes, layer.config.activation)
+    packed = PackedHeteroExperts(layer.hidden_size, layer.expert_sizes, layer.config.activation, "loop")
     with torch.no_grad():
         for dst, src in zip(packed.per_expert_weights(), layer.deepspeed_moe.experts.per_expert_weights()):
             for d_view, s_view in zip(dst, src):
@@ -129,20 +129,23 @@ def run(cfg: LayerConfig, threads: int, repeats: int = 5) -> list[Table]:
     scale = calibrate_router_scale(cfg.experts, cfg.d_model)
     base = dict(tokens=cfg.tokens, experts=cfg.experts, d_model=cfg.d_model, router_scale=scale)
     x, g = make_inputs(cfg.tokens, cfg.d_model, device, dtype)
-    layer = build_module(dict(base, kind="hmoe", variant="top-k")).to(device, dtype)
+    # The per-expert loop path (expert_compute="loop"): the phases and prototypes below dissect it;
+    # "HMoE grouped" is the layer with its default (grouped) expert path, for comparison.
+    layer = build_module(dict(base, kind="hmoe", variant="hmoe-loop")).to(device, dtype)
+    grouped = build_module(dict(base, kind="hmoe", variant="hmoe")).to(device, dtype)
     with torch.no_grad():
         layer(x)
     hidden = round(layer.last_stats.activated_expert_params_per_token / (3 * cfg.d_model))
     floor = build_module(dict(base, kind="floor", hidden=hidden)).to(device, dtype)
-    routing = build_module(dict(base, kind="hmoe", variant="top-k")).to(device, dtype)
-    ex = routing.deepspeed_moe.experts
-    ex.deepspeed_experts = nn.ModuleList(nn.Identity() for _ in range(ex.num_local_experts))
+    routing = build_module(dict(base, kind="hmoe", variant="hmoe-loop")).to(device, dtype)
+    routing.deepspeed_moe.experts.forward = lambda x_RD, counts: x_RD  # identity experts
 
     chunked_floor = _TokenChunked(floor, cfg.experts)
     steps: dict[str, Callable[[], None]] = {
         "floor": make_step(floor, x, g),
         f"floor, tokens in {cfg.experts} chunks": make_step(chunked_floor, x, g),
         "HMoE": make_step(layer, x, g),
+        "HMoE grouped": make_step(grouped, x, g),
         "experts only": _experts_only_step(layer, x, g),
         "experts only, packed": _experts_only_step(layer, x, g, _packed_like(layer).to(device, dtype)),
         "routing only": make_step(routing, x, g),

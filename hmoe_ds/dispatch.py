@@ -102,11 +102,53 @@ def plan_dispatch(
     )
 
 
+#: Rows per chunk of :func:`combine`'s fp32 temporaries: bounds them to 16k x D whatever the batch.
+COMBINE_CHUNK_ROWS = 16384
+
+
+class _GatedScatterAdd(torch.autograd.Function):
+    """``out_TD = sum_a onehot(token_a) * g_a * y_a`` in fp32, and its gradient, with one ``[A, D]`` buffer.
+
+    Autograd through ``index_add_(y.float() * gate)`` keeps the product, then
+    builds three ``[A, D]`` tensors in backward (the gathered gradient, its
+    product with the gates, and the product with ``y`` for the gate gradient).
+    Here the forward product lives one chunk at a time, and the backward
+    gathers the output gradient once, takes the gate gradient ``<dout_t, y_a>``
+    chunk by chunk, and scales the gathered gradient by the gates in place.
+    """
+
+    @staticmethod
+    def forward(ctx, y_AD: torch.Tensor, gate_A: torch.Tensor, token_idx_A: torch.Tensor,  # type: ignore[override]
+                num_tokens: int) -> torch.Tensor:
+        out_TD = torch.zeros(num_tokens, y_AD.shape[1], dtype=torch.float32, device=y_AD.device)
+        for start in range(0, y_AD.shape[0], COMBINE_CHUNK_ROWS):
+            end = start + COMBINE_CHUNK_ROWS
+            out_TD.index_add_(0, token_idx_A[start:end], y_AD[start:end].float() * gate_A[start:end, None])
+        ctx.save_for_backward(y_AD, gate_A, token_idx_A)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):  # type: ignore[override]
+        y_AD, gate_A, token_idx_A = ctx.saved_tensors
+        grad_AD = grad_TD.float().index_select(0, token_idx_A)
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            grad_gate = torch.empty_like(gate_A)
+            for start in range(0, y_AD.shape[0], COMBINE_CHUNK_ROWS):
+                end = start + COMBINE_CHUNK_ROWS
+                grad_gate[start:end] = (grad_AD[start:end] * y_AD[start:end].float()).sum(dim=1)
+        grad_y = grad_AD.mul_(gate_A[:, None]).to(y_AD.dtype) if ctx.needs_input_grad[0] else None
+        return grad_y, grad_gate, None, None
+
+
 def combine(y_AD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-    """``out_t = sum_{e in E^t} g_{t,e} * expert_e(x_t)``, accumulated in fp32."""
-    out_TD = torch.zeros(num_tokens, y_AD.shape[1], dtype=torch.float32, device=y_AD.device)
-    out_TD.index_add_(0, plan.token_idx_A, y_AD.float() * plan.gate_A.unsqueeze(1))
-    return out_TD.to(y_AD.dtype)
+    """``out_t = sum_{e in E^t} g_{t,e} * expert_e(x_t)``, accumulated in fp32, returned in ``y_AD``'s dtype.
+
+    The gates stay fp32 (they come from the fp32 router softmax); in bf16 the
+    expert outputs are upcast chunk by chunk, so the sum over a token's experts
+    is not rounded to bf16 before the final cast.
+    """
+    return _GatedScatterAdd.apply(y_AD, plan.gate_A, plan.token_idx_A, num_tokens).to(y_AD.dtype)
 
 
 class TokenExchange(Protocol):

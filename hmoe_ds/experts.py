@@ -25,27 +25,32 @@ buckets come from :func:`plan_width_buckets`: equal widths share a bucket, and
 when there are more distinct widths than ``max_buckets`` (8) adjacent widths
 are merged by dynamic programming to minimise padded parameters. The operator
 count per layer is then at most ``max_buckets`` x a constant, whatever the
-number of experts; :attr:`WidthBucket.padding` reports the waste (0 for the
-paper's arithmetic/geometric sizes up to 8 distinct widths; 2-4% FLOPs for 17
-distinct widths merged into 8).
+number of experts; :attr:`WidthBucket.padding` reports the waste (none up to 8
+distinct widths; for the arithmetic sizes of ``solve_expert_sizes`` at E=32/64,
+0.8% of the expert FLOPs at d=256 (9 widths) and 3.5% at d=512 (17 widths)).
 
-Why this design (measured on 2 CPU cores, torch 2.13, ``benchmarks.bench_layer``;
-README "Grouped experts"): the alternatives were (a) splitting every expert
-into equal blocks of width g and repeating each token once per block of its
-expert, which is exact but multiplies the gathered input by h/g (4-24x for
-arithmetic sizes at g=64) and is memory-bound; (b) one bucket padded to the
-widest expert, 44% wasted FLOPs for arithmetic sizes {9..23}; (c) jagged
-weights (``offs`` over the hidden dimension), which needs every expert to see
-the same tokens, i.e. padding tokens to the busiest expert. Width buckets pad
-nothing for the paper's size distributions, keep each expert's GEMM exactly its
-own size, and on CUDA (sm90+, bf16) each bucket projection is one grouped-GEMM
-kernel. On CPU ``grouped_mm`` runs the groups' GEMMs back to back in C++, so
-the gain there is the Python/autograd overhead, the concatenation of expert
-outputs, and memory: the autograd function saves only the input rows and the
-two pre-activations ``w1 x`` and ``w3 x`` per bucket and recomputes the
-activation in backward (the per-expert loop keeps four ``[R, H]`` tensors),
-and stacks (pads) weights transiently in forward and again in backward instead
-of keeping copies alive.
+Why this design (README, "Expert computation"): the alternatives were (a)
+splitting every expert into equal blocks of width g and repeating each token
+once per block of its expert, exact but it multiplies the gathered input by
+h/g (4-24x for arithmetic sizes at g=64: memory-bound and over the plain
+loop's peak memory); (b) one bucket padded to the widest expert, ~44% wasted
+FLOPs for arithmetic sizes {9..23}; (c) jagged weights (``offs`` over the
+hidden dimension), which needs every expert to see the same tokens, i.e.
+padding tokens to the busiest expert. Width buckets pad nothing for repeated
+widths, keep each expert's GEMM its own size, and on CUDA (sm90+, bf16) each
+bucket projection is one grouped-GEMM kernel. On CPU ``grouped_mm`` runs the
+groups' GEMMs back to back in C++, so the gain there is the Python/autograd
+overhead, the concatenation of expert outputs, and memory: the autograd
+function saves only the input rows and the two pre-activations ``w1 x`` and
+``w3 x`` per bucket, recomputes the activation in backward (the per-expert
+loop keeps four ``[R, H]`` tensors), and releases each bucket's tensors as
+soon as its backward is done. A bucket's weights are read as one strided view
+when they already lie at a constant distance in memory (always for
+:class:`HeteroExperts`, whose equal-width parameters share one block per
+bucket; for the packed storage when the bucket's experts are neighbours);
+otherwise (padded buckets, weights scattered by e.g. a dtype conversion) one
+stacked copy is built transiently, one matrix at a time, in forward and again
+in backward, never kept.
 
 Token rows arrive grouped in :attr:`compute_order` (local slots sorted by
 bucket), so every bucket's rows are one contiguous block: the layer passes
@@ -226,16 +231,48 @@ def expert_compute_order(mode: ExpertCompute | str, hidden_size: int, sizes: Seq
 Weights = Sequence[tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]]
 
 
-def _stack_padded(pieces: Sequence[torch.Tensor], width: int, index: torch.Tensor | None) -> torch.Tensor:
-    """``[G, width, D]`` from G row blocks ``[h_g, D]``: one stack, or cat + index_select when padded.
+def _strided_view(pieces: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[G, r, c]`` *view* of equal-shape pieces that lie at a constant distance in one storage, else None.
 
-    ``index`` maps each padded row to a row of ``cat(pieces + [zero row])``;
-    padding rows point at the zero row.
+    True for a one-expert bucket; for :class:`HeteroExperts`, whose parameters
+    are allocated bucket by bucket (:meth:`HeteroExperts._share_bucket_storage`);
+    for the packed (ZeRO-3) storage when a bucket's experts are neighbours in it;
+    and for DeepSpeed's flat ZeRO-1/2 buffers when equal experts follow each
+    other. Those buckets cost no weight copy. Only called inside the autograd
+    function, where no graph is recorded.
     """
-    if index is None:  # every h_g == width
-        return torch.stack(list(pieces))
-    rows = torch.cat([*pieces, pieces[0].new_zeros(1, pieces[0].shape[1])])
-    return rows.index_select(0, index).view(len(pieces), width, -1)
+    first = pieces[0]
+    size = first.element_size()
+    storage = first.untyped_storage().data_ptr()
+    step = (pieces[1].data_ptr() - first.data_ptr()) // size if len(pieces) > 1 else first.numel()
+    if step <= 0:
+        return None
+    for i, piece in enumerate(pieces):
+        if (piece.shape != first.shape or piece.stride() != first.stride()
+                or piece.untyped_storage().data_ptr() != storage or piece.data_ptr() != first.data_ptr() + i * step * size):
+            return None
+    return first.as_strided((len(pieces), *first.shape), (step, *first.stride()))
+
+
+def _stack_padded(pieces: Sequence[torch.Tensor], width: int, index: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Stack G expert matrices into ``[G, ...]``, padding their width dimension ``dim`` (0 or 1) to ``width``.
+
+    Equal widths: a view when the pieces lie at a constant distance in memory
+    (:func:`_strided_view`), else one ``torch.stack``. Otherwise one ``cat``
+    of the pieces and a zero slice along ``dim``, then one ``index_select`` by
+    ``index``, which maps each padded position to a real row (column) or to the
+    zero slice. Either way the operator count does not depend on G, and the
+    copy reads each weight in its storage order (no transposed, strided copy).
+    """
+    if index is None:  # every width == bucket width
+        view = _strided_view(pieces)
+        return view if view is not None else torch.stack(list(pieces))
+    shape = list(pieces[0].shape)
+    shape[dim] = 1
+    rows = torch.cat([*pieces, pieces[0].new_zeros(shape)], dim=dim).index_select(dim, index)
+    if dim == 0:
+        return rows.view(len(pieces), width, -1)
+    return rows.view(rows.shape[0], len(pieces), width).transpose(0, 1)
 
 
 def _act_forward(h1: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
@@ -267,20 +304,21 @@ class _BucketRuntime:
 class _GroupedFFN(torch.autograd.Function):
     """Every bucket's FFN, forward and backward, with ``grouped_mm``; one autograd node per layer.
 
-    Forward per bucket (rows X [n, D], stacked weights W1, W3, W2' [G, H, D],
-    ``W2'[g] = w2_g^T``; for gated activations)::
+    Forward per bucket (rows X [n, D], stacked weights W1, W3 [G, H, D] and
+    W2 [G, D, H], ``nn.Linear`` layout; for gated activations)::
 
-        A1 = X W1^T,  A3 = X W3^T,  Y = (act(A1) * A3) W2'        (grouped over G by offs)
+        A1 = X W1^T,  A3 = X W3^T,  Y = (act(A1) * A3) W2^T        (grouped over G by offs)
 
     Backward, with ``Z = act(A1) * A3`` recomputed from the saved A1, A3::
 
-        dW2' = Z^T dY          dZ  = dY W2'^T
+        dW2  = dY^T Z          dZ  = dY W2
         dA3  = dZ * act(A1)    dA1 = act'(A1) * dZ * A3
         dW1  = dA1^T X         dW3 = dA3^T X         dX = dA1 W1 + dA3 W3
 
     (jagged-K ``grouped_mm`` for the weight gradients). Saved: X (a view of
-    the input), A1 and A3. Stacked weights are rebuilt in backward from the
-    saved per-expert views rather than kept.
+    the input), A1 and A3, each bucket's pair released as soon as its backward
+    is done. Stacked weights are rebuilt in backward from the saved per-expert
+    views rather than kept.
     """
 
     @staticmethod
@@ -295,25 +333,32 @@ class _GroupedFFN(torch.autograd.Function):
                 saved += [x_RD.new_empty(0), x_RD.new_empty(0)]
                 continue
             x_nD = x_RD[rt.row_start:rt.row_end]
-            w1, w2t, w3 = plan.stack(weights, bucket, index)
-            a1 = F.grouped_mm(x_nD, w1.transpose(1, 2), offs=rt.offs)
+            # One stacked (padded) weight copy alive at a time: they are transient, never saved.
+            a1 = F.grouped_mm(x_nD, plan.stack(weights, bucket, index, 0).transpose(1, 2), offs=rt.offs)
             z = _act_forward(a1, plan.activation)
             a3 = None
-            if w3 is not None:
-                a3 = F.grouped_mm(x_nD, w3.transpose(1, 2), offs=rt.offs)
+            if plan.gated:
+                a3 = F.grouped_mm(x_nD, plan.stack(weights, bucket, index, 2).transpose(1, 2), offs=rt.offs)
                 z = z.mul_(a3)
-            y_RD[rt.row_start:rt.row_end] = F.grouped_mm(z, w2t, offs=rt.offs)
+            y_RD[rt.row_start:rt.row_end] = F.grouped_mm(z, plan.stack(weights, bucket, index, 1).transpose(1, 2),
+                                                         offs=rt.offs)
+            del z
             saved += [a1, a3 if a3 is not None else x_RD.new_empty(0)]
         ctx.plan, ctx.runtime = plan, runtime
-        ctx.save_for_backward(x_RD, *flat_weights, *saved)
+        ctx.save_for_backward(x_RD, *flat_weights)
+        # Intermediates (not inputs or outputs) may live on ctx directly; unlike saved tensors,
+        # backward can then drop each bucket's pair as soon as it is used, which keeps the peak of
+        # backward (all weight gradients + remaining activations) at the per-expert loop's level.
+        ctx.activations = saved
         return y_RD
 
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         plan: _GroupedPlan = ctx.plan
         runtime: list[_BucketRuntime] = ctx.runtime
-        x_RD, *rest = ctx.saved_tensors
-        flat_weights, saved = rest[:plan.num_flat], rest[plan.num_flat:]
+        x_RD, *flat_weights = ctx.saved_tensors
+        saved: list[torch.Tensor | None] = ctx.activations
+        ctx.activations = None
         weights = plan.unflatten(flat_weights)
         grad_RD = grad_RD.contiguous()
         grad_x = x_RD.new_empty(x_RD.shape) if ctx.needs_input_grad[0] else None
@@ -324,29 +369,35 @@ class _GroupedFFN(torch.autograd.Function):
                     grads[slot] = [None if w is None else torch.zeros_like(w) for w in weights[slot]]
                 continue
             a1, a3 = saved[2 * b], saved[2 * b + 1]
+            saved[2 * b] = saved[2 * b + 1] = None
             x_nD, dy = x_RD[rt.row_start:rt.row_end], grad_RD[rt.row_start:rt.row_end]
-            w1, w2t, w3 = plan.stack(weights, bucket, index)
+            gated = plan.gated
+            # Ordered so that at most ~5 [n, H] temporaries and one stacked weight copy are alive at once.
             act = _act_forward(a1, plan.activation)
-            gated = w3 is not None
             z = act * a3 if gated else act
-            dw2t = F.grouped_mm(z.t(), dy, offs=rt.offs)  # [G, H, D]
+            dw2 = F.grouped_mm(dy.t(), z, offs=rt.offs)  # [G, D, H]
             del z
-            dz = F.grouped_mm(dy, w2t.transpose(1, 2), offs=rt.offs)  # [n, H]
+            dz = F.grouped_mm(dy, plan.stack(weights, bucket, index, 1), offs=rt.offs)  # [n, H]
+            dx = None
+            dw3 = None
             if gated:
                 da3 = dz * act
-                da1 = _act_backward(dz.mul_(a3), a1, plan.activation)
-            else:
-                da3, da1 = None, _act_backward(dz, a1, plan.activation)
-            del act, dz
+                dw3 = F.grouped_mm(da3.t(), x_nD, offs=rt.offs)
+                if grad_x is not None:
+                    dx = F.grouped_mm(da3, plan.stack(weights, bucket, index, 2), offs=rt.offs)
+                del da3
+                dz = dz.mul_(a3)
+            del act
+            da1 = _act_backward(dz, a1, plan.activation)
+            del dz
             dw1 = F.grouped_mm(da1.t(), x_nD, offs=rt.offs)
-            dw3 = F.grouped_mm(da3.t(), x_nD, offs=rt.offs) if gated else None
             if grad_x is not None:
-                dx = F.grouped_mm(da1, w1, offs=rt.offs)
-                if gated:
-                    dx = dx.add_(F.grouped_mm(da3, w3, offs=rt.offs))
-                grad_x[rt.row_start:rt.row_end] = dx
+                dx1 = F.grouped_mm(da1, plan.stack(weights, bucket, index, 0), offs=rt.offs)
+                grad_x[rt.row_start:rt.row_end] = dx1 if dx is None else dx.add_(dx1)
+                del dx, dx1
+            del da1, a1, a3
             for g, (slot, h) in enumerate(zip(bucket.slots, bucket.sizes)):
-                grads[slot] = [dw1[g, :h], dw2t[g, :h].t(), dw3[g, :h] if gated else None]
+                grads[slot] = [dw1[g, :h], dw2[g, :, :h], dw3[g, :h] if gated else None]
         flat_grads = [g for slot_grads, w in zip(grads, weights) for g, wt in zip(slot_grads, w) if wt is not None]
         return (grad_x, None, None, *flat_grads)
 
@@ -393,12 +444,9 @@ class _GroupedPlan:
             out.append((chunk[0], chunk[1], chunk[2] if self.gated else None))
         return out
 
-    def stack(self, weights, bucket: WidthBucket, index: torch.Tensor | None):
-        """Padded ``(W1 [G, H, D], W2^T [G, H, D], W3 [G, H, D] | None)`` of one bucket (copies)."""
-        w1 = _stack_padded([weights[s][0] for s in bucket.slots], bucket.width, index)
-        w2t = _stack_padded([weights[s][1].t() for s in bucket.slots], bucket.width, index)
-        w3 = _stack_padded([weights[s][2] for s in bucket.slots], bucket.width, index) if self.gated else None
-        return w1, w2t, w3
+    def stack(self, weights, bucket: WidthBucket, index: torch.Tensor | None, which: int) -> torch.Tensor:
+        """Padded copy of one bucket's ``w1`` (``which=0``, ``[G, H, D]``), ``w2`` (1, ``[G, D, H]``) or ``w3`` (2)."""
+        return _stack_padded([weights[s][which] for s in bucket.slots], bucket.width, index, 1 if which == 1 else 0)
 
     def runtime(self, counts: Sequence[int], device: torch.device) -> list[_BucketRuntime]:
         """Row ranges and ``offs`` of every bucket for this call's token counts (in compute order)."""
@@ -538,8 +586,45 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
             self.deepspeed_experts = nn.ModuleList(FFNExpert(hidden_size, h, activation) for h in expert_sizes)
         self.num_local_experts = len(self.deepspeed_experts)
         self.expert_group_name = expert_group_name
-        self.tag_expert_parameters()
         self._init_compute(hidden_size, expert_sizes, expert_compute, max_buckets)
+        if self._plan is not None:
+            self._share_bucket_storage()
+        self.tag_expert_parameters()
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        """After ``.to(dtype/device)`` (new tensors per parameter), share the bucket blocks again."""
+        out = super()._apply(fn, recurse)
+        if self._plan is not None:
+            self._share_bucket_storage()
+        return out
+
+    @torch.no_grad()
+    def _share_bucket_storage(self) -> None:
+        """Re-home each equal-width bucket's weights in one ``[G, h, D]`` (``[G, D, h]`` for w2) block.
+
+        The parameters stay the same ``nn.Parameter`` objects, one per expert
+        matrix (names, checkpoints, optimizer groups and DeepSpeed's per-expert
+        files are unchanged); their ``.data`` become views of a shared block, so the grouped path reads a bucket's weights as
+        one strided view instead of stacking a copy every forward and backward.
+        Values are copied over, so initialisation is unchanged. Anything that
+        later replaces the parameter tensors (``.to(dtype)``, DeepSpeed's flat
+        buffers) only loses the zero-copy property, never correctness.
+        """
+        assert self._plan is not None
+        for bucket, index in zip(self._plan.buckets, self._plan.indices):
+            if index is not None or len(bucket.slots) < 2:
+                continue
+            experts = [self.deepspeed_experts[s] for s in bucket.slots]
+            for name in ("w1", "w2", "w3"):
+                linears = [getattr(e, name) for e in experts]
+                if linears[0] is None:
+                    continue
+                if _strided_view([lin.weight for lin in linears]) is not None:
+                    continue  # already one block
+                block = torch.stack([lin.weight.detach() for lin in linears])
+                for g, lin in enumerate(linears):
+                    # Same Parameter object (optimizer groups and DeepSpeed's tags refer to it), new storage.
+                    lin.weight.data = block[g]
 
     def tag_expert_parameters(self) -> None:
         """Mark every expert parameter as DeepSpeed's ``Experts`` does.

@@ -29,10 +29,14 @@ def test_quick_benchmarks_print_tables_with_finite_ratios(tmp_path: Path) -> Non
     tables = {t["title"]: t for t in json.loads(out_json.read_text())["tables"]}
     layer = next(t for title, t in tables.items() if title.startswith("Layer forward+backward"))
     assert layer["rows"], "empty layer table"
-    for name in ("HMoE/floor", "HMoE/DS", "HMoE ms", "floor ms", "DS-MoE ms", "HMoE MiB", "DS MiB"):
+    for name in ("HMoE/floor", "HMoE/DS", "HMoE/plain", "HMoE ms", "floor ms", "DS-MoE ms", "bf16 HMoE/floor",
+                 "HMoE MiB", "plain MiB", "DS MiB"):
         i = layer["headers"].index(name)
         for row in layer["rows"]:
             assert isinstance(row[i], float) and math.isfinite(row[i]) and (row[i] > 0 or "MiB" in name), (name, row)
+    for name in ("ops HMoE", "ops loop", "ops plain"):
+        i = layer["headers"].index(name)
+        assert all(isinstance(row[i], int) and row[i] > 0 for row in layer["rows"]), name
     # The printed table carries the same ratios.
     printed = [ln for ln in proc.stdout.splitlines() if ln.startswith("|") and "top-k" in ln]
     assert printed, proc.stdout[-4000:]

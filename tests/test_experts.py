@@ -283,3 +283,34 @@ def test_expert_parallel_grouped_path_matches_single_process():
     results = run_distributed(_ep_cases, world_size=2)
     for name, value in results[0].items():
         assert value["compute"] == name.split()[0], name
+
+
+def test_buckets_adjacent_in_memory_are_views_not_copies():
+    """Packed storage with neighbouring equal widths, and one-expert buckets, cost no weight copy."""
+    packed = PackedHeteroExperts(D, [32, 32, 48, 48], "swiglu", "grouped")
+    modules = HeteroExperts(D, [32, 48, 64], "swiglu", "ep_size_1", "grouped")
+    for experts, params in ((packed, [packed.w1, packed.w2, packed.w3]), (modules, None)):
+        weights = experts.per_expert_weights()
+        plan = experts._plan
+        for bucket, index in zip(plan.buckets, plan.indices):
+            for which in range(3):
+                stacked = plan.stack(weights, bucket, index, which)
+                source = params[which] if params is not None else weights[bucket.slots[0]][which]
+                assert stacked.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+                expected = torch.stack([weights[s][which] for s in bucket.slots])
+                torch.testing.assert_close(stacked, expected, rtol=0, atol=0)
+
+
+def test_module_list_buckets_stay_views_after_dtype_conversion_with_the_same_parameter_objects():
+    """``.to(bf16)`` re-shares the bucket blocks; parameter objects (optimizer groups, DeepSpeed tags) are kept."""
+    experts = HeteroExperts(D, [32, 32, 48, 48], "swiglu", "ep_size_1", "grouped")
+    before = [id(p) for p in experts.parameters()]
+    experts = experts.to(torch.bfloat16)
+    assert [id(p) for p in experts.parameters()] == before
+    assert all(p.dtype is torch.bfloat16 and p.allreduce is False and p.group_name == "ep_size_1"
+               for p in experts.parameters())
+    weights = experts.per_expert_weights()
+    for bucket in experts.width_buckets:
+        for which in range(3):
+            pieces = [weights[s][which] for s in bucket.slots]
+            assert len({p.untyped_storage().data_ptr() for p in pieces}) == 1
