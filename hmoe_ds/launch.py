@@ -38,7 +38,7 @@ from .env import configure_environment
 # the ranks started below inherit it.
 configure_environment()
 
-__all__ = ["LaunchError", "main", "world_size"]
+__all__ = ["LaunchError", "check_runner_world", "main", "runner_command_line", "world_size"]
 
 _MPI_LAUNCHERS = ("openmpi", "mpich")  # DeepSpeed refuses resource filters with these
 
@@ -116,13 +116,13 @@ def runner_command_line() -> list[str] | None:
     runner, whose command line holds what the user typed (``--hostfile`` ...).
     Returns the arguments after the runner script (Linux, single-node runner).
     """
-    from hmoe_ds.training.signals import _cmdline_args, _ppid_of
+    from hmoe_ds.training.signals import parent_pid, process_args
 
     launcher = os.getppid()
-    if "deepspeed.launcher.launch" not in " ".join(_cmdline_args(launcher)):
+    if "deepspeed.launcher.launch" not in " ".join(process_args(launcher)):
         return None
-    runner = _ppid_of(launcher)
-    args = _cmdline_args(runner) if runner else []
+    runner = parent_pid(launcher)
+    args = process_args(runner) if runner else []
     for i, token in enumerate(args):
         if Path(token).name == "deepspeed" or token == "deepspeed.launcher.runner":
             return args[i + 1:]

@@ -37,14 +37,14 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["EXIT_CODE", "GRACE_S", "StopWatch"]
+__all__ = ["EXIT_CODE", "GRACE_S", "StopWatch", "parent_pid", "process_args"]
 
 EXIT_CODE = 128 + signal.SIGTERM  # the shell's convention for "terminated by SIGTERM"
 GRACE_S = 120.0  # a step plus a save of a large model; the tiny test models need a few seconds
 POLL_S = 0.5
 
 
-def _ppid_of(pid: int) -> int | None:
+def parent_pid(pid: int) -> int | None:
     """Parent pid of ``pid`` from ``/proc`` (Linux), or ``None`` if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -54,7 +54,7 @@ def _ppid_of(pid: int) -> int | None:
     return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
-def _cmdline_args(pid: int) -> list[str]:
+def process_args(pid: int) -> list[str]:
     """The argv of ``pid`` from ``/proc`` (empty if it is gone or unreadable)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -64,7 +64,7 @@ def _cmdline_args(pid: int) -> list[str]:
 
 
 def _cmdline(pid: int) -> str:
-    return " ".join(_cmdline_args(pid))
+    return " ".join(process_args(pid))
 
 
 class StopWatch:
@@ -106,7 +106,7 @@ class StopWatch:
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         launcher = os.getppid()
         if "deepspeed.launcher.launch" in _cmdline(launcher):
-            runner = _ppid_of(launcher)
+            runner = parent_pid(launcher)
             if runner is not None and runner > 1:
                 self._thread = threading.Thread(target=self._watch, args=(launcher, runner),
                                                 name="hmoe-runner-watchdog", daemon=True)
@@ -118,7 +118,7 @@ class StopWatch:
             if os.getppid() != launcher:
                 self.request(f"the deepspeed launcher (pid {launcher}) exited")
                 return
-            if _ppid_of(launcher) != runner:
+            if parent_pid(launcher) != runner:
                 self.request(f"the deepspeed runner (pid {runner}) exited (interrupted or terminated)")
                 return
 
