@@ -23,7 +23,7 @@ def write_marker(tag_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     ``files`` maps every file to its size and content digest (:mod:`hmoe_ds.integrity`),
     so resume detects bytes changed in place, not only lost or truncated files.
     """
-    from .integrity import describe_files
+    from ..integrity import describe_files
 
     tag_dir = Path(tag_dir)
     names = _file_names(tag_dir)
@@ -68,7 +68,7 @@ def verify_checkpoint(tag_dir: Path, notes: list[str] | None = None) -> dict[str
     content checksums existed list sizes only; their files are checked by size and
     a note saying so is appended to ``notes`` (when given).
     """
-    from .integrity import verify_files
+    from ..integrity import verify_files
 
     tag_dir = Path(tag_dir)
     marker = read_marker(tag_dir)

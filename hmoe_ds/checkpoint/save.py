@@ -126,7 +126,7 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
     """
     import yaml
 
-    from .collectives import on_rank0
+    from ..collectives import on_rank0
 
     checkpoint_dir = Path(checkpoint_dir)
     rank, world = _dist()
