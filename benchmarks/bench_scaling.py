@@ -1,7 +1,7 @@
 """Routing + dispatch + combine cost as tokens and experts grow (no expert math).
 
-Every layer's experts are replaced by ``nn.Identity`` (the per-expert
-split/loop/concatenate stays), so what is timed (forward+backward) is the
+Every layer's experts are replaced by the identity (HMoE: the experts
+module's forward returns its rows; DeepSpeed: ``nn.Identity`` experts), so what is timed (forward+backward) is the
 router, the auxiliary losses, the grouping of (token, expert) assignments and
 the weighted combine. Candidates, per (T tokens, E experts), width d:
 
@@ -84,8 +84,7 @@ def build_module(job: dict[str, Any]) -> nn.Module:
     if name.startswith("HMoE"):
         opts = dict(routing="top_k", top_k=2) if name == "HMoE top-k" else dict(routing="top_p", top_p=0.6, entropy_coef=0.03)
         layer = HMoE(d, _sizes(e, d), **opts)
-        experts = layer.deepspeed_moe.experts
-        experts.deepspeed_experts = nn.ModuleList(nn.Identity() for _ in range(experts.num_local_experts))
+        layer.deepspeed_moe.experts.forward = lambda x_RD, counts: x_RD  # identity experts
         layer.deepspeed_moe.gate.wg.weight.data.copy_(weight)
         return layer
     if name == "DS MOELayer":

@@ -610,7 +610,8 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
         later replaces the parameter tensors (``.to(dtype)``, DeepSpeed's flat
         buffers) only loses the zero-copy property, never correctness.
         """
-        assert self._plan is not None
+        if self._plan is None or not all(isinstance(e, FFNExpert) for e in self.deepspeed_experts):
+            return  # experts swapped for something else (e.g. identity stand-ins in a benchmark)
         for bucket, index in zip(self._plan.buckets, self._plan.indices):
             if index is not None or len(bucket.slots) < 2:
                 continue
