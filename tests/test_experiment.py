@@ -14,6 +14,7 @@ import yaml
 
 from hmoe_ds.training.experiment import (
     ExperimentError,
+    check_required,
     effective_ds_config,
     load_ds_config,
     load_experiment,
@@ -374,7 +375,7 @@ def test_branching_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path: 
 @pytest.mark.parametrize("text", ["", "# nothing yet\n", "model: {}\nrun: {}\n", "run:\n  train_steps: 5\n"])
 def test_defect3_empty_or_near_empty_experiment_is_refused_with_what_is_missing(tmp_path: Path, text: str) -> None:
     """Defect 3: an empty YAML used to start the 380M-parameter, 1000-step default run."""
-    msg = error_of(load_experiment, write_yaml(tmp_path, text))
+    msg = error_of(lambda path: check_required(load_experiment(path)), write_yaml(tmp_path, text))
     assert "missing: model.hidden_size, model.num_hidden_layers, model.moe.expert_sizes, run.output_dir" in msg
     assert str(tmp_path / "exp.yaml") in msg
 
@@ -382,8 +383,11 @@ def test_defect3_empty_or_near_empty_experiment_is_refused_with_what_is_missing(
 def test_required_keys_may_come_from_set(tmp_path: Path) -> None:
     doc = {k: dict(v) for k, v in TINY.items()}
     path = write_yaml(tmp_path, doc)
-    assert "missing: run.output_dir" in error_of(load_experiment, path)
-    assert load_experiment(path, [f"run.output_dir={tmp_path / 'out'}"]).output_dir == tmp_path / "out"
+    assert "missing: run.output_dir" in error_of(lambda p: check_required(load_experiment(p)), path)
+    exp = load_experiment(path, [f"run.output_dir={tmp_path / 'out'}"])
+    check_required(exp)
+    assert exp.output_dir == tmp_path / "out"
+    assert load_experiment(path).data_config().block_size == 64  # data-only readers need no output_dir
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ __all__ = [
     "Experiment",
     "ExperimentError",
     "RunConfig",
+    "check_required",
     "effective_ds_config",
     "load_ds_config",
     "load_experiment",
@@ -404,17 +405,25 @@ def _validate_data(data: dict[str, Any], source: str, overridden: set[str]) -> N
 REQUIRED_KEYS = ("model.hidden_size", "model.num_hidden_layers", "model.moe.expert_sizes", "run.output_dir")
 
 
-def _check_required(model: Mapping[str, Any], run: RunConfig, source: str) -> None:
-    moe = model.get("moe") or {}
-    present = {"model.hidden_size": "hidden_size" in model, "model.num_hidden_layers": "num_hidden_layers" in model,
+def check_required(exp: Experiment) -> None:
+    """A training run's experiment names its model and its output directory (in the file or by ``--set``).
+
+    Checked by the trainer and ``hmoe_ds.launch`` (``plan_run``), not by
+    :func:`load_experiment` itself: readers that only need the data or model
+    sections (evaluation, the paper comparison's data preparation) need no
+    output directory.
+    """
+    moe = exp.model.get("moe") or {}
+    present = {"model.hidden_size": "hidden_size" in exp.model,
+               "model.num_hidden_layers": "num_hidden_layers" in exp.model,
                "model.moe.expert_sizes": isinstance(moe, dict) and "expert_sizes" in moe,
-               "run.output_dir": run.output_dir is not None}
+               "run.output_dir": exp.run.output_dir is not None}
     missing = [key for key in REQUIRED_KEYS if not present[key]]
     if missing:
         raise ExperimentError(
-            f"{source}: the experiment must name the model and where the run goes; missing: {', '.join(missing)}. "
-            "Add them to the file (run/configs/quickstart.yaml is a complete example) or pass them with "
-            f"--set, e.g. --set {missing[0]}=..."
+            f"{exp.source}: the experiment must name the model and where the run goes; missing: "
+            f"{', '.join(missing)}. Add them to the file (run/configs/quickstart.yaml is a complete example) or "
+            f"pass them with --set, e.g. --set {missing[0]}=..."
         )
 
 
@@ -444,7 +453,6 @@ def experiment_from_dict(
     run.run_name = run.run_name or default_name
     _validate_model(model, source, overridden)
     _validate_data(data, source, overridden)
-    _check_required(model, run, source)
     model.setdefault("vocab_size", "auto")
     return Experiment(model=model, data=data, run=run, source=source)
 

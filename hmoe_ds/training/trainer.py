@@ -45,6 +45,7 @@ from hmoe_ds.checkpoint import (
 from .experiment import (
     Experiment,
     ExperimentError,
+    check_required,
     effective_ds_config,
     load_ds_config,
     load_experiment,
@@ -98,6 +99,7 @@ def plan_run(config: str, ds_path: str | None, overrides: list[str], resume: str
     if not ds_path:
         raise ExperimentError("--deepspeed_config is required, e.g. --deepspeed_config ds_configs/cpu_default.json")
     exp = load_experiment(config, overrides)
+    check_required(exp)  # an empty or near-empty YAML would train the 0.4B defaults for hours
     ds = load_ds_config(ds_path)
     from deepspeed.accelerator import get_accelerator
 
