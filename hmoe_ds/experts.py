@@ -204,7 +204,10 @@ def resolve_expert_compute(mode: ExpertCompute | str, hidden_size: int, sizes: S
     needs a bounded number of operators (measured: 228-250 per forward+backward
     at E = 8-64, against 197-1,037 for the loop; README, "Benchmarks"). At
     E = 8 with 8 distinct widths both paths run the same GEMMs one expert at a
-    time. Forcing ``grouped`` where it cannot run is a ``ValueError`` naming
+    time. CPU timings on a contended 2-core machine were mixed (grouped faster
+    at E = 64 and at E = 32 with 8k tokens, slower at E = 8 and at E = 32 with
+    2k tokens), so the rule rests on operator count, memory and the GPU kernel,
+    not on CPU speed; force ``loop`` where it measures faster. Forcing ``grouped`` where it cannot run is a ``ValueError`` naming
     the fix.
     """
     mode = ExpertCompute(mode)
