@@ -199,10 +199,19 @@ def resolve_expert_compute(mode: ExpertCompute | str, hidden_size: int, sizes: S
 
     ``auto`` picks ``grouped`` whenever it can run: ``hidden_size`` a multiple
     of 8 (``grouped_mm``'s 16-byte stride rule, bf16 included) and a
-    ``grouped_mm`` in this torch. Measured on 2 CPU cores (README, "Grouped
-    experts"), the grouped path is faster than the loop in every benchmark row,
-    E = 8 included, and never uses more memory, so there is no size threshold.
-    Forcing ``grouped`` where it cannot run is a ``ValueError`` naming the fix.
+    ``grouped_mm`` in this torch. There is no size threshold because the
+    grouped path runs the same per-expert GEMMs as the loop (plus at most the
+    bucket padding: none up to 8 distinct widths, 3.5% of the FLOPs for 17
+    arithmetic widths), copies no weights for equal-width buckets, keeps fewer
+    activations (two ``[R, H]`` per bucket instead of four per expert) and
+    needs a bounded number of operators (measured: 228-250 per forward+backward
+    at E = 8-64, against 197-1,037 for the loop; README, "Benchmarks"). At
+    E = 8 with 8 distinct widths both paths run the same GEMMs one expert at a
+    time. CPU timings on a contended 2-core machine were mixed (grouped faster
+    at E = 64 and at E = 32 with 8k tokens, slower at E = 8 and at E = 32 with
+    2k tokens), so the rule rests on operator count, memory and the GPU kernel,
+    not on CPU speed; force ``loop`` where it measures faster. Forcing ``grouped`` where it cannot run is a ``ValueError`` naming
+    the fix.
     """
     mode = ExpertCompute(mode)
     if mode is ExpertCompute.LOOP:
