@@ -42,6 +42,7 @@ from hmoe_ds.checkpoint import (
     save_training_checkpoint,
 )
 
+from . import memlog
 from .experiment import (
     Experiment,
     ExperimentError,
@@ -453,6 +454,7 @@ def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str) -> int:
     set_rng_state(state["rng"])  # the routers' noise continues as if never stopped
     step = int(state["step"])
     log0(f"resumed from {checkpoints / tag} at step {step}")
+    memlog.mark("resume", step)
     return step
 
 
@@ -484,6 +486,7 @@ def _train(plan: TrainPlan) -> int:
         init_weights = lambda model: load_logical_weights(model, source)  # noqa: E731
     _seed(run.seed)  # identical initial weights on every rank
     engine, model_cfg = build_engine(exp, plan.ds_config, len(data.tokenizer), init_weights=init_weights)
+    memlog.mark("build")  # HMOE_DS_MEMORY_LOG only: peak RSS per phase (benchmarks/bench_memory.py)
     _seed(run.seed + rank)  # different router noise per rank from here on
 
     micro = engine.train_micro_batch_size_per_gpu()
@@ -515,6 +518,7 @@ def _train(plan: TrainPlan) -> int:
         writer.write(at, result.scalars())
         writer.write_expert_load(at, result.loads, f"{run.run_name}: validation expert load, step {at}")
         log0(f"step {at}: val/loss {result.loss:.4f}  val/ppl {result.ppl:.2f}")
+        memlog.mark("eval", at)
         return result.loss
 
     # A short validation sequence whose logits each checkpoint stores: export verifies itself against them.
@@ -529,6 +533,7 @@ def _train(plan: TrainPlan) -> int:
         for note in notes:
             log0(f"note: {note}")
         log0(f"step {at}: checkpoint saved to {tag_dir}")
+        memlog.mark("save", at)
 
     first_val = run_eval(0) if step == 0 and run.eval_at_start else None
     last_val = first_val
@@ -550,6 +555,7 @@ def _train(plan: TrainPlan) -> int:
             if not boundary:
                 continue
             step += 1
+            memlog.mark("train", step)
             bar.update(1)
             final = step == run.train_steps
             if step % run.log_every == 0 or final:
