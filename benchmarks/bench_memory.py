@@ -6,8 +6,9 @@
     .venv/bin/python -m benchmarks.run_all --only memory
 
 For every DeepSpeed configuration (``zero1``; ``zero3``; ``zero3_offload``:
-ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on the CPU) and rank
-count N, and for two models (the measured one and a tiny one, whose peaks are
+ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on the CPU; on request
+``zero3_reuse0`` and ``zero3_offload_reuse0``: the same with
+``stage3_max_reuse_distance: 0``, see :func:`ds_config`) and rank count N, and for two models (the measured one and a tiny one, whose peaks are
 the model-independent baseline), it runs what a user runs:
 
 1. ``deepspeed --num_accelerators N run/train.py`` for 2 steps, saving a checkpoint at step 2;
@@ -75,6 +76,8 @@ OUT_DIR = REPO / "outputs" / "benchmarks"
 MIB = 1024.0 * 1024.0
 
 CONFIG_NAMES = ("zero3", "zero3_offload", "zero1")  # the targets first: a run cut short still has them
+#: Not in the default grid: ZeRO-3 that releases every gathered parameter after its module has run.
+EXTRA_CONFIG_NAMES = ("zero3_reuse0", "zero3_offload_reuse0")
 TRAIN_STEPS = 2  # run 1: build, 2 steps, save at step 2; run 2 resumes for 1 more step and saves again
 TARGET_RATIO = 1.3
 
@@ -118,15 +121,21 @@ def experiment(model: dict[str, Any], out_dir: Path, cache: Path) -> dict[str, A
 def ds_config(name: str) -> dict[str, Any]:
     """The DeepSpeed JSON of configuration ``name``: fp32, micro-batch 1, AdamW, no TensorBoard."""
     zero: dict[str, Any]
+    base = name.removesuffix("_reuse0")
     if name == "zero1":
         zero = {"stage": 1}
-    elif name == "zero3":
+    elif base == "zero3":
         zero = {"stage": 3}
-    elif name == "zero3_offload":
+    elif base == "zero3_offload":
         zero = {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False},
                 "offload_optimizer": {"device": "cpu", "pin_memory": False}}
     else:
-        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIG_NAMES)}")
+        raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIG_NAMES + EXTRA_CONFIG_NAMES)}")
+    if name.endswith("_reuse0"):
+        # DeepSpeed keeps a gathered parameter when the trace says it is used again within
+        # stage3_max_reuse_distance parameters (default 1e9): for a model below 1e9 parameters that is
+        # every parameter from forward to backward, i.e. the whole model gathered on every rank.
+        zero["stage3_max_reuse_distance"] = 0
     # Offloaded optimizer state is stepped by DeepSpeed's CPU Adam; otherwise torch's AdamW (no fused CPU kernel).
     adam = {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": "offload_optimizer" not in zero}
     return {
@@ -258,6 +267,7 @@ class Measurement:
     ranks: int
     model: str
     phases: dict[int, dict[str, float]] = field(default_factory=dict)  # rank -> phase -> peak MiB
+    steps: dict[int, int] = field(default_factory=dict)  # run (1, 2) -> last step every rank logged
     export_mib: float = float("nan")
     max_total_rss_mib: float = 0.0
     seconds: float = 0.0
@@ -265,14 +275,20 @@ class Measurement:
 
     def as_dict(self) -> dict[str, Any]:
         return {"config": self.config, "ranks": self.ranks, "model": self.model,
-                "phases": {str(r): p for r, p in self.phases.items()}, "export_mib": self.export_mib,
+                "phases": {str(r): p for r, p in self.phases.items()}, "steps": self.steps,
+                "export_mib": self.export_mib,
                 "max_total_rss_mib": self.max_total_rss_mib, "seconds": round(self.seconds, 1), "error": self.error}
 
 
-def read_memlog(path: Path, run: int, into: dict[int, dict[str, float]]) -> None:
-    """Fold the marks of ``path`` into ``into[rank][phase]`` (largest peak per phase; run 1 and 2 kept apart)."""
+def read_memlog(path: Path, run: int, into: dict[int, dict[str, float]]) -> int:
+    """Fold the marks of ``path`` into ``into[rank][phase]`` (largest peak per phase; run 1 and 2 kept apart).
+
+    Returns the last optimizer step every rank logged (0 when none), so a job killed part-way is not
+    mistaken for a complete one.
+    """
     if not path.exists():
-        return
+        return 0
+    last: dict[int, int] = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         if not rec.get("reset", False):
@@ -281,6 +297,9 @@ def read_memlog(path: Path, run: int, into: dict[int, dict[str, float]]) -> None
         phases = into.setdefault(int(rec["rank"]), {})
         key = f"{rec['phase']}@{run}"
         phases[key] = max(phases.get(key, 0.0), float(rec["vmhwm_mib"]))
+        if rec["phase"] == "train":
+            last[int(rec["rank"])] = max(last.get(int(rec["rank"]), 0), int(rec["step"]))
+    return min(last.values()) if last else 0
 
 
 def _failure(name: str, result: GroupResult) -> str:
@@ -317,7 +336,7 @@ def measure(config: str, ranks: int, model_name: str, model: dict[str, Any], wor
             result = run_group([*base, "--master_port", str(_free_port()), *args, *extra], job_env(log),
                                job / f"train_{run}.log", timeout_s, cap_mib)
             m.max_total_rss_mib = max(m.max_total_rss_mib, result.max_total_rss_mib)
-            read_memlog(log, run, m.phases)
+            m.steps[run] = read_memlog(log, run, m.phases)
             if result.killed or result.returncode != 0:
                 m.error = _failure("train" if run == 1 else "resume", result)
                 return m
@@ -379,35 +398,46 @@ def build_tables(results: dict[tuple[str, int, str], Measurement], configs: Sequ
             if big is None or tiny is None:
                 continue
             sb, st = summarise(big), summarise(tiny)
-            if big.error or tiny.error:
+            for mm, sm in ((big, sb), (tiny, st)):
+                if mm.error:
+                    measured = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v:.0f}" for k, v in s.items() if v == v)
+                                         for r, s in sm.items())
+                    notes.append(f"N={n} {mm.model}: {mm.error}"
+                                 + (f" (measured before it stopped, MiB: {measured})" if measured else ""))
+            # A job killed after its training steps (e.g. in the save) still measured build and training:
+            # its training figures stand; everything after the kill is n/a.
+            trained = len(sb) == n and big.steps.get(1, 0) >= TRAIN_STEPS
+            if tiny.error or not trained:
                 rows.append([n] + ["-"] * (len(headers) - 1))
-                for mm, sm in ((big, sb), (tiny, st)):
-                    if mm.error:
-                        measured = "; ".join(f"rank {r}: " + ", ".join(f"{k} {v:.0f}" for k, v in s.items() if v == v)
-                                             for r, s in sm.items())
-                        notes.append(f"N={n} {mm.model}: {mm.error}"
-                                     + (f" (measured before it stopped, MiB: {measured})" if measured else ""))
                 continue
-            part = {r: sb[r]["peak"] - st[r]["peak"] for r in sb if r in st}
+            nan = float("nan")
+            done = big.error is None
+            part = {r: (sb[r]["peak"] - st[r]["peak"]) if done else nan for r in sb if r in st}
             train_part = {r: sb[r]["train_peak"] - st[r]["train_peak"] for r in sb if r in st}
             if n == 1:
-                single = {"peak": part.get(0, float("nan")), "train": train_part.get(0, float("nan"))}
-            ratio = max(part.values()) / (single["peak"] / n) if single else float("nan")
-            train_ratio = max(train_part.values()) / (single["train"] / n) if single else float("nan")
-            check = lambda phase: "yes" if all(s[phase] <= s["train_peak"] for s in sb.values()) else "NO"  # noqa: E731
+                single = {"peak": part.get(0, nan), "train": train_part.get(0, nan)}
+            ratio = max(part.values()) / (single["peak"] / n) if single and done else nan
+            train_ratio = max(train_part.values()) / (single["train"] / n) if single else nan
             train_max = max(s["train_peak"] for s in sb.values())
+
+            def check(phase: str) -> str:
+                values = [(s[phase], s["train_peak"]) for s in sb.values()]
+                if any(v != v for v, _ in values):
+                    return "n/a"
+                return "yes" if all(v <= t for v, t in values) else "NO"
+
+            export_check = "n/a" if not done else "yes" if big.export_mib <= train_max else "NO"
             rows.append([
                 n, _span([s["build"] for s in sb.values()]), _span([s["train"] for s in sb.values()]),
                 _span([s["save"] for s in sb.values()]), _span([s["resume"] for s in sb.values()]),
-                round(big.export_mib, 0), _span([s["peak"] for s in sb.values()]),
+                round(big.export_mib, 0), _span([s["peak"] for s in sb.values()]) if done else nan,
                 _span([s["peak"] for s in st.values()]), _span(list(part.values())),
-                round(ratio, 2), round(train_ratio, 2), check("save"), check("resume"),
-                "yes" if big.export_mib <= train_max else "NO",
+                round(ratio, 2), round(train_ratio, 2), check("save"), check("resume"), export_check,
             ])
             if config.startswith("zero3") and n > 1:
-                verdict = lambda r: "PASS" if r <= TARGET_RATIO else "FAIL"  # noqa: E731
+                verdict = lambda r: "PASS" if r <= TARGET_RATIO else "FAIL" if r == r else "n/a"  # noqa: E731
                 targets.append([config, n, round(ratio, 2), verdict(ratio), round(train_ratio, 2),
-                                verdict(train_ratio), check("save"), "yes" if big.export_mib <= train_max else "NO"])
+                                verdict(train_ratio), check("save"), export_check])
         notes += [
             f"{large} model: {params / 1e6:.0f}M parameters; tiny model: the baseline. MiB of resident memory "
             "(VmHWM from the kernel, reset between phases); a range is min-max over ranks",
@@ -481,6 +511,25 @@ def run(quick: bool = False, ranks: Sequence[int] | None = None, configs: Sequen
     return build_tables(results, configs, ranks, large, params)
 
 
+def render(paths: Sequence[Path]) -> list[Table]:
+    """The tables of earlier runs' results files (merged: e.g. the default grid and the ``_reuse0`` variants)."""
+    results: dict[tuple[str, int, str], Measurement] = {}
+    configs: list[str] = []
+    ranks: set[int] = set()
+    large, params = "large", 0
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        large, params = ("small" if data["quick"] else "large"), int(data["params"])
+        for d in data["measurements"]:
+            m = Measurement(d["config"], int(d["ranks"]), d["model"],
+                            {int(r): p for r, p in d["phases"].items()}, {int(k): v for k, v in d["steps"].items()},
+                            float(d["export_mib"]), float(d["max_total_rss_mib"]), float(d["seconds"]), d["error"])
+            results[(m.config, m.ranks, m.model)] = m
+            configs += [m.config] if m.config not in configs else []
+            ranks.add(m.ranks)
+    return build_tables(results, configs, sorted(ranks), large, params)
+
+
 def _commit() -> str:
     proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           check=False)
@@ -492,19 +541,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small model instead of the >= 200M one; N = 1, 2; zero3")
     parser.add_argument("--ranks", default=None, help="comma-separated rank counts, must include 1 (default 1,2,4)")
     parser.add_argument("--configs", default=None,
-                        help=f"comma-separated, from {','.join(CONFIG_NAMES)} (default all; --quick: zero3)")
+                        help=f"comma-separated, from {','.join(CONFIG_NAMES + EXTRA_CONFIG_NAMES)} "
+                             f"(default {','.join(CONFIG_NAMES)}; --quick: zero3)")
     parser.add_argument("--max-total-gib", type=float, default=12.0,
                         help="kill a job whose processes together hold more resident memory (default 12)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per launched command")
     parser.add_argument("--json", type=Path, default=None, help="results file (default outputs/benchmarks/memory*.json)")
+    parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="measure nothing: print the tables of these results files (merged)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep each job's configs and logs here (default: a temporary directory, deleted)")
     args = parser.parse_args(argv)
+    if args.render:
+        for table in render(args.render):
+            print(table.render() + "\n", flush=True)
+        return 0
     ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else None
     configs = args.configs.split(",") if args.configs else None
     for c in configs or ():
-        if c not in CONFIG_NAMES:
-            parser.error(f"--configs: unknown {c!r}; choose from {', '.join(CONFIG_NAMES)}")
+        if c not in CONFIG_NAMES + EXTRA_CONFIG_NAMES:
+            parser.error(f"--configs: unknown {c!r}; choose from {', '.join(CONFIG_NAMES + EXTRA_CONFIG_NAMES)}")
     tables = run(args.quick, ranks, configs, args.max_total_gib, args.timeout, args.json, args.work_dir)
     for table in tables:
         print(table.render() + "\n", flush=True)
