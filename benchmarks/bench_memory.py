@@ -8,8 +8,9 @@
 For every DeepSpeed configuration (``zero1``; ``zero3``; ``zero3_offload``:
 ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on the CPU; on request
 ``zero3_reuse0`` and ``zero3_offload_reuse0``: the same with
-``stage3_max_reuse_distance: 0``, see :func:`ds_config`) and rank count N, and for two models (the measured one and a tiny one, whose peaks are
-the model-independent baseline), it runs what a user runs:
+``stage3_max_reuse_distance: 0``, see :func:`ds_config`) and rank count N,
+and for two models (the measured one and a tiny one, whose peaks are the
+model-independent baseline), it runs what a user runs:
 
 1. ``deepspeed --num_accelerators N run/train.py`` for 2 steps, saving a checkpoint at step 2;
 2. the same command with ``--resume`` and ``run.train_steps=3`` (load, 1 step, save);
@@ -243,7 +244,7 @@ def _free_port() -> int:
 
 
 def job_env(memlog: Path | None) -> dict[str, str]:
-    """This environment, offline, CPU accelerator, one thread per rank (the ranks share the cores), fixed mmap threshold."""
+    """This environment, offline, CPU accelerator, one thread per rank (they share the cores), fixed mmap threshold."""
     from hmoe_ds.env import configure_environment
 
     configure_environment()
@@ -546,7 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-total-gib", type=float, default=12.0,
                         help="kill a job whose processes together hold more resident memory (default 12)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per launched command")
-    parser.add_argument("--json", type=Path, default=None, help="results file (default outputs/benchmarks/memory*.json)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="results file (default outputs/benchmarks/memory*.json)")
     parser.add_argument("--render", type=Path, nargs="+", default=None, metavar="JSON",
                         help="measure nothing: print the tables of these results files (merged)")
     parser.add_argument("--work-dir", type=Path, default=None,
