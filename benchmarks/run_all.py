@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.run_all            # full (~15-20 min on 2 CPU cores)
     .venv/bin/python -m benchmarks.run_all --quick    # smoke run, ~1 min
     .venv/bin/python -m benchmarks.run_all --only layer --threads 1 --json out.json
+    .venv/bin/python -m benchmarks.run_all --only memory    # per-rank peak RSS of the training job (~40 min)
 
 Device: CUDA when available (else CPU; ``HMOE_BENCH_DEVICE`` overrides);
 dtype fp32 on CPU, bf16 on GPU (``HMOE_BENCH_DTYPE``). MFU needs a peak:
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .common import Table, default_dtype, machine_summary, pick_device, setup_threads  # noqa: E402
 
-SUITES = ("layer", "scaling", "train")
+SUITES = ("layer", "scaling", "train", "memory")
 
 
 #: The issue's CPU targets for HMoE top-2 / dense floor: (E, d or None for any, T) -> bound.
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny grids, few repeats (smoke test)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--only", nargs="+", choices=SUITES, default=None,
-                        help="suites to run (default: layer scaling; train only when asked)")
+                        help="suites to run (default: layer scaling; train and memory only when asked)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory worker processes")
     parser.add_argument("--layer-configs", nargs="+", default=None, metavar="T,E,D",
                         help="layer benchmark points (tokens,experts,d_model) instead of the default grid")
@@ -112,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         table = bench_train.run(args.quick)
         tables.append(table)
         print(table.render() + "\n", flush=True)
+    if "memory" in suites:
+        from . import bench_memory
+
+        for table in bench_memory.run(args.quick):
+            tables.append(table)
+            print(table.render() + "\n", flush=True)
     if layer_table is not None:
         print("### Targets (CPU, from the issue)\n")
         for line in target_summary(layer_table):

@@ -44,3 +44,41 @@ def test_quick_benchmarks_print_tables_with_finite_ratios(tmp_path: Path) -> Non
     scaling = next(t for title, t in tables.items() if title.startswith("Routing + dispatch"))
     i = scaling["headers"].index("HMoE-k ns/(T*k)")
     assert all(math.isfinite(row[i]) and row[i] > 0 for row in scaling["rows"])
+
+
+@pytest.mark.slow
+def test_quick_memory_benchmark_produces_a_complete_table(tmp_path: Path) -> None:
+    """``bench_memory --quick`` launches the real train/resume/export jobs at 1 and 2 ranks and tabulates them.
+
+    Only the table's shape is checked (every phase measured, ratios finite), not the memory figures.
+    """
+    out_json = tmp_path / "memory.json"
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_memory", "--quick", "--ranks", "1,2", "--configs", "zero3",
+         "--json", str(out_json)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "Peak resident memory per rank (MiB), zero3" in proc.stdout, proc.stdout[-4000:]
+
+    result = json.loads(out_json.read_text())
+    measurements = result["measurements"]
+    assert {(m["ranks"], m["model"]) for m in measurements} == {(1, "tiny"), (1, "small"), (2, "tiny"), (2, "small")}
+    for m in measurements:
+        assert m["error"] is None, m
+        assert sorted(m["phases"]) == [str(r) for r in range(m["ranks"])], m  # every rank reported
+        # The tiny model is the baseline: it only trains and saves; the measured one also resumes and exports.
+        wanted = ("build@1", "train@1", "save@1") + (("resume@2", "train@2", "save@2") if m["model"] != "tiny" else ())
+        for phases in m["phases"].values():
+            for phase in wanted:
+                assert phases[phase] > 0, (phase, m)
+        assert m["model"] == "tiny" or m["export_mib"] > 0, m
+    table = next(t for t in result["tables"] if t["title"].endswith("zero3"))
+    assert [row[0] for row in table["rows"]] == [1, 2], table
+    for name in ("ratio", "train ratio"):
+        i = table["headers"].index(name)
+        assert all(isinstance(row[i], float) and math.isfinite(row[i]) for row in table["rows"]), table
+    targets = next(t for t in result["tables"] if t["title"].startswith("ZeRO-3 memory targets"))
+    assert [row[:2] for row in targets["rows"]] == [["zero3", 2]], targets
+    assert all(row[3] in ("PASS", "FAIL") for row in targets["rows"]), targets

@@ -42,6 +42,7 @@ from hmoe_ds.checkpoint import (
     save_training_checkpoint,
 )
 
+from . import memlog
 from .experiment import (
     Experiment,
     ExperimentError,
@@ -508,6 +509,7 @@ def _restore(engine: Any, train_iter: Any, checkpoints: Path, tag: str, elastic:
         step = int(state["step"])
     restore_cpu_adam_step_state(engine)  # ZeRO-Offload's Adam: bias correction as if never stopped
     log0(f"resumed from {tag_dir} at step {step}{' (elastic)' if elastic else ''}")
+    memlog.mark("resume", step)
     return step
 
 
@@ -582,6 +584,7 @@ def _train(plan: TrainPlan) -> int:
         init_weights = lambda model: load_logical_weights(model, source)  # noqa: E731
     _seed(run.seed)  # identical initial weights on every rank
     engine, model_cfg = build_engine(exp, plan.ds_config, len(data.tokenizer), init_weights=init_weights)
+    memlog.mark("build")  # HMOE_DS_MEMORY_LOG only: peak RSS per phase (benchmarks/bench_memory.py)
     _seed(run.seed + rank)  # different router noise per rank from here on
     step = (_restore(engine, train_iter, exp.output_dir / CHECKPOINTS, tag, elastic, run.seed) if tag is not None
             else 0)
@@ -611,6 +614,7 @@ def _train(plan: TrainPlan) -> int:
         writer.write(at, result.scalars())
         writer.write_expert_load(at, result.loads, f"{run.run_name}: validation expert load, step {at}")
         log0(f"step {at}: val/loss {result.loss:.4f}  val/ppl {result.ppl:.2f}")
+        memlog.mark("eval", at)
         return result.loss
 
     # A short validation sequence whose logits each checkpoint stores: export verifies itself against them.
@@ -635,6 +639,7 @@ def _train(plan: TrainPlan) -> int:
         for note in notes:
             log0(f"note: {note}")
         log0(f"step {at}: checkpoint saved to {tag_dir} ({time.perf_counter() - started:.2f} s)")
+        memlog.mark("save", at)
 
     guard = StepGuard(run.on_nonfinite, engine.device, lambda: _last_checkpoint_path(exp.output_dir))
     stopped_by: str | None = None
@@ -660,6 +665,7 @@ def _train(plan: TrainPlan) -> int:
             if not boundary:
                 continue
             step += 1
+            memlog.mark("train", step)
             bar.update(1)
             # One all-reduce per step: a non-finite loss on any rank, and a stop request on any rank.
             skipped, stop = guard.end_step(step, engine.get_global_grad_norm(), watch.requested)
