@@ -52,6 +52,18 @@ def _quickstart_sizes() -> list[int]:
     return parse_expert_sizes(yaml.safe_load(CONFIG.read_text())["model"]["moe"]["expert_sizes"])
 
 
+
+def throughput_records(cmd: list[str], env: dict[str, str], out_dir: Path) -> list[dict[str, Any]]:
+    """Run a ``run/train.py`` launch; return its logged throughput records, the first (warm-up) one dropped."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-3000:]}")
+    points = [r for r in read_jsonl(out_dir / "metrics.jsonl") if "perf/tokens_per_s" in r]
+    if len(points) < 2:
+        raise RuntimeError(f"{out_dir}/metrics.jsonl has {len(points)} throughput points; raise --steps")
+    return points[1:]
+
 def launch(out_dir: Path, steps: int, log_every: int, ep_size: int, expert_sizes: list[int]) -> dict[str, Any]:
     """One 2-rank training run; returns throughput and routing figures from its metrics.jsonl."""
     deepspeed = Path(sys.executable).parent / "deepspeed"
@@ -64,16 +76,10 @@ def launch(out_dir: Path, steps: int, log_every: int, ep_size: int, expert_sizes
            "--config", str(CONFIG), "--deepspeed_config", str(DS_CONFIG), "--set", *overrides]
     configure_environment()  # CPU accelerator without CUDA, offline hubs (as run/env.sh)
     env = dict(os.environ)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    records = read_jsonl(out_dir / "metrics.jsonl")
-    train = [r for r in records if "perf/tokens_per_s" in r]
-    if len(train) < 2:
-        raise RuntimeError(f"{out_dir}/metrics.jsonl has {len(train)} throughput points; raise --steps")
+    train = throughput_records(cmd, env, out_dir)
     return {
-        "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in train[1:]),
-        "activated": statistics.mean(r.get("moe/activated_params_per_token", float("nan")) for r in train[1:]),
+        "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in train),
+        "activated": statistics.mean(r.get("moe/activated_params_per_token", float("nan")) for r in train),
         "experts_per_token": statistics.mean(r.get("moe/mean_experts_per_token", float("nan")) for r in train[1:]),
         "lm_loss": train[-1].get("train/lm_loss", float("nan")),
     }

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,9 +55,7 @@ def train_on_gpu(out_dir: Path, steps: int) -> dict[str, Any]:
     """One single-GPU training run through the deepspeed launcher; throughput and MFU from its metrics."""
     import yaml
 
-    from hmoe_ds.training.metrics import read_jsonl
-
-    from .bench_train import _free_port
+    from .bench_train import _free_port, throughput_records
     from .common import peak_tflops
 
     import torch
@@ -73,17 +70,12 @@ def train_on_gpu(out_dir: Path, steps: int) -> dict[str, Any]:
            str(TRAIN), "--config", str(CONFIG), "--deepspeed_config", str(DS_CONFIG), "--set", *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cuda"}
     print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"GPU training run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    records = read_jsonl(out_dir / "metrics.jsonl")
-    points = [r for r in records if "perf/tokens_per_s" in r]
-    if len(points) < 2:
-        raise RuntimeError(f"{out_dir}/metrics.jsonl has {len(points)} throughput points; raise --steps")
-    model = yaml.safe_load(CONFIG.read_text())["model"]
-    seq_len = int(yaml.safe_load(CONFIG.read_text())["data"]["block_size"])
-    tokens_per_s = statistics.median(r["perf/tokens_per_s"] for r in points[1:])
-    activated = statistics.mean(r["moe/activated_params_per_token"] for r in points[1:])
+    points = throughput_records(cmd, env, out_dir)
+    experiment = yaml.safe_load(CONFIG.read_text())
+    model = experiment["model"]
+    seq_len = int(experiment["data"]["block_size"])
+    tokens_per_s = statistics.median(r["perf/tokens_per_s"] for r in points)
+    activated = statistics.mean(r["moe/activated_params_per_token"] for r in points)
     flops = train_flops_per_token(activated, int(model["num_hidden_layers"]), int(model["hidden_size"]), seq_len)
     peak = peak_tflops(torch.device("cuda"))
     losses = [r["train/lm_loss"] for r in points]
