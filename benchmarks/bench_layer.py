@@ -15,7 +15,7 @@ one process on the same input and timed interleaved (see
   SwiGLU chain, index-add of the gated output), with the same weights.
 * ``floor``: one dense SwiGLU FFN whose hidden width is the expert
   parameters the HMoE layer activated per token on this batch divided by 3d
-  (``layer.last_stats``): same expert FLOPs, no routing. The floor is the
+  (the ``RoutingStats`` of ``collect_routing_stats``): same expert FLOPs, no routing. The floor is the
   better of one matmul over all T rows and 2,048-row chunks (one big matmul
   falls out of cache at large T).
 * ``DS-MoE``: ``deepspeed.moe.layer.MoE`` with E homogeneous SwiGLU experts
@@ -173,8 +173,8 @@ class PlainLoopMoE(nn.Module):
         """Same router and expert weights as an ``ep_size=1`` HMoE layer."""
         plain = cls(layer.hidden_size, list(layer.expert_sizes), layer.config.top_k)
         with torch.no_grad():
-            plain.router.weight.copy_(layer.gate.wg.weight)
-            for e, weights in layer.local_expert_weights().items():
+            plain.router.weight.copy_(layer.moe_core.gate.wg.weight)
+            for e, weights in layer.moe_core.local_expert_weights().items():
                 expert = plain.experts[e]
                 expert.w1.weight.copy_(weights["w1"])
                 expert.w2.weight.copy_(weights["w2"])
@@ -300,9 +300,10 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True, configs: lis
         for variant in HMOE_VARIANTS:
             jobs[variant] = dict(base, kind="hmoe", variant=variant, router_scale=scale)
         layer = build_module(jobs["hmoe"]).to(device, dtype)
-        with torch.no_grad():
+        from hmoe_ds import collect_routing_stats
+        with torch.no_grad(), collect_routing_stats() as stats:
             layer(x)
-        st = layer.last_stats
+        st = stats[0]
         act = st.activated_expert_params_per_token
         hidden = max(1, round(act / (3 * cfg.d_model)))
         path = layer.deepspeed_moe.experts

@@ -160,9 +160,10 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True) -> list[Tabl
         names = [c for c in CANDIDATES if c != "DS einsum" or tokens <= einsum_max]
         jobs = {c: dict(candidate=c, tokens=tokens, experts=experts, d_model=d, router_scale=scales[experts]) for c in names}
         modules = {c: build_module(job).to(device, dtype) for c, job in jobs.items()}
-        with torch.no_grad():
+        from hmoe_ds import collect_routing_stats
+        with torch.no_grad(), collect_routing_stats() as stats:
             modules["HMoE top-p"](x)
-        k_top_p = modules["HMoE top-p"].last_stats.experts_per_token
+        k_top_p = stats[0].experts_per_token
         capacity = max(MIN_CAPACITY, math.ceil(CAPACITY_FACTOR * 2 * tokens / experts))
         steps = {c: make_step(m, x, g) for c, m in modules.items()}
         steps.update(gate_forward_steps(modules["HMoE top-k"], modules["DS MOELayer"], x.detach()))

@@ -81,9 +81,10 @@ def _experts_only_step(
     layer: nn.Module, x: torch.Tensor, g: torch.Tensor, experts: nn.Module | None = None
 ) -> Callable[[], None]:
     """Per-expert FFNs on pre-grouped rows with the same counts as the layer's routing, + concatenation."""
-    with torch.no_grad():
+    from hmoe_ds import collect_routing_stats
+    with torch.no_grad(), collect_routing_stats() as stats:
         layer(x)
-    counts = layer.last_stats.tokens_per_expert.tolist()
+    counts = stats[0].assignments_per_expert.tolist()
     experts = experts if experts is not None else layer.deepspeed_moe.experts
     x_rows = x.detach().repeat(2, 1)[: sum(counts)].clone().requires_grad_(True)
     g_rows = g.repeat(2, 1)[: sum(counts)]
@@ -133,9 +134,10 @@ def run(cfg: LayerConfig, threads: int, repeats: int = 5) -> list[Table]:
     # "HMoE grouped" is the layer with its default (grouped) expert path, for comparison.
     layer = build_module(dict(base, kind="hmoe", variant="hmoe-loop")).to(device, dtype)
     grouped = build_module(dict(base, kind="hmoe", variant="hmoe")).to(device, dtype)
-    with torch.no_grad():
+    from hmoe_ds import collect_routing_stats
+    with torch.no_grad(), collect_routing_stats() as stats:
         layer(x)
-    hidden = round(layer.last_stats.activated_expert_params_per_token / (3 * cfg.d_model))
+    hidden = round(stats[0].activated_expert_params_per_token / (3 * cfg.d_model))
     floor = build_module(dict(base, kind="floor", hidden=hidden)).to(device, dtype)
     routing = build_module(dict(base, kind="hmoe", variant="hmoe-loop")).to(device, dtype)
     routing.deepspeed_moe.experts.forward = lambda x_RD, counts: x_RD  # identity experts

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from hmoe_ds import HMoE, HMoELayerConfig, build_moe_layer, RoutingStats
+    from hmoe_ds import HMoE, HMoELayerConfig, build_moe_layer, RoutingStats, collect_routing_stats
     from hmoe_ds import sizes          # expert-size distributions and parameter accounting
 
 Names are imported lazily (PEP 562): ``import hmoe_ds.sizes`` or
@@ -22,7 +22,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "HMoE": "layer",
     "HMoEBlock": "layer",
-    "RoutingStats": "layer",
+    "RoutingStats": "moe_core",
+    "MoELayer": "moe_core",
+    "collect_routing_stats": "moe_core",
     "build_moe_layer": "layer",
     "HMoELayerConfig": "config",
     "RoutingMethod": "config",
@@ -47,5 +49,6 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .config import (ExpertActivation, HMoELayerConfig, MoEFrontend, PlacementStrategy, RoutingMethod,
                          SizeNormalization)
-    from .layer import HMoE, HMoEBlock, RoutingStats, build_moe_layer
+    from .layer import HMoE, HMoEBlock, build_moe_layer
+    from .moe_core import MoELayer, RoutingStats, collect_routing_stats
     from .placement import ExpertPlacement, balanced_placement, contiguous_placement

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 if sys.version_info >= (3, 11):
@@ -160,11 +160,8 @@ class HMoELayerConfig:
     placement: PlacementStrategy = PlacementStrategy.CONTIGUOUS
     frontend: MoEFrontend = MoEFrontend.MOE
     expert_compute: ExpertCompute = ExpertCompute.AUTO
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.extra:
-            raise ValueError(f"'extra' is reserved; got {self.extra!r}")
         self.validate()
 
     @property
@@ -218,16 +215,10 @@ class HMoELayerConfig:
             )
         return self
 
-    @property
-    def dropless(self) -> bool:
-        return self.capacity_factor is None
-
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (enums as strings), e.g. for ``PretrainedConfig``."""
         out = {}
         for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, enum.Enum) else value
         return out
@@ -235,7 +226,7 @@ class HMoELayerConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "HMoELayerConfig":
         """Build from a mapping; unknown keys are an error that lists the allowed ones."""
-        allowed = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ValueError(f"unknown MoE layer option(s) {unknown}; allowed: {sorted(allowed)}")

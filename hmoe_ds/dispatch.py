@@ -12,14 +12,16 @@ Pipeline (no dense ``[T, E, capacity]`` tensor anywhere):
    experts and back: :class:`LocalExchange` (``ep_size == 1``) is the identity,
    :class:`AllToAllExchange` does the uneven all-to-all (counts first, then
    ``all_to_all_single`` with split sizes), so layer math never calls
-   ``torch.distributed`` itself.
-3. :func:`combine` scatters expert outputs back to tokens weighted by their
-   gates, accumulating in fp32.
+   ``torch.distributed`` itself. ``to_experts`` sends, ``from_experts``
+   brings the expert outputs back in the sender's assignment order.
+3. :func:`scatter_to_tokens` adds expert outputs back to their tokens
+   weighted by the gates, accumulating in fp32.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -141,7 +143,7 @@ class _GatedScatterAdd(torch.autograd.Function):
         return grad_y, grad_gate, None, None
 
 
-def combine(y_AD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+def scatter_to_tokens(y_AD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
     """``out_t = sum_{e in E^t} g_{t,e} * expert_e(x_t)``, accumulated in fp32, returned in ``y_AD``'s dtype.
 
     The gates stay fp32 (they come from the fp32 router softmax); in bf16 the
@@ -151,30 +153,42 @@ def combine(y_AD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Te
     return _GatedScatterAdd.apply(y_AD, plan.gate_A, plan.token_idx_A, num_tokens).to(y_AD.dtype)
 
 
+def combine(y_AD: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """Deprecated name of :func:`scatter_to_tokens` (removed in the next release)."""
+    warnings.warn("hmoe_ds.dispatch.combine is deprecated; use scatter_to_tokens", DeprecationWarning, stacklevel=2)
+    return scatter_to_tokens(y_AD, plan, num_tokens)
+
+
 class TokenExchange(Protocol):
     """Moves grouped rows to the ranks owning their experts, and back."""
 
-    def dispatch(self, x_AD: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, list[int], Any]:
+    def to_experts(self, x_AD: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, list[int], Any]:
         """Return (rows for this rank's experts grouped by local slot, rows per local slot, context)."""
         ...
 
-    def combine(self, y_RD: torch.Tensor, context: Any) -> torch.Tensor:
-        """Inverse of :meth:`dispatch`: expert outputs back in the caller's assignment order."""
+    def from_experts(self, y_RD: torch.Tensor, context: Any) -> torch.Tensor:
+        """Inverse of :meth:`to_experts`: expert outputs back in the caller's assignment order."""
         ...
 
 
 class LocalExchange:
     """``ep_size == 1``: every expert is local; nothing moves."""
 
-    def dispatch(self, x_AD: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, list[int], Any]:
+    def to_experts(self, x_AD: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, list[int], Any]:
         return x_AD, list(counts), None
 
-    def combine(self, y_RD: torch.Tensor, context: Any) -> torch.Tensor:
+    def from_experts(self, y_RD: torch.Tensor, context: Any) -> torch.Tensor:
         return y_RD
 
 
 class _AllToAllSingle(torch.autograd.Function):
-    """Differentiable uneven all-to-all; the backward is the reverse exchange."""
+    """Differentiable uneven all-to-all; the backward is the reverse exchange.
+
+    torch has one (``torch.distributed.nn.functional.all_to_all_single``), but
+    torch 2.13 deprecates it (FutureWarning) in favour
+    of the private ``torch.distributed._functional_collectives``; a dozen
+    lines of our own are the stabler dependency.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:  # type: ignore[override]
@@ -219,7 +233,7 @@ class AllToAllExchange:
         self.ep_size = ep_size
         self.num_local_experts = num_local_experts
 
-    def dispatch(self, x_AD: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, list[int], Any]:
+    def to_experts(self, x_AD: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, list[int], Any]:
         local = self.num_local_experts
         counts_S = torch.tensor(list(counts), dtype=torch.long)
         recv_counts = torch.empty_like(counts_S)
@@ -239,7 +253,7 @@ class AllToAllExchange:
         local_counts = recv_counts_PL.sum(dim=0).tolist()
         return x_RD.index_select(0, regroup_R), local_counts, _AllToAllContext(send_splits, recv_splits, regroup_R)
 
-    def combine(self, y_RD: torch.Tensor, context: Any) -> torch.Tensor:
+    def from_experts(self, y_RD: torch.Tensor, context: Any) -> torch.Tensor:
         ctx: _AllToAllContext = context
         y_source_order = torch.empty_like(y_RD).index_copy(0, ctx.regroup_R, y_RD)
         return all_to_all_uneven(y_source_order, ctx.send_splits, ctx.recv_splits, self.group)

@@ -54,7 +54,7 @@ in backward, never kept.
 
 Token rows arrive grouped in :attr:`compute_order` (local slots sorted by
 bucket), so every bucket's rows are one contiguous block: the layer passes
-that order to the dispatch plan (see ``HMoEComputeMixin``), which costs
+that order to the dispatch plan (see ``hmoe_ds.moe_core.MoECore``), which costs
 nothing, instead of permuting rows here. Every expert runs (and gets a zero
 gradient) even without tokens, so that ZeRO's gradient hooks fire on every
 rank and no reduction waits for an idle expert (DeepSpeed issue 4808).
@@ -679,8 +679,8 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
     placement at realistic sizes). Padding rows are zero, never computed, and
     so receive zero gradients and stay zero. This is the layout DeepSpeed's
     AutoEP layer uses for one expert per rank, which is what lets ZeRO-3
-    partition these parameters over the expert-data-parallel group (see
-    ``DEEPSPEED_NOTES.md``); the leading 1 keeps DeepSpeed's per-expert
+    partition these parameters over the expert-data-parallel group
+    (``hmoe_ds.layer_autoep``); the leading 1 keeps DeepSpeed's per-expert
     checkpoint and universal-checkpoint code on its 3-D path.
 
     Each slice is initialised as the matching ``nn.Linear`` would be, so a

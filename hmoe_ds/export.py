@@ -50,7 +50,6 @@ from .naming import (
     logical_dense_key,
     logical_expert_key,
     logical_parameter_shapes,
-    mixin_host,
     moe_layers,
 )
 from .partitioned import write_full
@@ -214,14 +213,14 @@ def load_logical_weights(model: torch.nn.Module, source: WeightsSource) -> None:
     reader = source.open()
     layers = moe_layers(model)
     prefixes = [name for _, name, _ in layers]
-    expert_ids = {id(p) for _, _, layer in layers for p in mixin_host(layer).experts.parameters()}
+    expert_ids = {id(p) for _, _, layer in layers for p in layer.moe_core.experts.parameters()}
     for name, param in model.named_parameters():
         if id(param) not in expert_ids:
             write_full(param, reader.get(logical_dense_key(name, prefixes)))
     for _, prefix, layer in layers:  # one layer's local experts in memory at a time
         weights = {e: {w: reader.get(logical_expert_key(prefix, e, w)) for w in expert_weight_names(layer)}
-                   for e in layer.local_expert_ids}
-        layer.load_local_expert_weights(weights)
+                   for e in layer.moe_core.local_expert_ids}
+        layer.moe_core.load_local_expert_weights(weights)
 
 
 def write_safetensors_streaming(path: Path, names: Sequence[str], shapes: dict[str, tuple[int, ...]],

@@ -28,7 +28,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .naming import logical_dense_key, mixin_host, moe_layers
+from .naming import logical_dense_key, moe_layers
 from .partitioned import full_shape, write_full
 
 __all__ = ["initialize_parameters", "stable_seed"]
@@ -53,7 +53,7 @@ def initialize_parameters(model: nn.Module, seed: int) -> None:
     std = float(model.config.initializer_range)
     layers = moe_layers(model)
     prefixes = [name for _, name, _ in layers]
-    expert_params = {id(p) for _, _, layer in layers for p in mixin_host(layer).experts.parameters()}
+    expert_params = {id(p) for _, _, layer in layers for p in layer.moe_core.experts.parameters()}
     done: set[int] = set()
     for name, param in model.named_parameters():  # tied weights appear once
         if id(param) in expert_params or id(param) in done:
@@ -70,4 +70,4 @@ def initialize_parameters(model: nn.Module, seed: int) -> None:
                             "add one to hmoe_ds.initialization")
         write_full(param, value)
     for _, prefix, layer in layers:
-        mixin_host(layer).init_expert_weights(std, seed=stable_seed(seed, prefix) % 2**31)
+        layer.moe_core.init_expert_weights(std, seed=stable_seed(seed, prefix) % 2**31)

@@ -2,18 +2,20 @@
 
 DeepSpeed 0.19.8 refuses ``deepspeed.moe.layer.MoE`` (and subclasses) under
 ZeRO-3, and partitions expert parameters over the expert-data-parallel group
-only on ``AutoEPMoELayer`` instances whose parameters carry its placement tags
-(``DEEPSPEED_NOTES.md``). :class:`HMoEAutoEP` is such an instance: it skips
+only on ``AutoEPMoELayer`` instances whose parameters carry its placement tags.
+:class:`HMoEAutoEP` is such an instance: it skips
 AutoEP's HF-module-replacing constructor (``nn.Module.__init__`` instead),
 sets the attributes the engine reads, and presents each rank's unequal experts
 as ONE packed expert per EP rank (:class:`~hmoe_ds.experts.PackedHeteroExperts`).
 Routing, losses, dispatch, exchange and expert math are the shared
-:class:`~hmoe_ds.layer.HMoEComputeMixin`; no DeepSpeed guard is patched.
+:class:`~hmoe_ds.moe_core.MoECore`; no DeepSpeed guard is patched.
 
 What DeepSpeed sees: ``num_experts == ep_size`` packed experts, one local
-expert per EP rank, contiguous placement of those packs. The *logical*
-experts, their sizes and placement are in ``self.config`` and
-``self.placement`` (recorded in checkpoints for export).
+expert per EP rank, contiguous placement of those packs
+(:data:`ENGINE_ATTRIBUTES` lists each attribute and what the engine does
+with it). The *logical* experts, their sizes and placement are in
+``self.config`` (``config.num_experts``) and ``self.placement``, which is
+what hmoe-ds's own code reads (:class:`~hmoe_ds.moe_core.MoELayer`).
 """
 
 from __future__ import annotations
@@ -31,17 +33,31 @@ from deepspeed.checkpoint.constants import (
     DS_AUTOEP_UC_META,
 )
 from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
-from deepspeed.utils import groups
 from torch import nn
 
 from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
+from .expert_groups import expert_data_parallel_group, expert_parallel_group, expert_parallel_rank
 from .experts import PackedHeteroExperts
-from .layer import HMoEComputeMixin, RoutingStats, expert_parallel_rank
+from .moe_core import MoECore, RoutingStats
 from .placement import make_placement
 
+#: The attributes DeepSpeed 0.19.8's engine reads from an ``AutoEPMoELayer``, and what it does with
+#: each (functions of ``deepspeed/runtime/engine.py``). ``tests/test_layer_autoep.py`` checks the engine
+#: still reads every one, so an attribute that stops mattering is noticed, not carried forever.
+ENGINE_ATTRIBUTES: dict[str, str] = {
+    "num_experts": "_configure_distributed_model: marks the model as MoE (packs, one per EP rank)",
+    "wall_clock_breakdown": "_configure_distributed_model: set when the user enables timers",
+    "ep_size": "_save_moe_checkpoint: the expert-parallel size recorded with each expert file",
+    "ep_rank": "_validate_autoep_zero3_partitioned_metadata: which packs this rank holds",
+    "expert_placement_descriptor": "_save_moe_checkpoint / ZeRO-3 metadata: pack placement over EP ranks",
+    "ep_group_name": "_save_moe_checkpoint / load_moe_state_dict: the expert group of the packs",
+    "expert_group_name": "_save_moe_checkpoint / load_moe_state_dict: the same group, under MoE's name",
+    "num_local_experts": "_save_moe_checkpoint / load_moe_state_dict: packs per rank (always 1)",
+}
 
-class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
+
+class HMoEAutoEP(MoECore, AutoEPMoELayer):
     """Heterogeneous MoE layer that DeepSpeed partitions under ZeRO-3 (and trains under 0-2).
 
     Same constructor and ``forward`` contract as :class:`hmoe_ds.HMoE`; build it
@@ -61,7 +77,8 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         group_name = f"ep_size_{ep_size}"
         ep_rank = expert_parallel_rank(ep_size, group_name)
         placement = make_placement(config.placement, config.expert_sizes, ep_size)
-        # The attributes DeepSpeed's engine reads from AutoEP layers.
+        # The attributes DeepSpeed's engine reads from AutoEP layers (ENGINE_ATTRIBUTES says what for).
+        # num_experts is DeepSpeed's count of packs; the HMoE expert count is config.num_experts.
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.ep_group_name = group_name
@@ -75,11 +92,11 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         padded_width = max(sum(config.expert_sizes[e] for e in rank) for rank in placement.rank_experts)
         experts = PackedHeteroExperts(hidden_size, local_sizes, config.activation, config.expert_compute,
                                       padded_width=padded_width, tag_parameter=self._tag_expert_parameter)
-        self._init_moe(hidden_size, config, placement, ep_rank, experts)
+        MoECore.__init__(self, hidden_size, config, placement, ep_rank, experts)
         for param in self.gate.parameters():
             param.allreduce = True
             param.ds_zero_placement_family = "replicated"
-        self._set_ep_group(groups._get_expert_parallel_group(group_name))
+        self._set_ep_group(expert_parallel_group(group_name))
 
     def _tag_expert_parameter(self, param: nn.Parameter) -> None:
         """The tags AutoEP sets: expert-data-parallel reduction and ZeRO-3 partition group.
@@ -93,7 +110,7 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         param.group_name = self.ep_group_name
         param.ds_zero_placement_family = "autoep_expert"
         param.ds_zero_partition_group_name = self.ep_group_name
-        param.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(self.ep_group_name)
+        param.ds_zero_partition_process_group = expert_data_parallel_group(self.ep_group_name)
         logical_shape = [self.num_experts, *param.shape[1:]]
         affine_map = autoep_placement_to_affine_map(self.expert_placement_descriptor, logical_shape)
         setattr(
@@ -113,7 +130,7 @@ class HMoEAutoEP(HMoEComputeMixin, AutoEPMoELayer):
         """Called by the engine; the groups already exist (created at construction)."""
         if folding_group_handles is not None:
             raise ValueError("HMoE does not support AutoEP tensor-parallel folding; set tensor_parallel.autotp_size=1")
-        self._set_ep_group(groups._get_expert_parallel_group(self.ep_group_name))
+        self._set_ep_group(expert_parallel_group(self.ep_group_name))
 
     @property
     def expert_sizes(self) -> list[int]:

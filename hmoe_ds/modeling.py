@@ -11,7 +11,7 @@ read in one sitting (in the spirit of nanoGPT's ``model.py``):
   SwiGLU FFN or an HMoE layer) and a final RMSNorm.
 * :class:`HMoEForCausalLM` - adds the LM head and returns its own loss
   (LM loss + the layers' coefficient-weighted aux losses), the unweighted aux
-  terms and per-layer :class:`~hmoe_ds.layer.RoutingStats` for logging.
+  terms and per-layer :class:`~hmoe_ds.moe_core.RoutingStats` for logging.
 
 Both classes are registered with ``AutoConfig`` / ``AutoModelForCausalLM``
 when this module is imported. There is no KV cache: ``generate()`` recomputes
@@ -36,9 +36,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from hmoe_ds import layer as moe_layer
 from hmoe_ds.config import HMoELayerConfig, RoutingMethod
-from hmoe_ds.layer import RoutingStats, build_moe_layer
+from hmoe_ds.layer import build_moe_layer
+from hmoe_ds.moe_core import MoELayer, RoutingStats, collect_routing_stats
 from hmoe_ds.experts import HeteroExperts
 from hmoe_ds.sizes import expected_activated_expert_params, expert_param_count, router_param_count
 
@@ -331,7 +331,7 @@ class HMoEPreTrainedModel(PreTrainedModel):
         super().initialize_weights()
         for module in self.modules():
             if isinstance(module, HMoEDecoderLayer) and module.is_moe:
-                module.mlp.init_expert_weights(self.config.initializer_range, seed=module.layer_idx)
+                module.mlp.moe_core.init_expert_weights(self.config.initializer_range, seed=module.layer_idx)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -382,15 +382,14 @@ class HMoEModel(HMoEPreTrainedModel):
         cos_TK, sin_TK = rotary_cos_sin(T, self.config.head_dim, self.config.rope_theta, x_BTD)
 
         aux_loss = torch.zeros((), device=x_BTD.device)
-        routing_stats: list[RoutingStats] = []
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x_BTD, l_aux = self._gradient_checkpointing_func(block.__call__, x_BTD, cos_TK, sin_TK, mask_B1TT)
-            else:
-                x_BTD, l_aux = block(x_BTD, cos_TK, sin_TK, mask_B1TT)
-            if block.is_moe:
-                aux_loss = aux_loss + l_aux
-                routing_stats.append(block.mlp.last_stats)
+        with collect_routing_stats() as routing_stats:  # one RoutingStats per MoE layer, in layer order
+            for block in self.layers:
+                if self.gradient_checkpointing and self.training:
+                    x_BTD, l_aux = self._gradient_checkpointing_func(block.__call__, x_BTD, cos_TK, sin_TK, mask_B1TT)
+                else:
+                    x_BTD, l_aux = block(x_BTD, cos_TK, sin_TK, mask_B1TT)
+                if block.is_moe:
+                    aux_loss = aux_loss + l_aux
         return HMoEModelOutput(last_hidden_state=self.norm(x_BTD), aux_loss=aux_loss, routing_stats=routing_stats)
 
 
@@ -440,8 +439,8 @@ class HMoEForCausalLM(HMoEPreTrainedModel, GenerationMixin):
         # Never slice to the last token (HF does that when it believes a cache holds the prefix).
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
-    def moe_layers(self) -> list[tuple[int, moe_layer.HMoE]]:
-        """``(layer index, HMoE layer)`` for every MoE block, in layer order."""
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        """``(layer index, MoE layer)`` for every MoE block, in layer order (either front-end)."""
         return [(i, block.mlp) for i, block in enumerate(self.model.layers) if block.is_moe]
 
 

@@ -29,11 +29,6 @@ def moe_layers(module: torch.nn.Module) -> list[tuple[int, str, Any]]:
     return [(i, names[id(layer)], layer) for i, layer in module.moe_layers()]
 
 
-def mixin_host(layer: Any) -> Any:
-    """The object holding the math (``experts``, ``placement``): ``deepspeed_moe`` for HMoE, else the layer."""
-    return getattr(layer, "deepspeed_moe", layer)
-
-
 def moe_layer_records(module: torch.nn.Module) -> list[dict[str, Any]]:
     """What a checkpoint must record per MoE layer to be mapped back to logical experts."""
     records = []

@@ -44,10 +44,6 @@ class RouterOutput:
     mask_TE: torch.Tensor
     weights_TE: torch.Tensor
 
-    @property
-    def experts_per_token_T(self) -> torch.Tensor:
-        return self.mask_TE.sum(dim=1)
-
 
 def _gate_weights(probs_TE: torch.Tensor, mask_TE: torch.Tensor, renormalize: bool) -> torch.Tensor:
     kept_TE = probs_TE * mask_TE

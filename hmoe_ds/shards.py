@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .naming import logical_dense_key, logical_expert_key, mixin_host, moe_layers
+from .naming import logical_dense_key, logical_expert_key, moe_layers
 from .partitioned import LocalSlice, full_shape, is_partitioned, local_slice, write_full
 
 __all__ = ["SHARD_GLOB", "ShardReader", "load_sharded_state", "shard_file", "write_rank_shard"]
@@ -63,7 +63,7 @@ def stored_tensors(model: torch.nn.Module) -> Iterator[StoredTensor]:
     prefixes = [name for _, name, _ in layers]
     experts: dict[int, StoredTensor] = {}
     for _, prefix, layer in layers:
-        host = mixin_host(layer)
+        host = layer.moe_core
         container = host.experts
         if hasattr(container, "deepspeed_experts"):  # module list: one nn.Linear weight per expert
             for slot, expert in enumerate(container.deepspeed_experts):

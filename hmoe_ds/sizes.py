@@ -365,7 +365,7 @@ def activated_expert_params_per_token(
     The paper's activated-parameter metric (reported in its Table 1, averaged
     over 3M tokens after training): sum_i count_i * params(h_i) / T, where count_i is
     the number of tokens routed to expert i (``tokens_per_expert``, e.g.
-    ``RoutingStats.tokens_per_expert``; a 1-D tensor works) and T =
+    ``RoutingStats.assignments_per_expert``; a 1-D tensor works) and T =
     ``num_tokens``. Under Top-P the number of experts per token varies, so this
     is the quantity P-Penalty (Eq. 4) pushes down.
     """

@@ -16,7 +16,7 @@ def _inputs(rank: int, tokens: int = 13) -> torch.Tensor:
 
 
 def _ep_vs_reference(rank: int, world_size: int, options: dict) -> dict:
-    from hmoe_ds import HMoE
+    from hmoe_ds import HMoE, collect_routing_stats
 
     torch.manual_seed(0)
     full = HMoE(D, SIZES, **options)  # ep_size=1: every expert, same weights on every rank
@@ -29,7 +29,8 @@ def _ep_vs_reference(rank: int, world_size: int, options: dict) -> dict:
 
     x = _inputs(rank).requires_grad_(True)
     upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(200 + rank))
-    out, _, counts = ep(x)
+    with collect_routing_stats() as stats:
+        out, _, counts = ep(x)
     (out * upstream).sum().backward()
 
     # Reference: the full layer on every rank's tokens, one rank at a time.
@@ -48,7 +49,7 @@ def _ep_vs_reference(rank: int, world_size: int, options: dict) -> dict:
         mine = dict(block.experts.deepspeed_experts[slot].named_parameters())
         for name, p in full.deepspeed_moe.experts.deepspeed_experts[logical].named_parameters():
             torch.testing.assert_close(mine[name].grad, p.grad, rtol=1e-5, atol=1e-6)
-    return {"local_experts": list(block.local_expert_ids), "dropped": ep.last_stats.dropped_assignments}
+    return {"local_experts": list(block.local_expert_ids), "dropped": stats[-1].dropped_assignments}
 
 
 OPTION_SETS = {

@@ -15,7 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hmoe_ds.layer import RoutingStats
+from hmoe_ds.moe_core import RoutingStats, collect_routing_stats
 from hmoe_ds.modeling import HMoEForCausalLM, debug_config, parameter_summary
 from hmoe_ds.training.evaluate import evaluate, format_routing_table
 from hmoe_ds.training.metrics import (
@@ -32,7 +32,7 @@ def stats(counts: list[int], num_tokens: int, sizes: tuple[int, ...] = (1, 2, 3)
     kept = torch.tensor(counts)
     return RoutingStats(
         num_tokens=num_tokens,
-        tokens_per_expert=kept,
+        assignments_per_expert=kept,
         selected_per_expert=kept + torch.tensor([dropped] + [0] * (len(counts) - 1)),
         dropped=torch.tensor(dropped),
         loss_values={"p_penalty": torch.tensor(1.0)},
@@ -184,12 +184,13 @@ def test_ep_load_scalars_count_three_d_h_per_token_on_a_real_layer() -> None:
 
     d, sizes = 8, [2, 4, 6, 8]
     layer = HMoE(hidden_size=d, expert_sizes=sizes, routing="top_k", top_k=2)
-    layer(torch.randn(3, 5, d))
+    with collect_routing_stats() as stats:
+        layer(torch.randn(3, 5, d))
     acc = RoutingAccumulator()
-    acc.update([layer.last_stats])
+    acc.update(stats)
     (load,) = acc.reduce()
     s = ep_load_scalars([load], [layer.placement], steps=1, world_size=1)
-    counts = layer.last_stats.tokens_per_expert.tolist()
+    counts = stats[0].assignments_per_expert.tolist()
     assert sum(counts) == 3 * 5 * 2
     assert s["moe/layer_0/ep_rank_0_expert_params"] == sum(3 * d * h for h in sizes)
     assert s["moe/layer_0/ep_rank_0_expert_flops_per_step"] == pytest.approx(

@@ -134,8 +134,11 @@ def test_aux_loss_is_sum_of_layer_l_aux_and_reaches_the_router():
     assert sorted(captured) == [0, 1, 2]
     torch.testing.assert_close(out.aux_loss, sum(captured.values()))
     assert out.aux_loss.item() > 0
-    # routing_stats are the layers' own last_stats, in layer order.
-    assert [s is layer.last_stats for (_, layer), s in zip(model.moe_layers(), out.routing_stats)] == [True] * 3
+    # routing_stats: one per MoE layer, in layer order, each that layer's own (its sizes, this batch's tokens).
+    assert len(out.routing_stats) == 3
+    for (_, layer), s in zip(model.moe_layers(), out.routing_stats):
+        assert s.expert_sizes == tuple(layer.expert_sizes) and s.num_tokens == ids_BT.numel()
+        assert int(s.assignments_per_expert.sum()) == int(s.selected_per_expert.sum()) - s.dropped_assignments
     for name in LOSS_NAMES:
         mean = sum(s.losses[name] for s in out.routing_stats) / 3
         assert out.aux_losses[name].item() == pytest.approx(mean, rel=1e-5)
@@ -346,5 +349,5 @@ def test_expert_init_is_seeded_per_layer_and_expert_not_by_global_rng():
     expert_keys = [k for k in sa if ".deepspeed_experts." in k]
     assert expert_keys and all(torch.equal(sa[k], sb[k]) for k in expert_keys)
     assert not torch.equal(sa["model.embed_tokens.weight"], sb["model.embed_tokens.weight"])
-    layer0, layer1 = (a.model.layers[i].mlp.local_expert_weights()[0]["w1"] for i in (0, 1))
+    layer0, layer1 = (a.model.layers[i].mlp.moe_core.local_expert_weights()[0]["w1"] for i in (0, 1))
     assert not torch.equal(layer0, layer1)

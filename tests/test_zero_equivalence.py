@@ -49,14 +49,14 @@ class Toy(torch.nn.Module):
     def dense_state(self) -> dict[str, torch.Tensor]:
         state = {f"inp.{k}": v for k, v in self.inp.state_dict().items()}
         state.update({f"out.{k}": v for k, v in self.out.state_dict().items()})
-        state["gate"] = self.moe.gate.wg.weight
+        state["gate"] = self.moe.moe_core.gate.wg.weight
         return {k: v.detach().clone() for k, v in state.items()}
 
     @torch.no_grad()
     def load_dense_state(self, state: dict[str, torch.Tensor]) -> None:
         self.inp.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("inp.")})
         self.out.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("out.")})
-        self.moe.gate.wg.weight.copy_(state["gate"])
+        self.moe.moe_core.gate.wg.weight.copy_(state["gate"])
 
 
 def _batch(rank: int, step: int, empty_rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +74,9 @@ def _reference_model(routing: str, empty_rank: int | None) -> Toy:
         with torch.no_grad():
             model.inp.weight.copy_(torch.eye(D))
             model.inp.bias.zero_()
-            model.moe.gate.wg.weight.zero_()
-            model.moe.gate.wg.weight[0].fill_(5.0)
-            model.moe.gate.wg.weight[1].fill_(4.0)
+            model.moe.moe_core.gate.wg.weight.zero_()
+            model.moe.moe_core.gate.wg.weight[0].fill_(5.0)
+            model.moe.moe_core.gate.wg.weight[1].fill_(4.0)
     return model
 
 
@@ -84,12 +84,13 @@ def _train_with_deepspeed(rank: int, world_size: int, ep_size: int, stage: int, 
                           placement: str, empty_rank: int | None = None) -> dict:
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from hmoe_ds import collect_routing_stats
 
     reference = _reference_model(routing, empty_rank)
     frontend = "autoep" if stage == 3 else "moe"
     model = Toy(ep_size, routing, placement, frontend)
     model.load_dense_state(reference.dense_state())
-    model.moe.load_local_expert_weights(reference.moe.local_expert_weights())
+    model.moe.moe_core.load_local_expert_weights(reference.moe.moe_core.local_expert_weights())
 
     zero: dict = {"stage": stage}
     optimizer = {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.01}}
@@ -105,23 +106,24 @@ def _train_with_deepspeed(rank: int, world_size: int, ep_size: int, stage: int, 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
     losses, tokens_per_expert = [], torch.zeros(len(SIZES), dtype=torch.long)
     for step in range(STEPS):
-        loss = engine(*_batch(rank, step, empty_rank))
+        with collect_routing_stats() as stats:
+            loss = engine(*_batch(rank, step, empty_rank))
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-        tokens_per_expert += model.moe.last_stats.tokens_per_expert.cpu()
+        tokens_per_expert += stats[0].assignments_per_expert.cpu()
     partitioned = None
     if stage == 3:
         expert_params = list(model.moe.experts.parameters())
         partitioned = all(p.ds_tensor.numel() < p.ds_numel for p in expert_params)
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            dense, experts = model.dense_state(), model.moe.local_expert_weights()
+            dense, experts = model.dense_state(), model.moe.moe_core.local_expert_weights()
     else:
-        dense, experts = model.dense_state(), model.moe.local_expert_weights()
+        dense, experts = model.dense_state(), model.moe.moe_core.local_expert_weights()
     engine.destroy()
     return {"losses": losses, "dense": dense, "experts": experts, "partitioned": partitioned,
             "tokens_per_expert": tokens_per_expert,
-            "local_experts": list(model.moe.local_expert_ids)}
+            "local_experts": list(model.moe.moe_core.local_expert_ids)}
 
 
 def _train_reference(world_size: int, routing: str, empty_rank: int | None):
@@ -134,7 +136,7 @@ def _train_reference(world_size: int, routing: str, empty_rank: int | None):
         (sum(losses) / world_size).backward()
         opt.step()
         history.append([loss.item() for loss in losses])
-    return history, model.dense_state(), model.moe.local_expert_weights()
+    return history, model.dense_state(), model.moe.moe_core.local_expert_weights()
 
 
 CASES = {

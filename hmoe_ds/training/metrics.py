@@ -114,7 +114,7 @@ class RoutingAccumulator:
         """
         if routing_stats and not self._rows:
             self._sizes = [tuple(int(s) for s in st.expert_sizes) for st in routing_stats]
-            device = routing_stats[0].tokens_per_expert.device
+            device = routing_stats[0].assignments_per_expert.device
             self._rows = [torch.zeros(_HEAD + len(s), dtype=torch.float64, device=device) for s in self._sizes]
             self._params = [torch.tensor(st.expert_params, dtype=torch.float64, device=device) for st in routing_stats]
 
@@ -123,7 +123,7 @@ class RoutingAccumulator:
             return
         self.track(routing_stats)
         for row, params, st in zip(self._rows, self._params, routing_stats, strict=True):
-            kept = st.tokens_per_expert.detach().to(torch.float64)
+            kept = st.assignments_per_expert.detach().to(torch.float64)
             row[0] += st.num_tokens
             row[1] += st.selected_per_expert.detach().sum().to(torch.float64)
             row[2] += st.dropped.detach().to(torch.float64)

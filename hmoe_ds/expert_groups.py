@@ -1,0 +1,40 @@
+"""DeepSpeed's expert-parallel process groups, as the layer front-ends need them at construction.
+
+A distributed concern kept apart from the layer math: :mod:`hmoe_ds.moe_core`
+never creates or queries process groups; the front-ends ask here once, when
+they are built, and hand the group to the core's token exchange.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from deepspeed.utils import groups
+
+
+def expert_parallel_rank(ep_size: int, group_name: str) -> int:
+    """This process's rank in its expert-parallel group, creating DeepSpeed's groups if needed.
+
+    Needed at construction time because each rank builds only the experts the
+    placement gives it, and those differ in size.
+    """
+    if not dist.is_initialized():
+        raise ValueError(
+            f"ep_size={ep_size} needs the distributed backend before the layer is built, because each "
+            "rank builds only its own (unequal) experts: call deepspeed.init_distributed() first, or use ep_size=1"
+        )
+    world = dist.get_world_size()
+    if world % ep_size != 0:
+        raise ValueError(f"ep_size={ep_size} must divide the world size ({world}); choose a divisor of {world}")
+    if group_name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_rank(group_name)
+
+
+def expert_parallel_group(group_name: str):
+    """The process group over which ``group_name``'s experts exchange tokens."""
+    return groups._get_expert_parallel_group(group_name)
+
+
+def expert_data_parallel_group(group_name: str):
+    """The process group over which replicas of ``group_name``'s experts reduce gradients (ZeRO-3 partitions)."""
+    return groups._get_expert_data_parallel_group(group_name)

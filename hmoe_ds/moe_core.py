@@ -1,0 +1,423 @@
+"""The HMoE layer core that every DeepSpeed front-end runs.
+
+Shape legend: T tokens, D width, E experts, A kept assignments, R rows
+received by this rank's experts.
+
+One forward of an HMoE layer is router -> auxiliary losses -> dispatch plan
+-> token exchange -> experts -> scatter back to tokens. That math lives here
+once, in :class:`MoECore`, and depends on no DeepSpeed base class. The two
+front-ends (``hmoe_ds.layer.HMoE`` for ZeRO 0-2 and
+``hmoe_ds.layer_autoep.HMoEAutoEP`` for any stage including 3) are thin
+adapters that only present the parameters to DeepSpeed the way its engine
+expects; both import this module and neither imports the other.
+
+Code outside the layer (the model, checkpoints, metrics) talks to either
+front-end through the :class:`MoELayer` protocol, and receives each forward's
+:class:`RoutingStats` through :func:`collect_routing_stats`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses as L
+from .config import HMoELayerConfig
+from .dispatch import LocalExchange, TokenExchange, AllToAllExchange, expert_capacity, plan_dispatch, scatter_to_tokens
+from .experts import expert_compute_order
+from .partitioned import write_full
+from .placement import ExpertPlacement
+from .routing import multiplicative_jitter, route
+from .sizes import expert_param_count
+
+
+@dataclass
+class RoutingStats:
+    """Detached routing statistics of one forward pass of one layer.
+
+    Tensors stay on the compute device; the float properties synchronise only
+    when read, so logging every n steps costs nothing in between.
+    """
+
+    num_tokens: int
+    assignments_per_expert: torch.Tensor  # [E] long: kept (token, expert) assignments per logical expert
+    selected_per_expert: torch.Tensor  # [E] long: assignments chosen by the router, before any drop
+    dropped: torch.Tensor  # 0-dim long
+    loss_values: dict[str, torch.Tensor]  # unweighted, detached
+    expert_sizes: tuple[int, ...]
+    expert_params: tuple[int, ...] = field(repr=False, default=())
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """Deprecated name of :attr:`assignments_per_expert` (it counts assignments, not distinct tokens)."""
+        warnings.warn("RoutingStats.tokens_per_expert is deprecated; use assignments_per_expert",
+                      DeprecationWarning, stacklevel=2)
+        return self.assignments_per_expert
+
+    @property
+    def experts_per_token(self) -> float:
+        """Mean number of experts the router chose per token (k for Top-K)."""
+        return float(self.selected_per_expert.sum()) / max(self.num_tokens, 1)
+
+    @property
+    def dropped_assignments(self) -> int:
+        return int(self.dropped)
+
+    @property
+    def activated_expert_params_per_token(self) -> float:
+        """``sum_i count_i * params_i / T``: expert parameters a token activates (paper, Table 1)."""
+        params = torch.tensor(self.expert_params, dtype=torch.float64)
+        return float((self.assignments_per_expert.double().cpu() * params).sum()) / max(self.num_tokens, 1)
+
+    @property
+    def losses(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.loss_values.items()}
+
+
+# ----------------------------------------------------------------------------- routing statistics collector
+
+_ACTIVE_COLLECTORS: contextvars.ContextVar[tuple[list[RoutingStats], ...]] = contextvars.ContextVar(
+    "hmoe_routing_stats_collectors", default=())
+
+
+@contextlib.contextmanager
+def collect_routing_stats() -> Iterator[list[RoutingStats]]:
+    """Collect the :class:`RoutingStats` of every MoE layer forward run inside the block, in call order.
+
+    Example::
+
+        with collect_routing_stats() as stats:
+            out, l_aux, exp_counts = layer(x)   # DeepSpeed's return contract, unchanged
+        stats[0].activated_expert_params_per_token
+
+    DeepSpeed's MoE forward returns exactly ``(output, l_aux, exp_counts)``,
+    and ZeRO-3's hooks rebuild that tuple, so the statistics cannot ride on it;
+    they go to the collectors active in the caller's context instead (nested
+    blocks each receive them). Recomputation under activation checkpointing
+    runs in the backward pass, outside the block, so it adds nothing.
+    """
+    collected: list[RoutingStats] = []
+    token = _ACTIVE_COLLECTORS.set(_ACTIVE_COLLECTORS.get() + (collected,))
+    try:
+        yield collected
+    finally:
+        _ACTIVE_COLLECTORS.reset(token)
+
+
+def _publish(stats: RoutingStats) -> None:
+    for collected in _ACTIVE_COLLECTORS.get():
+        collected.append(stats)
+
+
+# ----------------------------------------------------------------------------- the layer protocol
+
+
+@runtime_checkable
+class MoELayer(Protocol):
+    """What the model, checkpoint, initialisation and metrics code may use of an HMoE layer.
+
+    Both front-ends satisfy it. ``config`` holds the *logical* layer (its
+    ``num_experts`` is the number of HMoE experts, whatever DeepSpeed is told);
+    ``moe_core`` is the :class:`MoECore` holding the router, the local experts
+    and the placement.
+    """
+
+    config: HMoELayerConfig
+
+    @property
+    def moe_core(self) -> "MoECore": ...
+
+    @property
+    def expert_sizes(self) -> list[int]: ...
+
+    @property
+    def placement(self) -> ExpertPlacement: ...
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class Router(nn.Module):
+    """The router's projection W_r (no bias), named ``wg`` like DeepSpeed's ``TopKGate``."""
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # fp32 logits whatever the model dtype: softmax and Top-P cumsums need it.
+        return F.linear(x_TD.float(), self.wg.weight.float())
+
+
+class MoECore:
+    """Router -> losses -> dispatch -> exchange -> experts -> scatter back (HMoE paper, Eqs. 1-4).
+
+    A mixin for an ``nn.Module`` host: the host owns the parameters under the
+    names its DeepSpeed base class expects (``gate`` and ``experts`` as direct
+    children), this class owns the math. DeepSpeed decides where the children
+    must sit: its ``MoE`` keeps them one level down (``deepspeed_moe``), its
+    AutoEP engine code reads ``<layer>.experts`` directly, so a composed child
+    module would break one of the two.
+
+    Hosts call ``nn.Module.__init__`` and then :meth:`MoECore.__init__`
+    explicitly rather than through ``super()``: AutoEP's own constructor
+    converts an existing Hugging Face block and must never run.
+    """
+
+    hidden_size: int
+    config: HMoELayerConfig
+    placement: ExpertPlacement
+    gate: Router
+    experts: nn.Module
+
+    def __init__(
+        self,
+        hidden_size: int,
+        config: HMoELayerConfig,
+        placement: ExpertPlacement,
+        ep_rank: int,
+        experts: nn.Module,
+    ) -> None:
+        if not isinstance(self, nn.Module) or "_modules" not in self.__dict__:
+            raise TypeError("MoECore is a mixin: the host must be an nn.Module whose nn.Module.__init__ already ran")
+        self.hidden_size = hidden_size
+        self.config = config
+        self.placement = placement
+        self.moe_ep_rank = ep_rank
+        self.local_expert_ids = placement.local_experts(ep_rank)
+        self.gate = Router(hidden_size, config.num_experts)
+        # ``experts`` is called as a module (``experts(x, counts)``), never through
+        # a method: ZeRO-3 gathers a module's parameters in its forward hooks.
+        self.experts = experts
+        own = [config.expert_sizes[e] for e in self.local_expert_ids]
+        if list(experts.compute_order) != expert_compute_order(config.expert_compute, hidden_size, own):
+            raise ValueError("the experts module's compute order differs from the layer's dispatch order")
+        # Small constants built lazily on the compute device from Python data, not
+        # buffers: HF loading builds modules on the meta device and leaves
+        # non-persistent buffers uninitialised.
+        self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self.expert_params = tuple(
+            expert_param_count(hidden_size, h, gated=config.activation.gated) for h in config.expert_sizes
+        )
+        self.ep_group: Any = None
+        self.exchange: TokenExchange = LocalExchange()
+        self.l_aux: torch.Tensor | None = None
+        self.exp_counts: torch.Tensor | None = None
+        self._last_stats: RoutingStats | None = None
+
+    @property
+    def moe_core(self) -> "MoECore":
+        return self
+
+    @property
+    def last_stats(self) -> RoutingStats | None:
+        """Deprecated: the statistics of the latest forward. Use :func:`collect_routing_stats`."""
+        warnings.warn("last_stats is deprecated; wrap the forward in hmoe_ds.collect_routing_stats()",
+                      DeprecationWarning, stacklevel=2)
+        return self._last_stats
+
+    # ------------------------------------------------------------------ expert weights by logical id
+
+    def local_expert_weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """This rank's experts by *logical* id: ``{e: {"w1": [h_e, D], "w2": [D, h_e], "w3": ...}}``.
+
+        Detached copies, in ``nn.Linear`` layout whatever the front-end's storage
+        (module list or packed). Under ZeRO-3 gather the parameters first
+        (``deepspeed.zero.GatheredParameters``).
+        """
+        out = {}
+        for logical, (w1, w2, w3) in zip(self.local_expert_ids, self.experts.per_expert_weights()):
+            out[logical] = {"w1": w1.detach().clone(), "w2": w2.detach().clone()}
+            if w3 is not None:
+                out[logical]["w3"] = w3.detach().clone()
+        return out
+
+    def expert_weight_shapes(self, logical: int) -> dict[str, tuple[int, ...]]:
+        """``{"w1": [h, D], "w2": [D, h], ("w3": [h, D])}`` of logical expert ``logical``."""
+        h, d = self.config.expert_sizes[logical], self.hidden_size
+        shapes = {"w1": (h, d), "w2": (d, h)}
+        if self.config.activation.gated:
+            shapes["w3"] = (h, d)
+        return shapes
+
+    @torch.no_grad()
+    def init_expert_weights(self, std: float, seed: int) -> None:
+        """normal(0, std) for every local expert, drawn per *logical* expert.
+
+        Each expert's values come from a generator seeded by ``(seed, logical
+        id)``, so the initial model is the same whatever the EP size, the
+        placement or the front-end (module list or packed): runs that differ
+        only in parallelism start identical. Parameters that HF loading marked
+        as initialised (``_is_hf_initialized``) are left alone. Works on
+        ZeRO-3-partitioned experts too (each rank writes its partition).
+        """
+        if any(getattr(p, "_is_hf_initialized", False) for p in self.experts.parameters()):
+            return
+        weights = {}
+        for logical in self.local_expert_ids:
+            generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(logical))
+            weights[logical] = {name: torch.empty(shape).normal_(0.0, std, generator=generator)
+                                for name, shape in self.expert_weight_shapes(logical).items()}
+        self.load_local_expert_weights(weights)
+
+    @torch.no_grad()
+    def load_local_expert_weights(self, weights: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Copy logical experts' weights (as from :meth:`local_expert_weights`) into this rank's slots.
+
+        ``weights`` may hold every logical expert; only the local ones are read.
+        Shapes are checked so a checkpoint of other expert sizes fails loudly.
+        ZeRO-3-partitioned experts are written partition by partition
+        (:func:`hmoe_ds.partitioned.write_full`), never gathered.
+        """
+        per_expert = []
+        for logical in self.local_expert_ids:
+            if logical not in weights:
+                raise KeyError(f"no weights for logical expert {logical} (have {sorted(weights)})")
+            values = []
+            for name, shape in self.expert_weight_shapes(logical).items():
+                source = weights[logical][name]
+                if tuple(source.shape) != shape:
+                    raise ValueError(
+                        f"expert {logical} {name}: checkpoint shape {tuple(source.shape)} does not match the "
+                        f"layer's {shape} (expert_sizes {self.config.expert_sizes}, hidden {self.hidden_size})"
+                    )
+                values.append(source)
+            per_expert.append((values[0], values[1], values[2] if len(values) > 2 else None))
+        for param, value in self.experts.full_values(per_expert):
+            write_full(param, value)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._constants:
+            if name == "slot_to_expert":
+                value = torch.tensor(self._compute_slot_order(), dtype=torch.long, device=device)
+            else:
+                cfg = self.config
+                value = L.normalized_expert_sizes(cfg.expert_sizes, cfg.size_normalization, device=device)
+            self._constants[key] = value
+        return self._constants[key]
+
+    def _compute_slot_order(self) -> list[int]:
+        """Logical expert of each slot of the grouped buffer: the placement's rank blocks, and inside
+        each rank the order its experts module computes in (``experts.compute_order``).
+
+        The grouped expert path wants each width bucket's rows contiguous;
+        grouping the dispatch plan in that order costs nothing, where permuting
+        rows afterwards would copy them. Every rank derives every other rank's
+        order from the configuration alone (same function as its own), so the
+        all-to-all's per-rank blocks agree.
+        """
+        cfg = self.config
+        order = []
+        for rank in range(self.placement.ep_size):
+            local = self.placement.local_experts(rank)
+            sizes = [cfg.expert_sizes[e] for e in local]
+            order += [local[j] for j in expert_compute_order(cfg.expert_compute, self.hidden_size, sizes)]
+        return order
+
+    def _set_ep_group(self, ep_group: Any) -> None:
+        """Bind the expert-parallel process group (DeepSpeed calls this on set-up)."""
+        self.ep_group = ep_group
+        if self.placement.ep_size > 1:
+            self.exchange = AllToAllExchange(ep_group, self.placement.ep_size, self.placement.num_local_experts)
+
+    # ------------------------------------------------------------------ the forward math
+
+    def _aux_losses(self, router_logits_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tensor):
+        cfg = self.config
+        terms = {
+            "load_balance": (cfg.load_balance_coef, lambda: L.load_balance_loss(probs_TE=probs_TE, mask_TE=mask_TE)),
+            "p_penalty": (
+                cfg.p_penalty_coef,
+                lambda: L.p_penalty_loss(
+                    probs_TE=probs_TE,
+                    mask_TE=mask_TE,
+                    expert_sizes_E=self._constant("normalized_sizes", probs_TE.device),
+                ),
+            ),
+            "entropy": (cfg.entropy_coef, lambda: L.router_entropy_loss(probs_TE=probs_TE)),
+            "z_loss": (cfg.z_loss_coef, lambda: L.router_z_loss(logits_TE=router_logits_TE)),
+        }
+        l_aux = probs_TE.new_zeros(())
+        values: dict[str, torch.Tensor] = {}
+        for name, (coef, fn) in terms.items():
+            if coef > 0:
+                value = fn()
+                l_aux = l_aux + coef * value
+            else:  # still reported, but no graph is built for a disabled term
+                with torch.no_grad():
+                    value = fn()
+            values[name] = value.detach()
+        return l_aux, values
+
+    def _capacity(self, num_assignments: int) -> int | None:
+        cfg = self.config
+        factor = cfg.capacity_factor if self.training else (cfg.eval_capacity_factor or cfg.capacity_factor)
+        if factor is None:
+            return None
+        return expert_capacity(num_assignments, cfg.num_experts, factor, cfg.min_capacity)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        weight_dtype = self.gate.wg.weight.dtype  # the layer's dtype (also under ZeRO-3, where data is partitioned)
+        if not x.is_floating_point() or (x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type)):
+            # Otherwise torch fails deep inside the experts with "expected m1 and m2 to have the same dtype".
+            what = "not floating point (token ids? embed them first)" if not x.is_floating_point() else \
+                f"but the layer's weights are {weight_dtype}"
+            raise TypeError(f"HMoE input has dtype {x.dtype}, {what}; pass hidden states as x.to({weight_dtype}), "
+                            "or convert the layer with layer.to(dtype)")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"HMoE input has width {x.shape[-1]} but the layer was built with hidden_size={self.hidden_size}; "
+                "pass hidden states of shape [..., hidden_size]"
+            )
+
+    def _moe_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output, l_aux, exp_counts)``; the :class:`RoutingStats` go to :func:`collect_routing_stats`."""
+        self._check_input(x)
+        cfg = self.config
+        x_TD = x.reshape(-1, self.hidden_size)
+        num_tokens = x_TD.shape[0]
+        router_in_TD = multiplicative_jitter(x_TD.float(), cfg.jitter_eps) if self.training else x_TD
+        router = route(
+            self.gate(router_in_TD),
+            method=cfg.routing,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            renormalize=cfg.renormalize_gates,
+        )
+        l_aux, loss_values = self._aux_losses(router.logits_TE, router.probs_TE, router.mask_TE)
+
+        selected_E = router.mask_TE.sum(dim=0)
+        capacity = self._capacity(int(selected_E.sum())) if cfg.capacity_factor is not None else None
+        plan = plan_dispatch(router, capacity=capacity, slot_to_expert_S=self._constant("slot_to_expert", x.device))
+        x_AD = x_TD.index_select(0, plan.token_idx_A)
+        x_RD, local_counts, context = self.exchange.to_experts(x_AD, plan.counts)
+        y_RD = self.experts(x_RD, local_counts)
+        y_AD = self.exchange.from_experts(y_RD, context)
+        out = scatter_to_tokens(y_AD, plan, num_tokens).reshape(x.shape)
+
+        self.l_aux = l_aux
+        self.exp_counts = plan.kept_per_expert_E.detach()
+        stats = RoutingStats(
+            num_tokens=num_tokens,
+            assignments_per_expert=plan.kept_per_expert_E.detach(),
+            selected_per_expert=selected_E.detach(),
+            dropped=plan.num_dropped.detach(),
+            loss_values=loss_values,
+            expert_sizes=tuple(cfg.expert_sizes),
+            expert_params=self.expert_params,
+        )
+        self._last_stats = stats
+        _publish(stats)
+        return out, l_aux, self.exp_counts
+
+
+__all__ = ["MoECore", "MoELayer", "Router", "RoutingStats", "collect_routing_stats"]
