@@ -77,6 +77,32 @@ class ExpertCompute(StrEnum):
     LOOP = "loop"
 
 
+class GateConvention(StrEnum):
+    """Whose conventions Top-K routing follows; the math of both is in :mod:`hmoe_ds.routing`.
+
+    ``hmoe``: the HMoE paper's (Eq. 3 and 8): gates renormalised over the
+    chosen experts, full experts drop the latest tokens, the balance loss
+    counts every chosen expert, ``exp_counts`` counts computed assignments.
+    ``deepspeed``: DeepSpeed ``TopKGate``'s (see
+    :func:`hmoe_ds.routing.route_deepspeed`), which layers built with
+    DeepSpeed's constructor arguments get, so they reproduce DeepSpeed's MoE.
+    """
+
+    HMOE = "hmoe"
+    DEEPSPEED = "deepspeed"
+
+
+class NoisyGatePolicy(StrEnum):
+    """DeepSpeed's ``noisy_gate_policy``: ``Jitter`` (router input x U(0.99, 1.01)) or ``RSample`` (Gumbel, top-1)."""
+
+    JITTER = "Jitter"
+    RSAMPLE = "RSample"
+
+
+#: DeepSpeed's Jitter epsilon (``multiplicative_jitter``'s default).
+DEEPSPEED_JITTER_EPS = 1e-2
+
+
 class MoEFrontend(StrEnum):
     """How the layer presents its parameters to DeepSpeed (the math is identical).
 
@@ -139,6 +165,21 @@ class HMoELayerConfig:
             experts are computed (same numbers within fp32 round-off; see
             :class:`ExpertCompute`). ``grouped`` needs ``hidden_size`` to be a
             multiple of 8 (``grouped_mm``'s 16-byte stride rule in bf16).
+        gate_convention: ``hmoe`` (default) or ``deepspeed``: whose Top-K
+            conventions the router follows (:class:`GateConvention`).
+        noisy_gate_policy: DeepSpeed's ``None``, ``Jitter`` (the same as
+            ``jitter_eps=0.01``) or ``RSample`` (Gumbel-noisy top-1 choice
+            in training; ``deepspeed`` convention, k = 1).
+        use_rts: random token selection: a full expert keeps a random subset
+            of its tokens (``deepspeed`` convention, k = 1).
+        top2_2nd_expert_sampling: choose the second expert with Gumbel noise
+            (``deepspeed`` convention, k = 2).
+        shared_expert_size: FFN hidden size of an always-on shared expert
+            beside the routed ones (DeepSeekMoE, Qwen-MoE), added to the MoE
+            output; 0 (default) for none. Counted in activated parameters.
+        use_residual: Residual MoE (DeepSpeed's ``use_residual``, PR-MoE):
+            the dense expert is mixed with the MoE output by a learned
+            per-token two-way softmax coefficient instead of added.
     """
 
     expert_sizes: list[int]
@@ -160,6 +201,12 @@ class HMoELayerConfig:
     placement: PlacementStrategy = PlacementStrategy.CONTIGUOUS
     frontend: MoEFrontend = MoEFrontend.MOE
     expert_compute: ExpertCompute = ExpertCompute.AUTO
+    gate_convention: GateConvention = GateConvention.HMOE
+    noisy_gate_policy: NoisyGatePolicy | None = None
+    use_rts: bool = False
+    top2_2nd_expert_sampling: bool = False
+    shared_expert_size: int = 0
+    use_residual: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -205,6 +252,26 @@ class HMoELayerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise ValueError(f"{name}={value!r}: must be a finite number >= 0 (0 disables the loss)")
+        self.gate_convention = _choice(GateConvention, "gate_convention", self.gate_convention)
+        if self.noisy_gate_policy in (None, "None"):
+            self.noisy_gate_policy = None
+        else:
+            self.noisy_gate_policy = _choice(NoisyGatePolicy, "noisy_gate_policy", self.noisy_gate_policy)
+        for name in ("use_rts", "top2_2nd_expert_sampling", "use_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be true or false")
+        if self.gate_convention is GateConvention.DEEPSPEED and self.routing is not RoutingMethod.TOP_K:
+            raise ValueError(f"gate_convention='deepspeed' is Top-K routing; got routing={str(self.routing)!r}: "
+                             "set routing='top_k' or gate_convention='hmoe'")
+        if self.gate_convention is GateConvention.HMOE and self.noisy_gate_policy is NoisyGatePolicy.RSAMPLE:
+            raise ValueError("noisy_gate_policy='RSample' is DeepSpeed's top-1 rule: set gate_convention='deepspeed' "
+                             "(and routing='top_k', top_k=1), or use noisy_gate_policy='Jitter'")
+        if self.gate_convention is GateConvention.HMOE and (self.use_rts or self.top2_2nd_expert_sampling):
+            raise ValueError("use_rts and top2_2nd_expert_sampling are DeepSpeed gate rules: set "
+                             "gate_convention='deepspeed', or leave them false")
+        if isinstance(self.shared_expert_size, bool) or not isinstance(self.shared_expert_size, int) \
+                or self.shared_expert_size < 0:
+            raise ValueError(f"shared_expert_size={self.shared_expert_size!r}: must be an int >= 0 (0: no shared expert)")
         if isinstance(self.ep_size, bool) or not isinstance(self.ep_size, int) or self.ep_size < 1:
             raise ValueError(f"ep_size={self.ep_size!r}: must be an int >= 1")
         if n % self.ep_size != 0:

@@ -71,21 +71,31 @@ def plan_dispatch(
 
     Args:
         router: the routing decision.
-        capacity: ``None`` for dropless; otherwise each expert keeps its first
-            ``capacity`` assignments in token order and drops the rest.
+        capacity: ``None`` for dropless; otherwise each expert keeps
+            ``capacity`` assignments and drops the rest: the first in token
+            order, or the highest ``router.drop_priority_TE``. With
+            ``router.renormalize_after_drop`` each token's gates are then
+            renormalised over the experts that kept it (DeepSpeed's top-2/top-k).
         slot_to_expert_S: logical expert of each slot (placement order); the
             identity when ``None``.
     """
     mask_TE = router.mask_TE
     num_experts = mask_TE.shape[1]
     if capacity is not None:
-        # Position of each assignment within its expert's queue, in token order.
-        position_TE = torch.cumsum(mask_TE.to(torch.int32), dim=0)
-        kept_TE = mask_TE & (position_TE <= capacity)
+        if router.drop_priority_TE is None:
+            # Position of each assignment within its expert's queue, in token order.
+            position_TE = torch.cumsum(mask_TE.to(torch.int32), dim=0)
+            kept_TE = mask_TE & (position_TE <= capacity)
+        else:
+            kept_TE = mask_TE & (_rank_by_priority(router.drop_priority_TE, mask_TE) < capacity)
         num_dropped = mask_TE.sum() - kept_TE.sum()
     else:
         kept_TE = mask_TE
         num_dropped = torch.zeros((), dtype=torch.long, device=mask_TE.device)
+    weights_TE = router.weights_TE
+    if router.renormalize_after_drop and capacity is not None:
+        kept_probs_TE = router.probs_TE * kept_TE
+        weights_TE = kept_probs_TE / kept_probs_TE.sum(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).eps)
     if slot_to_expert_S is None:
         slot_to_expert_S = torch.arange(num_experts, device=mask_TE.device)
     # Transposing to [S, T] before nonzero() yields assignments already sorted
@@ -96,12 +106,20 @@ def plan_dispatch(
     counts_S = kept_ST.sum(dim=1)
     return DispatchPlan(
         token_idx_A=token_idx_A,
-        gate_A=router.weights_TE[token_idx_A, expert_A],
+        gate_A=weights_TE[token_idx_A, expert_A],
         counts_S=counts_S,
         counts=counts_S.tolist(),
         kept_per_expert_E=kept_TE.sum(dim=0),
         num_dropped=num_dropped,
     )
+
+
+def _rank_by_priority(priority_TE: torch.Tensor, mask_TE: torch.Tensor) -> torch.Tensor:
+    """Each assignment's place in its expert's queue (0 = kept first), highest priority first, ties in token order."""
+    score_TE = priority_TE.float().masked_fill(~mask_TE, float("-inf"))
+    order_TE = torch.argsort(score_TE, dim=0, descending=True, stable=True)
+    places_TE = torch.arange(mask_TE.shape[0], device=mask_TE.device)[:, None].expand_as(order_TE)
+    return torch.empty_like(order_TE).scatter_(0, order_TE, places_TE)
 
 
 #: Rows per chunk of :func:`combine`'s fp32 temporaries: bounds them to 16k x D whatever the batch.

@@ -666,6 +666,63 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
         return self._compute(x_RD, counts)
 
 
+class ModuleExperts(nn.Module):
+    """This rank's experts as the user's own modules, run one by one (DeepSpeed's ``Experts``).
+
+    Each module maps ``[rows, D] -> [rows, D]`` (a tuple output's first item
+    is used, as DeepSpeed does for Megatron-style ``(output, bias)``). They
+    live in ``deepspeed_experts.<local id>`` under the user's own parameter
+    names, tagged ``allreduce=False`` with the expert group name, so a
+    DeepSpeed model that swaps its ``MoE`` for ``HMoE`` keeps its parameter
+    names, optimizer groups and checkpoints. Nothing can group arbitrary
+    modules into one GEMM: this is the ``loop`` path by construction.
+
+    Args:
+        experts: the local experts, in local slot order.
+        expert_group_name: DeepSpeed expert-parallel group name.
+    """
+
+    expert_compute = ExpertCompute.LOOP
+
+    def __init__(self, experts: Sequence[nn.Module], expert_group_name: str) -> None:
+        super().__init__()
+        self.deepspeed_experts = nn.ModuleList(experts)
+        self.num_local_experts = len(self.deepspeed_experts)
+        self.expert_group_name = expert_group_name
+        self.tag_expert_parameters()
+
+    def tag_expert_parameters(self) -> None:
+        """Mark every expert parameter as DeepSpeed's ``Experts`` does."""
+        for param in self.deepspeed_experts.parameters():
+            param.allreduce = False
+            param.group_name = self.expert_group_name
+
+    @property
+    def compute_order(self) -> list[int]:
+        return list(range(self.num_local_experts))
+
+    @property
+    def width_buckets(self) -> list[WidthBucket]:
+        return []
+
+    def parameter_counts(self) -> list[int]:
+        """Parameters of each local expert (what the P-Penalty and the activated-parameter statistics count)."""
+        return [sum(p.numel() for p in e.parameters()) for e in self.deepspeed_experts]
+
+    def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Apply local expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
+        if len(counts) != self.num_local_experts:
+            raise ValueError(f"got {len(counts)} token counts for {self.num_local_experts} local experts")
+        outputs = []
+        for chunk, expert in zip(torch.split(x_RD, list(counts), dim=0), self.deepspeed_experts):
+            out = expert(chunk)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs, dim=0)
+
+    def extra_repr(self) -> str:
+        return f"user expert modules, {self.num_local_experts} local, computed one by one (loop path)"
+
+
 class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
     """This rank's unequal experts packed into three 3-D parameters.
 

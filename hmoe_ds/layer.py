@@ -16,7 +16,8 @@ DeepSpeed keeps its ``MOELayer`` (``deepspeed_moe``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import copy
+from typing import Any, Callable, Sequence
 
 import torch
 from deepspeed.moe.layer import MoE
@@ -25,9 +26,9 @@ from torch import nn
 from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .expert_groups import expert_parallel_group, expert_parallel_rank
-from .experts import HeteroExperts
+from .experts import FFNExpert, HeteroExperts, ModuleExperts
 from .layer_autoep import HMoEAutoEP
-from .moe_core import MoECore, Router, RoutingStats
+from .moe_core import MoECore, Router, RoutingStats, mix_dense_branch
 from .placement import ExpertPlacement, make_placement
 
 
@@ -45,14 +46,21 @@ class HMoEBlock(MoECore, nn.Module):
         placement: ExpertPlacement,
         ep_rank: int,
         expert_group_name: str,
+        expert_modules: Sequence[nn.Module] | None = None,
+        expert_params: Sequence[int] | None = None,
     ) -> None:
         nn.Module.__init__(self)
-        local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
-        experts = HeteroExperts(hidden_size, local_sizes, config.activation, expert_group_name, config.expert_compute)
-        MoECore.__init__(self, hidden_size, config, placement, ep_rank, experts)
+        if expert_modules is None:
+            local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
+            experts: nn.Module = HeteroExperts(hidden_size, local_sizes, config.activation, expert_group_name,
+                                               config.expert_compute)
+        else:
+            experts = ModuleExperts(expert_modules, expert_group_name)
+        MoECore.__init__(self, hidden_size, config, placement, ep_rank, experts, expert_params=expert_params)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._moe_forward(x)
+    def forward(self, x: torch.Tensor, used_token: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._moe_forward(x, used_token)
 
 
 class _Placeholder(nn.Module):
@@ -64,24 +72,67 @@ class _Placeholder(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1))
 
 
+class _Unset:
+    """Marks a DeepSpeed argument the caller did not pass (its default then depends on the call style)."""
+
+    def __repr__(self) -> str:
+        return "<DeepSpeed default>"
+
+
+_UNSET: Any = _Unset()
+
+#: DeepSpeed MoE arguments whose presence makes a call DeepSpeed-style (DeepSpeed's gate conventions).
+_DEEPSPEED_GATE_ARGUMENTS = ("num_experts", "k", "noisy_gate_policy", "drop_tokens", "use_rts",
+                             "top2_2nd_expert_sampling")
+
+
+def _param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 class HMoE(MoE):
     """Heterogeneous MoE layer, a drop-in replacement for ``deepspeed.moe.layer.MoE``.
 
-    Example::
+    DeepSpeed's constructor, same order and meaning, plus HMoE's options as
+    keywords::
 
+        # DeepSpeed's call, unchanged: 8 copies of the user's expert, top-2, DeepSpeed's gate rules
+        layer = HMoE(hidden_size=d, expert=MyFFN(d, 4 * d), num_experts=8, ep_size=2, k=2)
+        # HMoE: unequal built-in SwiGLU experts, Top-P, P-Penalty
         layer = HMoE(hidden_size=256, expert_sizes=[128, 192, 256, 320],
                      routing="top_p", top_p=0.6, p_penalty_coef=0.1, entropy_coef=0.03)
+        # unequal experts of the user's own type: a factory from FFN size to module
+        layer = HMoE(hidden_size=d, expert=lambda h: MyFFN(d, h), expert_sizes=[128, 256, 384, 512])
         with hmoe_ds.collect_routing_stats() as stats:
             out, l_aux, exp_counts = layer(x)    # as DeepSpeed's MoE
         stats[0].activated_expert_params_per_token
 
     Args:
         hidden_size: model width D (input and output of every expert).
+        expert: DeepSpeed's template expert (an ``nn.Module``, copied once per
+            expert, keeping its parameter names under
+            ``deepspeed_moe.experts.deepspeed_experts.<i>``), or a factory
+            ``h -> nn.Module`` building an expert of FFN size ``h`` for each of
+            ``expert_sizes``. ``None`` with ``expert_sizes``: HMoE's built-in
+            SwiGLU experts (grouped GEMMs). A list of ints here is read as
+            ``expert_sizes`` (the call style of earlier releases).
+        num_experts, ep_size, k, capacity_factor, eval_capacity_factor,
+        min_capacity, use_residual, noisy_gate_policy, drop_tokens, use_rts,
+        use_tutel, top2_2nd_expert_sampling: as in DeepSpeed's ``MoE``.
+            Passing ``expert`` or any of DeepSpeed's gate arguments (``k``,
+            ``num_experts``, ``drop_tokens``, ``use_rts``,
+            ``noisy_gate_policy``, ``top2_2nd_expert_sampling``) selects
+            DeepSpeed's gate conventions and defaults (top-1, capacity factor
+            1.0, random token selection, second-expert sampling, ``l_aux`` =
+            DeepSpeed's balance loss); otherwise HMoE's (Top-P, dropless,
+            P-Penalty). ``use_tutel`` is accepted and changes nothing (a
+            kernel choice; HMoE's dispatch is already sparse).
+        enable_expert_tensor_parallelism: not supported yet (raises).
         expert_sizes: FFN hidden size of each expert (HMoE paper, Sec. 3.1).
         config: a full :class:`HMoELayerConfig` instead of keyword options.
         **options: any other :class:`HMoELayerConfig` field (``routing``,
-            ``top_k``, ``top_p``, loss coefficients, ``capacity_factor``,
-            ``ep_size``, ``placement``, ...).
+            ``top_p``, loss coefficients, ``placement``,
+            ``shared_expert_size``, ...).
 
     With ``ep_size > 1`` the process group must exist (``deepspeed.init_distributed()``)
     before the layer is built: each rank builds only the experts the placement
@@ -91,17 +142,49 @@ class HMoE(MoE):
     def __init__(
         self,
         hidden_size: int,
-        expert_sizes: Sequence[int] | None = None,
+        expert: nn.Module | Callable[[int], nn.Module] | Sequence[int] | None = None,
+        num_experts: int = _UNSET,
+        ep_size: int = _UNSET,
+        k: int = _UNSET,
+        capacity_factor: float = _UNSET,
+        eval_capacity_factor: float = _UNSET,
+        min_capacity: int = _UNSET,
+        use_residual: bool = _UNSET,
+        noisy_gate_policy: str | None = _UNSET,
+        drop_tokens: bool = _UNSET,
+        use_rts: bool = _UNSET,
+        use_tutel: bool = False,
+        enable_expert_tensor_parallelism: bool = False,
+        top2_2nd_expert_sampling: bool = _UNSET,
         *,
+        expert_sizes: Sequence[int] | None = None,
         config: HMoELayerConfig | None = None,
         **options: Any,
     ) -> None:
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size={hidden_size!r}: must be a positive int")
+        if enable_expert_tensor_parallelism:
+            raise ValueError("enable_expert_tensor_parallelism=True is not supported by HMoE yet; "
+                             "train experts with expert parallelism (ep_size) instead")
+        if isinstance(expert, Sequence) and not isinstance(expert, (str, bytes)):
+            if expert_sizes is not None:
+                raise ValueError("expert_sizes given twice: as the second positional argument and as expert_sizes=")
+            expert_sizes, expert = list(expert), None
+        if expert is not None and not callable(expert):
+            raise ValueError(f"expert={expert!r}: pass an nn.Module (copied per expert), a factory "
+                             "h -> nn.Module (with expert_sizes), or None for the built-in SwiGLU experts")
+        deepspeed_args = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
+                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+                              use_residual=use_residual, noisy_gate_policy=noisy_gate_policy,
+                              drop_tokens=drop_tokens, use_rts=use_rts,
+                              top2_2nd_expert_sampling=top2_2nd_expert_sampling)
+        deepspeed_args = {name: value for name, value in deepspeed_args.items() if value is not _UNSET}
+        template = expert if isinstance(expert, nn.Module) else None
+        factory = expert if expert is not None and template is None else None
         if config is None:
-            if expert_sizes is None:
-                raise ValueError("HMoE needs expert_sizes (one FFN hidden size per expert) or config=HMoELayerConfig")
-            config = HMoELayerConfig(expert_sizes=list(expert_sizes), **options)
-        elif expert_sizes is not None or options:
-            raise ValueError("pass either config=HMoELayerConfig(...) or expert_sizes/options, not both")
+            config = _config_from_arguments(hidden_size, template, factory, expert_sizes, deepspeed_args, options)
+        elif expert_sizes is not None or options or deepspeed_args or expert is not None:
+            raise ValueError("pass either config=HMoELayerConfig(...) or expert/expert_sizes/options, not both")
         check_deepspeed_version()
         config.validate()
         if config.frontend is not MoEFrontend.MOE:
@@ -109,8 +192,6 @@ class HMoE(MoE):
                 f"HMoE is the frontend='moe' layer; got frontend={str(config.frontend)!r}: "
                 "use hmoe_ds.build_moe_layer(hidden_size, config) to get the matching class"
             )
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size={hidden_size!r}: must be a positive int")
         super().__init__(
             hidden_size,
             expert=_Placeholder(),
@@ -122,11 +203,35 @@ class HMoE(MoE):
         )
         self.config = config
         self.hidden_size = hidden_size
+        self.use_tutel = use_tutel
+        self.use_residual = config.use_residual
         ep_rank = expert_parallel_rank(config.ep_size, self.expert_group_name) if config.ep_size > 1 else 0
         placement = make_placement(config.placement, config.expert_sizes, config.ep_size)
-        self.deepspeed_moe = HMoEBlock(hidden_size, config, placement, ep_rank, self.expert_group_name)
+        local = placement.local_experts(ep_rank)
+        expert_modules, expert_params = None, None
+        if template is not None:
+            expert_modules = [copy.deepcopy(template) for _ in local]
+            expert_params = [_param_count(template)] * config.num_experts
+        elif factory is not None:
+            expert_modules = [_checked_expert(factory, config.expert_sizes[e]) for e in local]
+            with torch.device("meta"):
+                expert_params = [_param_count(_checked_expert(factory, h)) for h in config.expert_sizes]
+        self.deepspeed_moe = HMoEBlock(hidden_size, config, placement, ep_rank, self.expert_group_name,
+                                       expert_modules=expert_modules, expert_params=expert_params)
         if config.ep_size > 1:
             self.deepspeed_moe._set_ep_group(expert_parallel_group(self.expert_group_name))
+        # The dense branch sits where DeepSpeed's Residual MoE keeps it (``mlp``, ``coefficient``).
+        if config.shared_expert_size or config.use_residual:
+            if template is not None and config.use_residual and not config.shared_expert_size:
+                self.mlp = template  # DeepSpeed uses the template itself as the residual MLP
+            elif factory is not None:
+                self.mlp = _checked_expert(factory, config.shared_expert_size)
+            else:
+                self.mlp = FFNExpert(hidden_size, config.shared_expert_size, config.activation)
+            self.coefficient = nn.Linear(hidden_size, 2) if config.use_residual else None
+            self.deepspeed_moe.always_active_params = _param_count(self.mlp)
+        else:
+            self.mlp, self.coefficient = None, None
 
     @property
     def moe_core(self) -> MoECore:
@@ -154,13 +259,72 @@ class HMoE(MoE):
         ``l_aux`` is the coefficient-weighted sum of the enabled auxiliary
         losses; each term, unweighted, is in the :class:`RoutingStats` that
         :func:`hmoe_ds.collect_routing_stats` receives (``.losses``).
+        ``used_token`` (0/1 per token) routes only the tokens marked 1.
         """
-        if used_token is not None:
-            raise ValueError(
-                "used_token is not supported by HMoE: every token is routed; exclude padding from the LM loss "
-                "with labels=-100 instead"
-            )
-        return self.deepspeed_moe(hidden_states)
+        output, l_aux, exp_counts = self.deepspeed_moe(hidden_states, used_token)
+        if self.mlp is not None:
+            output = mix_dense_branch(hidden_states, output, self.mlp, self.coefficient)
+        return output, l_aux, exp_counts
+
+
+def _checked_expert(factory: Callable[[int], nn.Module], ffn_size: int) -> nn.Module:
+    module = factory(ffn_size)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"the expert factory returned {type(module).__name__} for size {ffn_size}; "
+                        "it must return an nn.Module mapping [tokens, hidden_size] to [tokens, hidden_size]")
+    return module
+
+
+def _config_from_arguments(hidden_size: int, template: nn.Module | None, factory: Callable[[int], nn.Module] | None,
+                           expert_sizes: Sequence[int] | None, deepspeed_args: dict[str, Any],
+                           options: dict[str, Any]) -> HMoELayerConfig:
+    """The layer configuration of a DeepSpeed-style or HMoE-style constructor call (see :class:`HMoE`)."""
+    if template is not None:
+        if expert_sizes is not None:
+            raise ValueError("expert=<module> is copied into equal experts; for unequal experts pass expert as a "
+                             "factory (e.g. expert=lambda h: MyFFN(d, h)) with expert_sizes, or leave expert out "
+                             "for the built-in SwiGLU experts")
+        num_experts = deepspeed_args.get("num_experts", 1)
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts={num_experts!r}: must be an int >= 1")
+        # Equal experts; "sizes" in parameters, which is what placement and the P-Penalty weigh.
+        sizes = [_param_count(template)] * num_experts
+    elif expert_sizes is None:
+        what = "a factory expert needs" if factory is not None else "HMoE needs"
+        raise ValueError(f"{what} expert_sizes (one FFN hidden size per expert), or pass expert=<module> and "
+                         "num_experts as to DeepSpeed's MoE, or config=HMoELayerConfig(...)")
+    else:
+        sizes = list(expert_sizes)
+        if "num_experts" in deepspeed_args and deepspeed_args["num_experts"] != len(sizes):
+            raise ValueError(f"num_experts={deepspeed_args['num_experts']} but expert_sizes has {len(sizes)} entries")
+    values: dict[str, Any] = {}
+    for name in ("ep_size", "capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
+                 "use_rts", "top2_2nd_expert_sampling", "use_residual"):
+        if name in deepspeed_args and name in options:
+            raise ValueError(f"{name} given twice")
+    if "k" in deepspeed_args and "top_k" in options:
+        raise ValueError("pass k (DeepSpeed's name) or top_k, not both")
+    deepspeed_style = template is not None or factory is not None or any(
+        name in deepspeed_args for name in _DEEPSPEED_GATE_ARGUMENTS)
+    if deepspeed_style:
+        k = deepspeed_args.get("k", options.pop("top_k", 1))
+        routing = str(options.get("routing", "top_k"))
+        deepspeed_gate = routing == "top_k" and str(options.get("gate_convention", "deepspeed")) == "deepspeed"
+        values.update(routing="top_k", top_k=k, renormalize_gates=isinstance(k, int) and k > 1,
+                      load_balance_coef=1.0, p_penalty_coef=0.0, capacity_factor=1.0, eval_capacity_factor=1.0,
+                      min_capacity=4)
+        if deepspeed_gate:
+            values.update(gate_convention="deepspeed", use_rts=True, top2_2nd_expert_sampling=True)
+        if template is not None or factory is not None:
+            values["expert_compute"] = "loop"  # user modules run one by one
+    values.update({name: value for name, value in deepspeed_args.items()
+                   if name not in ("num_experts", "k", "drop_tokens")})
+    if deepspeed_args.get("drop_tokens", True) is False:
+        values.update(capacity_factor=None, eval_capacity_factor=None)
+    elif "drop_tokens" in deepspeed_args and deepspeed_args["drop_tokens"] is not True:
+        raise ValueError(f"drop_tokens={deepspeed_args['drop_tokens']!r}: must be True or False")
+    values.update(options)
+    return HMoELayerConfig(expert_sizes=sizes, **values)
 
 
 def build_moe_layer(hidden_size: int, config: HMoELayerConfig) -> nn.Module:

@@ -22,19 +22,19 @@ import contextlib
 import contextvars
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import losses as L
-from .config import HMoELayerConfig
+from .config import DEEPSPEED_JITTER_EPS, GateConvention, HMoELayerConfig, NoisyGatePolicy
 from .dispatch import LocalExchange, TokenExchange, AllToAllExchange, expert_capacity, plan_dispatch, scatter_to_tokens
 from .experts import expert_compute_order
 from .partitioned import write_full
 from .placement import ExpertPlacement
-from .routing import multiplicative_jitter, route
+from .routing import RouterOutput, multiplicative_jitter, route, route_deepspeed
 from .sizes import expert_param_count
 
 
@@ -53,6 +53,8 @@ class RoutingStats:
     loss_values: dict[str, torch.Tensor]  # unweighted, detached
     expert_sizes: tuple[int, ...]
     expert_params: tuple[int, ...] = field(repr=False, default=())
+    #: Parameters every token activates besides the routed experts (a shared or residual expert).
+    always_active_params: int = 0
 
     @property
     def tokens_per_expert(self) -> torch.Tensor:
@@ -72,9 +74,10 @@ class RoutingStats:
 
     @property
     def activated_expert_params_per_token(self) -> float:
-        """``sum_i count_i * params_i / T``: expert parameters a token activates (paper, Table 1)."""
+        """``sum_i count_i * params_i / T`` (paper, Table 1), plus a shared expert's parameters if any."""
         params = torch.tensor(self.expert_params, dtype=torch.float64)
-        return float((self.assignments_per_expert.double().cpu() * params).sum()) / max(self.num_tokens, 1)
+        routed = float((self.assignments_per_expert.double().cpu() * params).sum()) / max(self.num_tokens, 1)
+        return routed + self.always_active_params
 
     @property
     def losses(self) -> dict[str, float]:
@@ -183,6 +186,7 @@ class MoECore:
         placement: ExpertPlacement,
         ep_rank: int,
         experts: nn.Module,
+        expert_params: Sequence[int] | None = None,
     ) -> None:
         if not isinstance(self, nn.Module) or "_modules" not in self.__dict__:
             raise TypeError("MoECore is a mixin: the host must be an nn.Module whose nn.Module.__init__ already ran")
@@ -202,9 +206,13 @@ class MoECore:
         # buffers: HF loading builds modules on the meta device and leaves
         # non-persistent buffers uninitialised.
         self._constants: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self.expert_params = tuple(
+        # Built-in FFNs: parameters from the widths. User modules: counted by the front-end, and the
+        # P-Penalty weighs them (Eq. 4 wants each expert's real size).
+        self.builtin_experts = expert_params is None
+        self.expert_params = tuple(expert_params) if expert_params is not None else tuple(
             expert_param_count(hidden_size, h, gated=config.activation.gated) for h in config.expert_sizes
         )
+        self.always_active_params = 0
         self.ep_group: Any = None
         self.exchange: TokenExchange = LocalExchange()
         self.l_aux: torch.Tensor | None = None
@@ -231,6 +239,7 @@ class MoECore:
         (module list or packed). Under ZeRO-3 gather the parameters first
         (``deepspeed.zero.GatheredParameters``).
         """
+        self._require_builtin_experts("local_expert_weights")
         out = {}
         for logical, (w1, w2, w3) in zip(self.local_expert_ids, self.experts.per_expert_weights()):
             out[logical] = {"w1": w1.detach().clone(), "w2": w2.detach().clone()}
@@ -257,6 +266,7 @@ class MoECore:
         as initialised (``_is_hf_initialized``) are left alone. Works on
         ZeRO-3-partitioned experts too (each rank writes its partition).
         """
+        self._require_builtin_experts("init_expert_weights")
         if any(getattr(p, "_is_hf_initialized", False) for p in self.experts.parameters()):
             return
         weights = {}
@@ -275,6 +285,7 @@ class MoECore:
         ZeRO-3-partitioned experts are written partition by partition
         (:func:`hmoe_ds.partitioned.write_full`), never gathered.
         """
+        self._require_builtin_experts("load_local_expert_weights")
         per_expert = []
         for logical in self.local_expert_ids:
             if logical not in weights:
@@ -292,6 +303,11 @@ class MoECore:
         for param, value in self.experts.full_values(per_expert):
             write_full(param, value)
 
+    def _require_builtin_experts(self, what: str) -> None:
+        if not self.builtin_experts:
+            raise TypeError(f"{what} works on HMoE's built-in FFN experts (w1/w2/w3); this layer runs the user's "
+                            "own expert modules: read or load them through the module's state_dict")
+
     # ------------------------------------------------------------------ set-up helpers
 
     def _constant(self, name: str, device: torch.device) -> torch.Tensor:
@@ -301,7 +317,8 @@ class MoECore:
                 value = torch.tensor(self._compute_slot_order(), dtype=torch.long, device=device)
             else:
                 cfg = self.config
-                value = L.normalized_expert_sizes(cfg.expert_sizes, cfg.size_normalization, device=device)
+                sizes = cfg.expert_sizes if self.builtin_experts else self.expert_params
+                value = L.normalized_expert_sizes(sizes, cfg.size_normalization, device=device)
             self._constants[key] = value
         return self._constants[key]
 
@@ -331,10 +348,13 @@ class MoECore:
 
     # ------------------------------------------------------------------ the forward math
 
-    def _aux_losses(self, router_logits_TE: torch.Tensor, probs_TE: torch.Tensor, mask_TE: torch.Tensor):
+    def _aux_losses(self, router: RouterOutput):
         cfg = self.config
+        router_logits_TE, probs_TE, mask_TE = router.logits_TE, router.probs_TE, router.mask_TE
+        balance_mask_TE = router.balance_mask_TE if router.balance_mask_TE is not None else mask_TE
         terms = {
-            "load_balance": (cfg.load_balance_coef, lambda: L.load_balance_loss(probs_TE=probs_TE, mask_TE=mask_TE)),
+            "load_balance": (cfg.load_balance_coef, lambda: router.balance_scale * L.load_balance_loss(
+                probs_TE=probs_TE, mask_TE=balance_mask_TE)),
             "p_penalty": (
                 cfg.p_penalty_coef,
                 lambda: L.p_penalty_loss(
@@ -379,24 +399,49 @@ class MoECore:
                 "pass hidden states of shape [..., hidden_size]"
             )
 
-    def _moe_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(output, l_aux, exp_counts)``; the :class:`RoutingStats` go to :func:`collect_routing_stats`."""
+    def _route(self, x_TD: torch.Tensor, used_token: torch.Tensor | None) -> RouterOutput:
+        cfg = self.config
+        jitter_eps = cfg.jitter_eps or (DEEPSPEED_JITTER_EPS if cfg.noisy_gate_policy is NoisyGatePolicy.JITTER else 0.0)
+        router_in_TD = multiplicative_jitter(x_TD.float(), jitter_eps) if self.training else x_TD
+        logits_TE = self.gate(router_in_TD)
+        if cfg.gate_convention is GateConvention.DEEPSPEED:
+            return route_deepspeed(
+                logits_TE, top_k=cfg.top_k, training=self.training,
+                noisy_gate_policy=None if cfg.noisy_gate_policy is None else str(cfg.noisy_gate_policy),
+                use_rts=cfg.use_rts, second_expert_sampling=cfg.top2_2nd_expert_sampling,
+                used_token_T=used_token,
+            )
+        router = route(logits_TE, method=cfg.routing, top_k=cfg.top_k, top_p=cfg.top_p,
+                       renormalize=cfg.renormalize_gates)
+        if used_token is not None:
+            keep_T1 = used_token.reshape(-1, 1).to(torch.bool)
+            router = RouterOutput(logits_TE=router.logits_TE, probs_TE=router.probs_TE,
+                                  mask_TE=router.mask_TE & keep_T1, weights_TE=router.weights_TE * keep_T1)
+        return router
+
+    def _moe_forward(self, x: torch.Tensor, used_token: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output, l_aux, exp_counts)``; the :class:`RoutingStats` go to :func:`collect_routing_stats`.
+
+        ``used_token`` (one 0/1 per token, as DeepSpeed's) routes only the
+        tokens marked 1; the others get a zero MoE output and count nowhere.
+        """
         self._check_input(x)
         cfg = self.config
         x_TD = x.reshape(-1, self.hidden_size)
         num_tokens = x_TD.shape[0]
-        router_in_TD = multiplicative_jitter(x_TD.float(), cfg.jitter_eps) if self.training else x_TD
-        router = route(
-            self.gate(router_in_TD),
-            method=cfg.routing,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
-            renormalize=cfg.renormalize_gates,
-        )
-        l_aux, loss_values = self._aux_losses(router.logits_TE, router.probs_TE, router.mask_TE)
+        if used_token is not None and used_token.numel() != num_tokens:
+            raise ValueError(f"used_token has {used_token.numel()} entries for {num_tokens} tokens; "
+                             "pass one 0/1 value per token (the input's shape without the last dimension)")
+        router = self._route(x_TD, used_token)
+        l_aux, loss_values = self._aux_losses(router)
 
         selected_E = router.mask_TE.sum(dim=0)
-        capacity = self._capacity(int(selected_E.sum())) if cfg.capacity_factor is not None else None
+        deepspeed_gate = cfg.gate_convention is GateConvention.DEEPSPEED
+        capacity = None
+        if cfg.capacity_factor is not None:
+            # DeepSpeed sizes capacity from every token (k per token), padding included.
+            capacity = self._capacity(num_tokens * cfg.top_k if deepspeed_gate else int(selected_E.sum()))
         plan = plan_dispatch(router, capacity=capacity, slot_to_expert_S=self._constant("slot_to_expert", x.device))
         x_AD = x_TD.index_select(0, plan.token_idx_A)
         x_RD, local_counts, context = self.exchange.to_experts(x_AD, plan.counts)
@@ -405,7 +450,8 @@ class MoECore:
         out = scatter_to_tokens(y_AD, plan, num_tokens).reshape(x.shape)
 
         self.l_aux = l_aux
-        self.exp_counts = plan.kept_per_expert_E.detach()
+        # DeepSpeed's exp_counts are the router's choices before any drop; HMoE's, the computed assignments.
+        self.exp_counts = (selected_E if deepspeed_gate else plan.kept_per_expert_E).detach()
         stats = RoutingStats(
             num_tokens=num_tokens,
             assignments_per_expert=plan.kept_per_expert_E.detach(),
@@ -414,10 +460,30 @@ class MoECore:
             loss_values=loss_values,
             expert_sizes=tuple(cfg.expert_sizes),
             expert_params=self.expert_params,
+            always_active_params=self.always_active_params,
         )
         self._last_stats = stats
         _publish(stats)
         return out, l_aux, self.exp_counts
 
 
-__all__ = ["MoECore", "MoELayer", "Router", "RoutingStats", "collect_routing_stats"]
+def mix_dense_branch(x: torch.Tensor, moe_out: torch.Tensor, dense: nn.Module,
+                     coefficient: nn.Module | None) -> torch.Tensor:
+    """Add a dense expert beside the routed ones: a shared expert, or DeepSpeed's Residual MoE.
+
+    Without ``coefficient``: ``moe(x) + dense(x)`` (an always-on shared
+    expert, as DeepSeekMoE). With it: ``moe(x) * c_0 + dense(x) * c_1``,
+    ``c = softmax(coefficient(x))`` per token (Residual MoE, Rajbhandari et
+    al. 2022, as DeepSpeed's ``use_residual``). A tuple output's first item is
+    used, as DeepSpeed does for Megatron-style ``(output, bias)`` modules.
+    """
+    dense_out = dense(x)
+    if isinstance(dense_out, tuple):
+        dense_out = dense_out[0]
+    if coefficient is None:
+        return moe_out + dense_out
+    coef = F.softmax(coefficient(x), dim=-1)
+    return moe_out * coef[..., 0:1] + dense_out * coef[..., 1:]
+
+
+__all__ = ["MoECore", "MoELayer", "Router", "RoutingStats", "collect_routing_stats", "mix_dense_branch"]

@@ -266,3 +266,45 @@ def test_defect6_non_float_or_other_dtype_input_is_a_clear_error(dtype: torch.dt
     if dtype == torch.float64:  # a layer converted to the input's dtype accepts it
         out, l_aux, _ = layer(x)
         assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+def test_routing_stats_reach_every_active_collector_once_per_forward():
+    layer = HMoE(D, SIZES, routing="top_k", top_k=2)
+    x = torch.randn(6, D)
+    layer(x)  # no collector active: nothing is kept anywhere
+    with collect_routing_stats() as outer:
+        layer(x)
+        with collect_routing_stats() as inner:
+            layer(x)
+    layer(x)
+    assert len(outer) == 2 and len(inner) == 1 and inner[0] is outer[1]
+
+
+def test_activation_checkpointing_recompute_adds_no_routing_stats():
+    from torch.utils.checkpoint import checkpoint
+
+    layer = HMoE(D, SIZES, routing="top_k", top_k=2)
+    x = torch.randn(6, D, requires_grad=True)
+    with collect_routing_stats() as stats:
+        out = checkpoint(lambda t: layer(t)[0], x, use_reentrant=False)
+    out.sum().backward()  # recomputes the layer's forward, outside the block
+    assert len(stats) == 1 and x.grad is not None
+
+
+def test_deprecated_names_still_work_and_warn():
+    from hmoe_ds import dispatch
+
+    layer = HMoE(D, SIZES, routing="top_k", top_k=2)
+    with collect_routing_stats() as stats:
+        layer(torch.randn(6, D))
+    with pytest.warns(DeprecationWarning, match="collect_routing_stats"):
+        assert layer.last_stats is stats[0]
+    with pytest.warns(DeprecationWarning, match="assignments_per_expert"):
+        assert stats[0].tokens_per_expert is stats[0].assignments_per_expert
+    assert dispatch.combine is not dispatch.scatter_to_tokens
+    with pytest.warns(DeprecationWarning, match="scatter_to_tokens"):
+        from hmoe_ds.routing import route
+        router = route(torch.randn(3, 2), method="top_k", top_k=1, top_p=0.5, renormalize=True)
+        plan = dispatch.plan_dispatch(router, capacity=None)
+        y = torch.randn(3, 4)
+        torch.testing.assert_close(dispatch.combine(y, plan, 3), dispatch.scatter_to_tokens(y, plan, 3))
