@@ -224,6 +224,9 @@ class HMoE(MoE):
         if config.shared_expert_size or config.use_residual:
             if template is not None and config.use_residual and not config.shared_expert_size:
                 self.mlp = template  # DeepSpeed uses the template itself as the residual MLP
+            elif not config.shared_expert_size:
+                raise ValueError("use_residual=True needs a dense expert: pass expert=<module> (DeepSpeed style) "
+                                 "or set shared_expert_size to its FFN size")
             elif factory is not None:
                 self.mlp = _checked_expert(factory, config.shared_expert_size)
             else:

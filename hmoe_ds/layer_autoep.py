@@ -38,8 +38,8 @@ from torch import nn
 from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .expert_groups import expert_data_parallel_group, expert_parallel_group, expert_parallel_rank
-from .experts import PackedHeteroExperts
-from .moe_core import MoECore, RoutingStats
+from .experts import FFNExpert, PackedHeteroExperts
+from .moe_core import MoECore, RoutingStats, mix_dense_branch
 from .placement import make_placement
 
 #: The attributes DeepSpeed 0.19.8's engine reads from an ``AutoEPMoELayer``, and what it does with
@@ -97,6 +97,15 @@ class HMoEAutoEP(MoECore, AutoEPMoELayer):
             param.allreduce = True
             param.ds_zero_placement_family = "replicated"
         self._set_ep_group(expert_parallel_group(group_name))
+        # A shared / residual expert is dense: replicated (ZeRO-3 partitions it over all ranks like the gate).
+        if config.shared_expert_size:
+            self.mlp = FFNExpert(hidden_size, config.shared_expert_size, config.activation)
+            self.coefficient = nn.Linear(hidden_size, 2) if config.use_residual else None
+            self.always_active_params = sum(p.numel() for p in self.mlp.parameters())
+        elif config.use_residual:
+            raise ValueError("use_residual=True needs a dense expert: set shared_expert_size to its FFN size")
+        else:
+            self.mlp, self.coefficient = None, None
 
     def _tag_expert_parameter(self, param: nn.Parameter) -> None:
         """The tags AutoEP sets: expert-data-parallel reduction and ZeRO-3 partition group.
@@ -136,9 +145,13 @@ class HMoEAutoEP(MoECore, AutoEPMoELayer):
     def expert_sizes(self) -> list[int]:
         return list(self.config.expert_sizes)
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, hidden_states: torch.Tensor, used_token: torch.Tensor | None = None  # type: ignore[override]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(output, l_aux, exp_counts)``, exactly as :meth:`hmoe_ds.HMoE.forward`."""
-        return self._moe_forward(hidden_states)
+        output, l_aux, exp_counts = self._moe_forward(hidden_states, used_token)
+        if self.mlp is not None:
+            output = mix_dense_branch(hidden_states, output, self.mlp, self.coefficient)
+        return output, l_aux, exp_counts
 
 
 __all__ = ["HMoEAutoEP", "RoutingStats"]

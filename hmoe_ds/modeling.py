@@ -456,6 +456,13 @@ def _uniform_selection_rate(moe: HMoELayerConfig) -> float:
     return min(n, max(1, math.ceil(moe.top_p * n - 1e-9))) / n
 
 
+def _dense_branch_params(d: int, moe: HMoELayerConfig) -> int:
+    """A MoE layer's shared expert (``shared_expert_size``) and Residual-MoE coefficient: active for every token."""
+    if not moe.shared_expert_size:
+        return 0
+    return expert_param_count(d, moe.shared_expert_size, moe.activation.gated) + (2 * d + 2 if moe.use_residual else 0)
+
+
 def _full_numel(param: nn.Parameter) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
@@ -488,7 +495,7 @@ def parameter_summary(model_or_config: nn.Module | HMoEConfig) -> dict[str, int 
         total = (config.vocab_size * d * (1 if config.tie_word_embeddings else 2) + d  # embeddings, head, norm
                  + config.num_hidden_layers * (2 * d * d + 2 * d * kv_dim + 2 * d)  # attention, two norms
                  + (config.num_hidden_layers - num_moe) * 3 * d * config.dense_intermediate_size
-                 + num_moe * (experts_per_layer + router_param_count(d, moe.num_experts)))
+                 + num_moe * (experts_per_layer + router_param_count(d, moe.num_experts) + _dense_branch_params(d, moe)))
         expert = num_moe * experts_per_layer
     rates = [_uniform_selection_rate(moe)] * moe.num_experts
     activated = total - expert + num_moe * expected_activated_expert_params(d, moe.expert_sizes, rates,

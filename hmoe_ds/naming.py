@@ -89,11 +89,14 @@ def logical_expert_key(prefix: str, expert: int, weight: str) -> str:
 
 
 def logical_dense_key(name: str, moe_prefixes: list[str]) -> str:
-    """Logical name of a non-expert parameter: the gate moves under ``deepspeed_moe`` (AutoEP has it at the top)."""
+    """Logical name of a non-expert parameter: the gate moves under ``deepspeed_moe`` (AutoEP has it at the top).
+
+    A shared or residual expert (``mlp``, ``coefficient``) sits on the layer
+    itself in both front-ends, as in DeepSpeed's Residual MoE, so it keeps its name.
+    """
     for prefix in moe_prefixes:
-        if name.startswith(prefix + "."):
-            rest = name[len(prefix) + 1:].removeprefix("deepspeed_moe.")
-            return f"{prefix}.deepspeed_moe.{rest}"
+        if name.startswith(prefix + ".gate."):
+            return f"{prefix}.deepspeed_moe.{name[len(prefix) + 1:]}"
     return name
 
 

@@ -310,8 +310,10 @@ def test_config_defaults_and_helpers():
         dict(moe_layer_frequency=0),
         dict(moe={"routing": "top_k", "top_k": 2, "activation": "gelu"}),
         dict(num_key_value_heads=None),
+        dict(moe={"shared_expert_size": 48}),
+        dict(moe={"shared_expert_size": 48, "use_residual": True, "routing": "top_k", "top_k": 1}),
     ],
-    ids=["debug", "tied", "every-2nd", "dense", "top_k-gelu", "mha"],
+    ids=["debug", "tied", "every-2nd", "dense", "top_k-gelu", "mha", "shared-expert", "residual"],
 )
 def test_parameter_summary_counts_match_the_model(overrides):
     config = debug_config(**overrides)
@@ -351,3 +353,13 @@ def test_expert_init_is_seeded_per_layer_and_expert_not_by_global_rng():
     assert not torch.equal(sa["model.embed_tokens.weight"], sb["model.embed_tokens.weight"])
     layer0, layer1 = (a.model.layers[i].mlp.moe_core.local_expert_weights()[0]["w1"] for i in (0, 1))
     assert not torch.equal(layer0, layer1)
+
+
+def test_shared_expert_model_trains_and_counts_it_as_always_active():
+    model = make_model(moe={"shared_expert_size": 48})
+    ids = random_ids()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    shared = model.model.layers[0].mlp.mlp
+    assert shared.w1.weight.grad is not None and shared.w1.weight.grad.abs().sum() > 0
+    assert all(s.always_active_params == 3 * 64 * 48 for s in out.routing_stats)

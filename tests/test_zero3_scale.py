@@ -60,6 +60,8 @@ def test_the_initial_model_does_not_depend_on_zero_stage_ep_size_or_placement(tm
     """
     exp = copy.deepcopy(L.EXPERIMENT)
     exp["run"].update(train_steps=1, log_every=1, eval_every=0, save_every=0)
+    # A shared expert too: a dense branch the two front-ends hold as the same replicated module.
+    exp["model"]["moe"]["shared_expert_size"] = 48
     runs = {
         "zero1_1rank": _train_ok(tmp_path / "a", experiment=exp, ds=_ds(1, 1), ranks=1, cache=data_cache),
         "zero2_ep2_balanced": _train_ok(tmp_path / "b", experiment=_experiment(exp, ep_size=2, placement="balanced"),
