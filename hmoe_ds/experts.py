@@ -520,6 +520,12 @@ class _ExpertComputeMixin:
         """The grouped path's buckets (empty for the loop path)."""
         return [] if self._plan is None else list(self._plan.buckets)
 
+    def compute_path(self) -> str:
+        """How these experts are computed, for reprs and logs: ``grouped (n width buckets)`` or ``loop``."""
+        if self._plan is None:
+            return "loop"
+        return f"grouped ({len(self._plan.buckets)} width buckets)"
+
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         raise NotImplementedError
 
@@ -599,6 +605,9 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
         if self._plan is not None:
             self._share_bucket_storage()
         self.tag_expert_parameters()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_local_experts} local experts, {self.compute_path()} path"
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         """After ``.to(dtype/device)`` (new tensors per parameter), share the bucket blocks again."""
@@ -820,7 +829,8 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
 
     def extra_repr(self) -> str:
         padding = f", padded to {self.packed_width}" if self.packed_width != sum(self.expert_sizes) else ""
-        return f"experts={self.expert_sizes}{padding}, hidden={self.hidden_size}, {self.activation}"
+        return (f"experts={self.expert_sizes}{padding}, hidden={self.hidden_size}, {self.activation}, "
+                f"{self.compute_path()} path")
 
 
 def _checked(per_expert: Sequence[ExpertWeights], expected: int) -> Sequence[ExpertWeights]:

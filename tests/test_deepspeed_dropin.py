@@ -156,3 +156,9 @@ def test_earlier_call_styles_keep_hmoe_semantics():
 def test_bad_drop_in_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         HMoE(D, **kwargs)
+
+
+def test_repr_states_the_expert_compute_path():
+    assert "loop path" in repr(HMoE(D, user_expert(), 4))
+    assert "grouped (" in repr(HMoE(64, [32, 64, 96, 128], expert_compute="grouped"))
+    assert "loop path" in repr(HMoE(64, [32, 64, 96, 128], expert_compute="loop"))
