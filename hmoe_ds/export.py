@@ -46,9 +46,11 @@ from .checkpoint import (
 )
 from .naming import (
     STRUCTURE_FIELDS,
+    export_key,
     expert_weight_names,
     logical_dense_key,
     logical_expert_key,
+    logical_key_from_export,
     logical_parameter_shapes,
     mixin_host,
     moe_layers,
@@ -97,21 +99,27 @@ class LogicalWeights(Protocol):
 
 
 class FileWeights:
-    """One safetensors file with logical names (an HF export, or a format-1 checkpoint's consolidated model)."""
+    """One safetensors file read by logical names: an HF export, or a format-1 checkpoint's consolidated model.
+
+    Exports name tensors by Hugging Face's MoE convention (or, before it, by
+    the logical names); :func:`hmoe_ds.naming.logical_key_from_export` maps
+    either to the logical names.
+    """
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
         self._handle = safe_open(str(path), framework="pt")
+        self._stored = {logical_key_from_export(key): key for key in self._handle.keys()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(self._handle.get_slice(key).get_shape()) for key in self._handle.keys()}
+        return {name: tuple(self._handle.get_slice(key).get_shape()) for name, key in self._stored.items()}
 
     def get(self, name: str, state: str | None = None) -> torch.Tensor:
         if state is not None:
             raise KeyError(f"{self.path} holds weights only, no optimizer state {state!r}")
-        return self._handle.get_tensor(name)
+        return self._handle.get_tensor(self._stored[name])
 
 
 def _from_tag_dir(tag_dir: Path) -> WeightsSource:
@@ -257,8 +265,11 @@ def write_safetensors_streaming(path: Path, names: Sequence[str], shapes: dict[s
 
 
 def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
-    """Max |logits(export) - logits(training engine)| on the probe sequence; raises if above tolerance."""
-    import hmoe_ds.modeling  # noqa: F401  (registers model_type "hmoe" with the Auto classes)
+    """Max |logits(export) - logits(training engine)| on the probe sequence; raises if above tolerance.
+
+    The export is loaded as a user without hmoe-ds loads it: ``trust_remote_code=True``,
+    i.e. the standalone model file it carries (:mod:`hmoe_ds.hf.modeling_hmoe`).
+    """
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -266,7 +277,7 @@ def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
 
     saved = load_file(str(probe))
     hf_logging.disable_progress_bar()  # a one-line CLI result, not a loading bar per export
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=True)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits.float()
@@ -278,6 +289,21 @@ def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
         raise CheckpointError(f"{model_dir}: exported model's logits differ from the training engine's by {diff:.3g} "
                               f"(tolerance {tolerance:.3g}) on the probe sequence; the export is wrong, please report it")
     return diff
+
+
+def special_token_ids(tokenizer_dir: Path | None) -> dict[str, int | None]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of the tokenizer in ``tokenizer_dir`` (all None without one).
+
+    Taken from the tokenizer itself, never from constants: the trainer appends
+    the tokenizer's eos after every document, so that is the id ``generate``
+    must stop at (``<|endoftext|>``, id 0, for hmoe-ds's default tokenizer).
+    """
+    if tokenizer_dir is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
 def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None, overwrite: bool = False,
@@ -310,17 +336,31 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        from transformers import GenerationConfig
+
+        from .hf import AUTO_MAP, source_files
+
+        token_ids = special_token_ids(src.tokenizer_dir)
+        for name, value in token_ids.items():
+            setattr(config, name, value)
+        # The standalone model files travel with the weights; auto_map tells trust_remote_code where they are.
+        config.auto_map = dict(AUTO_MAP)
         config.save_pretrained(str(tmp))
+        GenerationConfig(**token_ids).save_pretrained(str(tmp))
+        for path in source_files():
+            shutil.copyfile(path, tmp / path.name)
         reader = src.open()
-        shapes = logical_parameter_shapes(config)  # the logical model's names, in its order
+        logical = logical_parameter_shapes(config)  # the logical model's names, in its order
+        logical_name = {export_key(name): name for name in logical}
         nonfinite: list[str] = []
 
         def checked(name: str) -> torch.Tensor:
-            tensor = reader.get(name)
+            tensor = reader.get(logical_name[name])
             if not bool(torch.isfinite(tensor).all()):
-                nonfinite.append(name)
+                nonfinite.append(logical_name[name])  # the checkpoint's name: the error is about the checkpoint
             return tensor
 
+        shapes = {name: logical[logical_name[name]] for name in logical_name}
         write_safetensors_streaming(tmp / HF_WEIGHTS, list(shapes), shapes, checked, {"format": "pt"})
         if nonfinite:  # not an export bug: the checkpoint's weights themselves are NaN/Inf
             raise CheckpointError(
@@ -370,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff = summary["probe_max_abs_diff"]
     check = f"logits match the training engine (max abs diff {diff:.2e})" if diff is not None else "not verified"
     print(f"exported {summary['source']} (step {summary['step']}) to {args.out_dir}: {check}\n"
-          f"load with: import hmoe_ds.modeling; AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r})",
+          f"load with: AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r}, trust_remote_code=True)",
           flush=True)
     return 0
 

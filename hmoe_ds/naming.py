@@ -13,6 +13,7 @@ the per-layer records a checkpoint keeps to invert it (:func:`moe_layer_records`
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -113,3 +114,45 @@ def logical_parameter_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
 
 def expert_weight_names(layer: Any) -> tuple[str, ...]:
     return ("w1", "w2", "w3") if layer.config.activation.gated else ("w1", "w2")
+
+
+# --------------------------------------------------------------------------- export (Hugging Face) names
+#
+# The one place where the logical (training) names above meet the names of an export. Exports follow
+# Hugging Face's MoE convention (Mixtral): the MoE block of layer l is ``model.layers.{l}.block_sparse_moe``
+# with the router at ``.gate.weight`` [E, D] and expert i at ``.experts.{i}.w1/w2/w3.weight`` (w1 the gate
+# projection [h_i, D], w3 the up projection [h_i, D], w2 the down projection [D, h_i]). Attention, norms,
+# embeddings, the LM head and dense layers (``mlp.gate_proj/up_proj/down_proj``) have LLaMA's names in both.
+# Exports written before this convention used the logical names; both load (the patterns below only
+# match the new names).
+
+#: ``{regex over an export name: replacement giving the logical name}``, for ``from_pretrained(key_mapping=...)``.
+EXPORT_TO_TRAINING: dict[str, str] = {
+    r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$": r"model.layers.\1.mlp.deepspeed_moe.gate.wg.weight",
+    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$":
+        r"model.layers.\1.mlp.deepspeed_moe.experts.deepspeed_experts.\2.\3.weight",
+}
+#: The inverse of :data:`EXPORT_TO_TRAINING`: logical name -> export name.
+TRAINING_TO_EXPORT: dict[str, str] = {
+    r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.weight$": r"model.layers.\1.block_sparse_moe.gate.weight",
+    r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight$":
+        r"model.layers.\1.block_sparse_moe.experts.\2.\3.weight",
+}
+
+
+def _rename(name: str, patterns: dict[str, str]) -> str:
+    for pattern, replacement in patterns.items():
+        renamed, count = re.subn(pattern, replacement, name)
+        if count:
+            return renamed
+    return name
+
+
+def export_key(logical_name: str) -> str:
+    """The name a logical parameter has in an export (Hugging Face / Mixtral convention)."""
+    return _rename(logical_name, TRAINING_TO_EXPORT)
+
+
+def logical_key_from_export(export_name: str) -> str:
+    """The logical name of a tensor in an export; names of older exports (already logical) are returned as is."""
+    return _rename(export_name, EXPORT_TO_TRAINING)
