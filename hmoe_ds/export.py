@@ -9,9 +9,12 @@ whatever ZeRO stage, EP size, placement, offload or front-end trained the model:
     python run/export.py outputs/my_run exported/my_run        # newest complete checkpoint
     python -m hmoe_ds.export outputs/my_run/checkpoints/step_2000 exported/step_2000
 
-writes ``config.json`` (``moe.ep_size=1``, ``frontend="moe"``), ``model.safetensors``
-and the run's tokenizer files, then (by default) loads the result with
-``AutoModelForCausalLM.from_pretrained`` and checks its logits against the
+writes ``config.json`` (``moe.ep_size=1``, ``frontend="moe"``, special-token ids from
+the tokenizer, ``auto_map``), ``generation_config.json``, ``model.safetensors`` (weight
+names by Hugging Face's MoE convention, :func:`hmoe_ds.naming.export_key`), the run's
+tokenizer files and the standalone model code (:mod:`hmoe_ds.hf`, copied verbatim), then
+(by default) loads the result with ``AutoModelForCausalLM.from_pretrained(...,
+trust_remote_code=True)``, i.e. through that code, and checks its logits against the
 probe logits the training engine computed at save time.
 
 Re-sharding goes the other way: :func:`load_logical_weights` copies a logical
@@ -393,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export an hmoe-ds checkpoint (any ZeRO stage / EP size) as a Hugging Face model directory.")
     parser.add_argument("source", help="run dir, its checkpoints/ dir, or one checkpoint dir (checkpoints/step_N)")
     parser.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
-    parser.add_argument("--tag", help="checkpoint tag, e.g. step_2000 (default: the newest complete checkpoint)")
+    parser.add_argument("-t", "--tag", help="checkpoint tag, e.g. step_2000 (default: the newest complete checkpoint)")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip loading the export and comparing its logits with the training engine's")

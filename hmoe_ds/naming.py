@@ -4,11 +4,16 @@ The *logical* model of a training config is the same config with ``ep_size=1``,
 ``frontend="moe"`` and contiguous placement (:func:`logical_config`): every
 expert is a module ``<layer>.deepspeed_moe.experts.deepspeed_experts.<id>``
 with ``w1/w2/w3`` ``nn.Linear`` weights, and the router is
-``<layer>.deepspeed_moe.gate.wg``. Checkpoint shards, exports, re-sharding and
+``<layer>.deepspeed_moe.gate.wg``. Checkpoint shards, re-sharding and
 initialisation all speak this layout, so a model trained under any ZeRO
 stage, EP size, placement or front-end maps to the same names. This module
 owns that mapping (:func:`logical_dense_key`, :func:`logical_expert_key`) and
 the per-layer records a checkpoint keeps to invert it (:func:`moe_layer_records`).
+
+It also owns the one mapping between logical names and the names of an export,
+which follow Hugging Face's MoE convention (Mixtral's ``block_sparse_moe.gate`` and
+``block_sparse_moe.experts.{i}.w1/w2/w3``): :data:`EXPORT_TO_TRAINING`,
+:data:`TRAINING_TO_EXPORT`, :func:`export_key`, :func:`logical_key_from_export`.
 """
 
 from __future__ import annotations
