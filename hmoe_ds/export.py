@@ -270,17 +270,21 @@ def write_safetensors_streaming(path: Path, names: Sequence[str], shapes: dict[s
 def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
     """Max |logits(export) - logits(training engine)| on the probe sequence; raises if above tolerance.
 
-    The export is loaded as a user without hmoe-ds loads it: ``trust_remote_code=True``,
-    i.e. the standalone model file it carries (:mod:`hmoe_ds.hf.modeling_hmoe`).
+    The export is loaded as a user without hmoe-ds loads it: through the standalone
+    model file it carries (:mod:`hmoe_ds.hf.modeling_hmoe`), named by its ``auto_map``.
+    (``AutoModelForCausalLM`` would pick hmoe-ds's own class here: transformers prefers
+    a class registered in the process, as :mod:`hmoe_ds.modeling` does, over remote code.)
     """
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.utils import logging as hf_logging
+
+    from .hf import AUTO_MAP
 
     saved = load_file(str(probe))
     hf_logging.disable_progress_bar()  # a one-line CLI result, not a loading bar per export
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=True)
+    model_class = get_class_from_dynamic_module(AUTO_MAP["AutoModelForCausalLM"], str(model_dir))
+    model = model_class.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits.float()

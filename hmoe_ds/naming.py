@@ -131,25 +131,25 @@ def expert_weight_names(layer: Any) -> tuple[str, ...]:
 # Exports written before this convention used the logical names; both load (the patterns below only
 # match the new names).
 
-#: ``{regex over an export name: replacement giving the logical name}``, for ``from_pretrained(key_mapping=...)``.
+#: ``{regex: replacement}`` turning an export name into the logical name, also passed to
+#: ``from_pretrained(key_mapping=...)`` (whose renaming replaces the matched part of a name with the
+#: replacement, and knows at most ``\1``: hence patterns on the distinctive middle of the names).
 EXPORT_TO_TRAINING: dict[str, str] = {
-    r"^model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight$": r"model.layers.\1.mlp.deepspeed_moe.gate.wg.weight",
-    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$":
-        r"model.layers.\1.mlp.deepspeed_moe.experts.deepspeed_experts.\2.\3.weight",
+    r"\.block_sparse_moe\.gate\.weight$": ".mlp.deepspeed_moe.gate.wg.weight",
+    r"\.block_sparse_moe\.experts\.": ".mlp.deepspeed_moe.experts.deepspeed_experts.",
 }
 #: The inverse of :data:`EXPORT_TO_TRAINING`: logical name -> export name.
 TRAINING_TO_EXPORT: dict[str, str] = {
-    r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.gate\.wg\.weight$": r"model.layers.\1.block_sparse_moe.gate.weight",
-    r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight$":
-        r"model.layers.\1.block_sparse_moe.experts.\2.\3.weight",
+    r"\.mlp\.deepspeed_moe\.gate\.wg\.weight$": ".block_sparse_moe.gate.weight",
+    r"\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.": ".block_sparse_moe.experts.",
 }
 
 
 def _rename(name: str, patterns: dict[str, str]) -> str:
     for pattern, replacement in patterns.items():
-        renamed, count = re.subn(pattern, replacement, name)
-        if count:
-            return renamed
+        match = re.search(pattern, name)
+        if match:  # as transformers' key_mapping does: the matched part replaced, literally
+            return name[:match.start()] + replacement + name[match.end():]
     return name
 
 
