@@ -9,7 +9,7 @@ classes here subclass it and change one thing: each MoE block is
 :func:`hmoe_ds.layer.build_moe_layer`'s DeepSpeed layer (``mlp``, an
 :class:`~hmoe_ds.HMoE` or ``HMoEAutoEP``) instead of the standalone
 ``block_sparse_moe``, so the inference model and the training model cannot
-drift apart (``tests/test_hf_export.py`` checks their logits on the same weights).
+drift apart (``tests/test_hf_model.py`` checks their logits on the same weights).
 
 * :class:`HMoEConfig` - the standalone config; ``moe`` is validated as the
   :class:`~hmoe_ds.config.HMoELayerConfig` fields shared by every MoE layer.

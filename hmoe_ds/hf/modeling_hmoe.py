@@ -17,7 +17,7 @@ the residual wiring, masks and the KV cache are this code. The MoE block here
 (:class:`HMoESparseMoeBlock`) computes the same function as the training layer
 (full fp32 softmax router, the same Top-K / Top-P selection and gate
 renormalisation, the same capacity rule, gate-weighted sum in fp32), one
-expert at a time; ``tests/test_hf_export.py`` checks logits and loss against
+expert at a time; ``tests/test_hf_model.py`` checks logits and loss against
 the training model on the same weights.
 
 Weight names follow Hugging Face's Mixtral: ``model.layers.{l}.block_sparse_moe.gate.weight``
