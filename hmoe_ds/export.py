@@ -13,8 +13,7 @@ writes ``config.json`` (``moe.ep_size=1``, ``frontend="moe"``, special-token ids
 the tokenizer, ``auto_map``), ``generation_config.json``, ``model.safetensors`` (weight
 names by Hugging Face's MoE convention, :func:`hmoe_ds.naming.export_key`), the run's
 tokenizer files and the standalone model code (:mod:`hmoe_ds.hf`, copied verbatim), then
-(by default) loads the result with ``AutoModelForCausalLM.from_pretrained(...,
-trust_remote_code=True)``, i.e. through that code, and checks its logits against the
+(by default) loads the result with that standalone model and checks its logits against the
 probe logits the training engine computed at save time.
 
 Re-sharding goes the other way: :func:`load_logical_weights` copies a logical
@@ -270,21 +269,20 @@ def write_safetensors_streaming(path: Path, names: Sequence[str], shapes: dict[s
 def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
     """Max |logits(export) - logits(training engine)| on the probe sequence; raises if above tolerance.
 
-    The export is loaded as a user without hmoe-ds loads it: through the standalone
-    model file it carries (:mod:`hmoe_ds.hf.modeling_hmoe`), named by its ``auto_map``.
-    (``AutoModelForCausalLM`` would pick hmoe-ds's own class here: transformers prefers
-    a class registered in the process, as :mod:`hmoe_ds.modeling` does, over remote code.)
+    The export is loaded with the standalone model a user without hmoe-ds runs: the
+    export's ``modeling_hmoe.py`` is :mod:`hmoe_ds.hf.modeling_hmoe`, copied byte for byte,
+    so its class is used directly (``trust_remote_code`` would copy the file into the
+    user's Hugging Face modules cache once per export; ``AutoModelForCausalLM`` would pick
+    hmoe-ds's own class, since transformers prefers a class registered in the process).
     """
     from safetensors.torch import load_file
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.utils import logging as hf_logging
 
-    from .hf import AUTO_MAP
+    from .hf.modeling_hmoe import HMoEForCausalLM
 
     saved = load_file(str(probe))
     hf_logging.disable_progress_bar()  # a one-line CLI result, not a loading bar per export
-    model_class = get_class_from_dynamic_module(AUTO_MAP["AutoModelForCausalLM"], str(model_dir))
-    model = model_class.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = HMoEForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits.float()
