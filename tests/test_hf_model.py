@@ -171,3 +171,17 @@ def test_hmoe_from_pretrained_reads_both_weight_namings(tmp_path: Path) -> None:
         loaded.eval()
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, want, rtol=0, atol=0)
+
+
+def test_standalone_model_in_bfloat16_follows_fp32() -> None:
+    """bf16 weights (as ``from_pretrained(..., dtype=torch.bfloat16)`` gives): fp32 router, fp32 expert sum."""
+    _, standalone = training_and_standalone(**CASES["top_p"])
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        want = standalone(ids).logits
+        half = standalone.to(torch.bfloat16)
+        got = half(ids).logits
+        logits_TE, _, _ = half.model.layers[0].block_sparse_moe.route(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert got.dtype == torch.bfloat16 and logits_TE.dtype == torch.float32
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+    assert half.generate(ids[:, :4], max_new_tokens=3, do_sample=False).shape == (2, 7)
