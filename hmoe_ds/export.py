@@ -9,9 +9,11 @@ whatever ZeRO stage, EP size, placement, offload or front-end trained the model:
     python run/export.py outputs/my_run exported/my_run        # newest complete checkpoint
     python -m hmoe_ds.export outputs/my_run/checkpoints/step_2000 exported/step_2000
 
-writes ``config.json`` (``moe.ep_size=1``, ``frontend="moe"``), ``model.safetensors``
-and the run's tokenizer files, then (by default) loads the result with
-``AutoModelForCausalLM.from_pretrained`` and checks its logits against the
+writes ``config.json`` (``moe.ep_size=1``, ``frontend="moe"``, special-token ids from
+the tokenizer, ``auto_map``), ``generation_config.json``, ``model.safetensors`` (weight
+names by Hugging Face's MoE convention, :func:`hmoe_ds.naming.export_key`), the run's
+tokenizer files and the standalone model code (:mod:`hmoe_ds.hf`, copied verbatim), then
+(by default) loads the result with that standalone model and checks its logits against the
 probe logits the training engine computed at save time.
 
 Re-sharding goes the other way: :func:`load_logical_weights` copies a logical
@@ -46,9 +48,11 @@ from .checkpoint import (
 )
 from .naming import (
     STRUCTURE_FIELDS,
+    export_key,
     expert_weight_names,
     logical_dense_key,
     logical_expert_key,
+    logical_key_from_export,
     logical_parameter_shapes,
     moe_layers,
 )
@@ -96,21 +100,27 @@ class LogicalWeights(Protocol):
 
 
 class FileWeights:
-    """One safetensors file with logical names (an HF export, or a format-1 checkpoint's consolidated model)."""
+    """One safetensors file read by logical names: an HF export, or a format-1 checkpoint's consolidated model.
+
+    Exports name tensors by Hugging Face's MoE convention (or, before it, by
+    the logical names); :func:`hmoe_ds.naming.logical_key_from_export` maps
+    either to the logical names.
+    """
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
         self.path = Path(path)
         self._handle = safe_open(str(path), framework="pt")
+        self._stored = {logical_key_from_export(key): key for key in self._handle.keys()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {key: tuple(self._handle.get_slice(key).get_shape()) for key in self._handle.keys()}
+        return {name: tuple(self._handle.get_slice(key).get_shape()) for name, key in self._stored.items()}
 
     def get(self, name: str, state: str | None = None) -> torch.Tensor:
         if state is not None:
             raise KeyError(f"{self.path} holds weights only, no optimizer state {state!r}")
-        return self._handle.get_tensor(name)
+        return self._handle.get_tensor(self._stored[name])
 
 
 def _from_tag_dir(tag_dir: Path) -> WeightsSource:
@@ -256,16 +266,22 @@ def write_safetensors_streaming(path: Path, names: Sequence[str], shapes: dict[s
 
 
 def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
-    """Max |logits(export) - logits(training engine)| on the probe sequence; raises if above tolerance."""
-    import hmoe_ds.modeling  # noqa: F401  (registers model_type "hmoe" with the Auto classes)
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    """Max |logits(export) - logits(training engine)| on the probe sequence; raises if above tolerance.
 
+    The export is loaded with the standalone model a user without hmoe-ds runs: the
+    export's ``modeling_hmoe.py`` is :mod:`hmoe_ds.hf.modeling_hmoe`, copied byte for byte,
+    so its class is used directly (``trust_remote_code`` would copy the file into the
+    user's Hugging Face modules cache once per export; ``AutoModelForCausalLM`` would pick
+    hmoe-ds's own class, since transformers prefers a class registered in the process).
+    """
+    from safetensors.torch import load_file
     from transformers.utils import logging as hf_logging
+
+    from .hf.modeling_hmoe import HMoEForCausalLM
 
     saved = load_file(str(probe))
     hf_logging.disable_progress_bar()  # a one-line CLI result, not a loading bar per export
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = HMoEForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits.float()
@@ -277,6 +293,21 @@ def _probe_check(model_dir: Path, probe: Path, dtype: str) -> float:
         raise CheckpointError(f"{model_dir}: exported model's logits differ from the training engine's by {diff:.3g} "
                               f"(tolerance {tolerance:.3g}) on the probe sequence; the export is wrong, please report it")
     return diff
+
+
+def special_token_ids(tokenizer_dir: Path | None) -> dict[str, int | None]:
+    """``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` of the tokenizer in ``tokenizer_dir`` (all None without one).
+
+    Taken from the tokenizer itself, never from constants: the trainer appends
+    the tokenizer's eos after every document, so that is the id ``generate``
+    must stop at (``<|endoftext|>``, id 0, for hmoe-ds's default tokenizer).
+    """
+    if tokenizer_dir is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
 
 
 def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None, overwrite: bool = False,
@@ -309,17 +340,31 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        from transformers import GenerationConfig
+
+        from .hf import AUTO_MAP, source_files
+
+        token_ids = special_token_ids(src.tokenizer_dir)
+        for name, value in token_ids.items():
+            setattr(config, name, value)
+        # The standalone model files travel with the weights; auto_map tells trust_remote_code where they are.
+        config.auto_map = dict(AUTO_MAP)
         config.save_pretrained(str(tmp))
+        GenerationConfig(**token_ids).save_pretrained(str(tmp))
+        for path in source_files():
+            shutil.copyfile(path, tmp / path.name)
         reader = src.open()
-        shapes = logical_parameter_shapes(config)  # the logical model's names, in its order
+        logical = logical_parameter_shapes(config)  # the logical model's names, in its order
+        logical_name = {export_key(name): name for name in logical}
         nonfinite: list[str] = []
 
         def checked(name: str) -> torch.Tensor:
-            tensor = reader.get(name)
+            tensor = reader.get(logical_name[name])
             if not bool(torch.isfinite(tensor).all()):
-                nonfinite.append(name)
+                nonfinite.append(logical_name[name])  # the checkpoint's name: the error is about the checkpoint
             return tensor
 
+        shapes = {name: logical[logical_name[name]] for name in logical_name}
         write_safetensors_streaming(tmp / HF_WEIGHTS, list(shapes), shapes, checked, {"format": "pt"})
         if nonfinite:  # not an export bug: the checkpoint's weights themselves are NaN/Inf
             raise CheckpointError(
@@ -352,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export an hmoe-ds checkpoint (any ZeRO stage / EP size) as a Hugging Face model directory.")
     parser.add_argument("source", help="run dir, its checkpoints/ dir, or one checkpoint dir (checkpoints/step_N)")
     parser.add_argument("out_dir", help="directory to write (config.json, model.safetensors, tokenizer files)")
-    parser.add_argument("--tag", help="checkpoint tag, e.g. step_2000 (default: the newest complete checkpoint)")
+    parser.add_argument("-t", "--tag", help="checkpoint tag, e.g. step_2000 (default: the newest complete checkpoint)")
     parser.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip loading the export and comparing its logits with the training engine's")
@@ -369,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     diff = summary["probe_max_abs_diff"]
     check = f"logits match the training engine (max abs diff {diff:.2e})" if diff is not None else "not verified"
     print(f"exported {summary['source']} (step {summary['step']}) to {args.out_dir}: {check}\n"
-          f"load with: import hmoe_ds.modeling; AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r})",
+          f"load with: AutoModelForCausalLM.from_pretrained({str(args.out_dir)!r}, trust_remote_code=True)",
           flush=True)
     return 0
 

@@ -48,7 +48,7 @@ def initialize_parameters(model: nn.Module, seed: int) -> None:
     or not) and before ``deepspeed.initialize`` (ZeRO copies the weights into
     its optimizer partitions there).
     """
-    from .modeling import RMSNorm
+    from .hf.modeling_hmoe import RMSNorm
 
     std = float(model.config.initializer_range)
     layers = moe_layers(model)

@@ -4,15 +4,21 @@ The *logical* model of a training config is the same config with ``ep_size=1``,
 ``frontend="moe"`` and contiguous placement (:func:`logical_config`): every
 expert is a module ``<layer>.deepspeed_moe.experts.deepspeed_experts.<id>``
 with ``w1/w2/w3`` ``nn.Linear`` weights, and the router is
-``<layer>.deepspeed_moe.gate.wg``. Checkpoint shards, exports, re-sharding and
+``<layer>.deepspeed_moe.gate.wg``. Checkpoint shards, re-sharding and
 initialisation all speak this layout, so a model trained under any ZeRO
 stage, EP size, placement or front-end maps to the same names. This module
 owns that mapping (:func:`logical_dense_key`, :func:`logical_expert_key`) and
 the per-layer records a checkpoint keeps to invert it (:func:`moe_layer_records`).
+
+It also owns the one mapping between logical names and the names of an export,
+which follow Hugging Face's MoE convention (Mixtral's ``block_sparse_moe.gate`` and
+``block_sparse_moe.experts.{i}.w1/w2/w3``): :data:`EXPORT_TO_TRAINING`,
+:data:`TRAINING_TO_EXPORT`, :func:`export_key`, :func:`logical_key_from_export`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -111,3 +117,51 @@ def logical_parameter_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
 
 def expert_weight_names(layer: Any) -> tuple[str, ...]:
     return ("w1", "w2", "w3") if layer.config.activation.gated else ("w1", "w2")
+
+
+# --------------------------------------------------------------------------- export (Hugging Face) names
+#
+# The one place where the logical (training) names above meet the names of an export. Exports follow
+# Hugging Face's MoE convention (Mixtral): the MoE block of layer l is ``model.layers.{l}.block_sparse_moe``
+# with the router at ``.gate.weight`` [E, D] and expert i at ``.experts.{i}.w1/w2/w3.weight`` (w1 the gate
+# projection [h_i, D], w3 the up projection [h_i, D], w2 the down projection [D, h_i]). Attention, norms,
+# embeddings, the LM head and dense layers (``mlp.gate_proj/up_proj/down_proj``) have LLaMA's names in both.
+# A shared expert (``shared_expert_size``) is ``.shared_expert.w1/w2/w3`` and a Residual-MoE coefficient
+# ``.residual_coefficient`` in the export, ``mlp.mlp`` and ``mlp.coefficient`` in training (DeepSpeed's names).
+# Exports written before this convention used the logical names; both load (the patterns below only
+# match the new names).
+
+#: ``{regex: replacement}`` turning an export name into the logical name, also passed to
+#: ``from_pretrained(key_mapping=...)`` (whose renaming replaces the matched part of a name with the
+#: replacement, and knows at most ``\1``: hence patterns on the distinctive middle of the names).
+EXPORT_TO_TRAINING: dict[str, str] = {
+    r"\.block_sparse_moe\.gate\.weight$": ".mlp.deepspeed_moe.gate.wg.weight",
+    r"\.block_sparse_moe\.experts\.": ".mlp.deepspeed_moe.experts.deepspeed_experts.",
+    r"\.block_sparse_moe\.shared_expert\.": ".mlp.mlp.",
+    r"\.block_sparse_moe\.residual_coefficient\.": ".mlp.coefficient.",
+}
+#: The inverse of :data:`EXPORT_TO_TRAINING`: logical name -> export name.
+TRAINING_TO_EXPORT: dict[str, str] = {
+    r"\.mlp\.deepspeed_moe\.gate\.wg\.weight$": ".block_sparse_moe.gate.weight",
+    r"\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.": ".block_sparse_moe.experts.",
+    r"\.mlp\.mlp\.": ".block_sparse_moe.shared_expert.",
+    r"\.mlp\.coefficient\.": ".block_sparse_moe.residual_coefficient.",
+}
+
+
+def _rename(name: str, patterns: dict[str, str]) -> str:
+    for pattern, replacement in patterns.items():
+        match = re.search(pattern, name)
+        if match:  # as transformers' key_mapping does: the matched part replaced, literally
+            return name[:match.start()] + replacement + name[match.end():]
+    return name
+
+
+def export_key(logical_name: str) -> str:
+    """The name a logical parameter has in an export (Hugging Face / Mixtral convention)."""
+    return _rename(logical_name, TRAINING_TO_EXPORT)
+
+
+def logical_key_from_export(export_name: str) -> str:
+    """The logical name of a tensor in an export; names of older exports (already logical) are returned as is."""
+    return _rename(export_name, EXPORT_TO_TRAINING)

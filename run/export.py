@@ -8,10 +8,10 @@
 Works for checkpoints of any ZeRO stage, expert-parallel size, placement or
 offload setting: it streams the per-rank logical shards every checkpoint
 holds (hmoe_shard_<rank>.safetensors), one tensor at a time. The result has config.json (moe.ep_size=1,
-frontend "moe"), model.safetensors and the run's tokenizer, and loads with
+frontend "moe", auto_map), generation_config.json, model.safetensors (Hugging Face MoE weight names), the
+run's tokenizer and the model's own code, and loads wherever transformers is installed (no hmoe-ds needed):
 
-    import hmoe_ds.modeling
-    AutoModelForCausalLM.from_pretrained("exported/quickstart")
+    AutoModelForCausalLM.from_pretrained("exported/quickstart", trust_remote_code=True)
 
 By default the export is loaded back and its logits compared with those the
 training engine computed at save time (--no-verify skips that). It can also

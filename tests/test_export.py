@@ -84,6 +84,150 @@ def test_export_of_a_zero3_checkpoint(zero3_ep2_run: Run, tmp_path: Path) -> Non
     check_hf_model(target, zero3_ep2_run)
 
 
+#: Run in a subprocess with cwd outside the repository and no PYTHONPATH: ``hmoe_ds`` and ``deepspeed`` cannot
+#: be imported (a meta-path finder refuses them, and availability probes report them absent, as when they are not
+#: installed). Loads the export as a user without hmoe-ds would, writes logits and greedy generations.
+WITHOUT_HMOE_DS = r"""
+import importlib.abc, importlib.util, json, sys
+BLOCKED = ("hmoe_ds", "deepspeed")
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+
+sys.meta_path.insert(0, Blocked())
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.partition(".")[0] in BLOCKED else _find_spec(name, package))
+for name in BLOCKED:
+    try:
+        __import__(name)
+        raise SystemExit(f"{name} is importable: the test would prove nothing")
+    except ImportError:
+        pass
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+export, probe, out = sys.argv[1:4]
+config = AutoConfig.from_pretrained(export, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(export)
+saved = load_file(probe)
+with torch.no_grad():
+    logits = model(input_ids=saved["input_ids"]).logits
+prompt = tokenizer(["The king", "ROMEO: What light"], return_tensors="pt", padding=True, padding_side="left")
+steps = []
+hook = model.model.register_forward_pre_hook(lambda _m, args: steps.append(args[0].shape[1]))
+cached = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+hook.remove()
+full = model.generate(**prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+save_file({"logits": logits, "cached": cached, "full": full}, out + ".safetensors")
+json.dump({
+    "config_class": f"{type(config).__module__}.{type(config).__name__}",
+    "model_class": f"{type(model).__module__}.{type(model).__name__}",
+    "loaded": sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED),
+    "steps": steps,
+    "prompt_len": prompt["input_ids"].shape[1],
+    "config_ids": [config.bos_token_id, config.eos_token_id, config.pad_token_id],
+    "generation_ids": [model.generation_config.bos_token_id, model.generation_config.eos_token_id,
+                       model.generation_config.pad_token_id],
+    "tokenizer_ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+    "eos_token": tokenizer.eos_token,
+}, open(out + ".json", "w"))
+"""
+
+
+def test_export_loads_and_matches_the_training_engine_without_hmoe_ds_or_deepspeed(
+        zero2_export: Path, zero2_ep2_run: Run, tmp_path: Path) -> None:
+    """The export's own model file, in a Python that cannot import hmoe_ds or DeepSpeed: the engine's logits."""
+    env = {k: v for k, v in environment(zero2_ep2_run.cache).items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "hf_modules")  # where trust_remote_code copies the model file
+    out = tmp_path / "result"
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_HMOE_DS, str(zero2_export),
+                           str(zero2_ep2_run.out / "checkpoints" / f"step_{STEPS}" / PROBE_FILE), str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["loaded"] == []
+    assert info["model_class"].startswith("transformers_modules.") and info["model_class"].endswith(
+        "modeling_hmoe.HMoEForCausalLM"), info
+    from safetensors.torch import load_file
+
+    result = load_file(str(out.with_suffix(".safetensors")))
+    torch.testing.assert_close(result["logits"], probe(zero2_ep2_run)["logits"], rtol=RTOL, atol=1e-5)
+    # Special tokens: config.json and generation_config.json say what the tokenizer says; eos is the
+    # document separator the trainer appended (<|endoftext|>, id 0), not <|pad|>.
+    assert info["config_ids"] == info["generation_ids"] == info["tokenizer_ids"] == [1, 0, 2], info
+    assert info["eos_token"] == "<|endoftext|>"
+    # generate: a KV cache (the prompt once, then one token per step) and the tokens of a full recomputation.
+    steps, prompt_len = info["steps"], info["prompt_len"]
+    assert steps == [prompt_len] + [1] * (result["cached"].shape[1] - prompt_len - 1), steps
+    assert torch.equal(result["cached"], result["full"])
+
+
+def test_export_layout_names_and_standalone_files(zero2_export: Path) -> None:
+    """Mixtral weight names, auto_map, the package's own model files (byte for byte), generation_config.json."""
+    from safetensors import safe_open
+
+    from hmoe_ds.hf import AUTO_MAP, source_files
+
+    config = json.loads((zero2_export / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["model_type"] == "hmoe"
+    assert json.loads((zero2_export / "generation_config.json").read_text())["eos_token_id"] == 0
+    for path in source_files():
+        assert (zero2_export / path.name).read_bytes() == path.read_bytes()
+    with safe_open(str(zero2_export / "model.safetensors"), framework="pt") as handle:
+        names = set(handle.keys())
+    assert {f"model.layers.{l}.block_sparse_moe.experts.{i}.{w}.weight"
+            for l in (0, 1) for i in range(4) for w in ("w1", "w2", "w3")} <= names
+    assert {"model.layers.0.block_sparse_moe.gate.weight", "model.layers.1.block_sparse_moe.gate.weight"} <= names
+    assert not any("deepspeed" in n for n in names)
+
+
+def test_an_export_in_the_old_deepspeed_naming_still_loads(zero2_export: Path, zero2_ep2_run: Run,
+                                                           tmp_path: Path) -> None:
+    """An export as hmoe-ds wrote them before (DeepSpeed names, no model files): hmoe_ds's classes load it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hmoe_ds.export import resolve_source
+    from hmoe_ds.naming import logical_key_from_export
+
+    old = tmp_path / "old_export"
+    shutil.copytree(zero2_export, old)
+    for name in ("configuration_hmoe.py", "modeling_hmoe.py", "generation_config.json"):
+        (old / name).unlink()
+    config = json.loads((old / "config.json").read_text())
+    del config["auto_map"]
+    (old / "config.json").write_text(json.dumps(config))
+    weights = {logical_key_from_export(k): v for k, v in load_file(str(old / "model.safetensors")).items()}
+    assert "model.layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.3.w2.weight" in weights
+    save_file(weights, str(old / "model.safetensors"), metadata={"format": "pt"})
+    check_hf_model(old, zero2_ep2_run)
+    # export/eval/init_from read both namings as the same logical tensors
+    new_reader, old_reader = resolve_source(zero2_export).open(), resolve_source(old).open()
+    assert new_reader.shapes() == old_reader.shapes()
+    name = "model.layers.1.mlp.deepspeed_moe.gate.wg.weight"
+    assert torch.equal(new_reader.get(name), old_reader.get(name))
+
+
+def test_checkpoints_dir_holds_a_zero_to_fp32_that_works(zero2_ep2_run: Run, tmp_path: Path) -> None:
+    """DeepSpeed's zero_to_fp32.py fails on these checkpoints; the one hmoe-ds leaves there exports them."""
+    checkpoints = zero2_ep2_run.out / "checkpoints"
+    script = (checkpoints / "zero_to_fp32.py").read_text()
+    assert "hmoe_ds.export" in script and "zero_to_fp32" in script
+    assert (checkpoints / "zero_to_torch.py").read_text() == script  # DeepSpeed's second copy is replaced too
+    proc = run([sys.executable, str(checkpoints / "zero_to_fp32.py"), str(checkpoints), str(tmp_path / "fp32"),
+                "-t", f"step_{STEPS}"], environment(zero2_ep2_run.cache))
+    assert proc.returncode == 0, output(proc)
+    assert "logits match the training engine" in proc.stdout
+    assert (tmp_path / "fp32" / "model.safetensors").is_file()
+
+
 def test_export_refuses_to_overwrite_and_names_bad_sources(zero2_export: Path, zero2_ep2_run: Run,
                                                            tmp_path: Path) -> None:
     proc = export_cli(zero2_ep2_run.out, zero2_export, zero2_ep2_run.cache)

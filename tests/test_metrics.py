@@ -22,8 +22,10 @@ from hmoe_ds.training.metrics import (
     MetricsWriter,
     RoutingAccumulator,
     TrainAccumulator,
+    custom_scalars_layout,
     read_jsonl,
     routing_scalars,
+    spread_scalars,
 )
 
 
@@ -107,6 +109,62 @@ def test_writer_writes_jsonl_and_tensorboard(tmp_path: Path, tb_monitor: Any) ->
     assert {"train/lm_loss", "val/loss", "moe/layer_1/expert_2_token_fraction"} <= set(tags["scalars"])
     assert [(e.step, e.value) for e in events.Scalars("train/lm_loss")] == [(10, 3.5), (20, 3.0)]
     assert "moe/expert_load" in tags["images"]
+
+
+def test_spread_statistics_of_a_layer() -> None:
+    """min / max token fraction, CV of the loads (population std / mean), experts with no assignment."""
+    acc = RoutingAccumulator()
+    acc.update([stats([0, 10, 30, 60], 50, sizes=(1, 2, 3, 4))])
+    (load,) = acc.reduce()
+    spread = spread_scalars(load, "moe/layer_0")
+    assert spread["moe/layer_0/load_min"] == 0.0 and spread["moe/layer_0/load_max"] == pytest.approx(0.6)
+    assert spread["moe/layer_0/load_cv"] == pytest.approx(math.sqrt((25**2 + 15**2 + 5**2 + 35**2) / 4) / 25)
+    assert spread["moe/layer_0/dead_experts"] == 1.0
+    assert {k: v for k, v in routing_scalars([load], 0).items() if k in spread} == spread
+    even = RoutingAccumulator()
+    even.update([stats([5, 5, 5, 5], 10, sizes=(1, 2, 3, 4))])
+    assert spread_scalars(even.reduce()[0], "x") == {"x/load_min": 0.25, "x/load_max": 0.25, "x/load_cv": 0.0,
+                                                     "x/dead_experts": 0.0}
+
+
+def test_custom_scalars_layout_puts_losses_first_and_one_chart_of_expert_shares_per_layer() -> None:
+    import re
+
+    layout = custom_scalars_layout([(32, 64), (32, 64)])
+    assert list(layout) == ["losses", "MoE layer 0", "MoE layer 1"]
+    acc = RoutingAccumulator()
+    acc.update([stats([1, 3], 2, sizes=(32, 64)), stats([2, 2], 2, sizes=(32, 64))])
+    tags = set(routing_scalars(acc.reduce(), 0))
+    (title, (kind, (regex,))) = next(iter(layout["MoE layer 1"].items()))
+    assert kind == "Multiline" and "0: 32, 1: 64" in title
+    assert {t for t in tags if re.fullmatch(regex, t)} == {"moe/layer_1/expert_0_token_fraction",
+                                                           "moe/layer_1/expert_1_token_fraction"}
+    for charts in list(layout.values())[1:]:  # every regex of a layer's charts matches a tag that is written
+        for _, regexes in charts.values():
+            assert all(any(re.fullmatch(r, t) for t in tags) for r in regexes), regexes
+
+
+def test_writer_writes_the_layout_and_a_load_histogram_per_layer(tmp_path: Path) -> None:
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata as cs_metadata
+
+    tb_dir = tmp_path / "tb"
+    writer = MetricsWriter(tmp_path, None, tb_dir, is_writer=True)
+    acc = RoutingAccumulator()
+    acc.update([stats([3, 2, 1], 3), stats([1, 1, 4], 3)])
+    loads = acc.reduce()
+    writer.write_layout([load.expert_sizes for load in loads])
+    writer.write_load_histograms(7, loads)
+    writer.close()
+    events = EventAccumulator(str(tb_dir), size_guidance={"histograms": 0, "tensors": 0})
+    events.Reload()
+    assert set(events.Tags()["histograms"]) == {"moe/layer_0/expert_load", "moe/layer_1/expert_load"}
+    (hist,) = events.Histograms("moe/layer_1/expert_load")
+    assert hist.step == 7 and hist.histogram_value.num == 3
+    assert hist.histogram_value.sum == pytest.approx(1.0)  # the three fractions sum to 1
+    (config,) = events.Tensors(cs_metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(config.tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["losses", "MoE layer 0", "MoE layer 1"]
 
 
 def test_writer_is_silent_off_rank_zero(tmp_path: Path) -> None:

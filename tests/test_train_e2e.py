@@ -50,7 +50,8 @@ def test_tensorboard_has_every_metric(trained: tuple[Path, subprocess.CompletedP
     expected += [f"train/aux/{t}" for t in ("load_balance", "p_penalty", "entropy", "z_loss")]
     for layer in range(2):
         expected += [f"moe/layer_{layer}/{k}" for k in ("experts_per_token", "dropped_assignments",
-                                                        "activated_params_per_token")]
+                                                        "activated_params_per_token", "load_min", "load_max",
+                                                        "load_cv", "dead_experts")]
     missing = [t for t in expected if t not in tb]
     assert not missing, f"missing tags {missing}; have {sorted(tb)}"
     for tag in expected:
@@ -66,6 +67,15 @@ def test_tensorboard_has_every_metric(trained: tuple[Path, subprocess.CompletedP
     assert len(fractions) == 2 * 3 and all(abs(v - 1) < 1e-4 for v in fractions.values())
     assert tb["moe/activated_params_per_token"][-1][1] > 0
     assert tb["<images>"][0][1] >= 1  # the expert-load picture
+    # One load histogram per MoE layer at every log point, and the Custom Scalars layout.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import metadata as cs_metadata
+
+    events = EventAccumulator(str(tmp / "out" / "tensorboard" / "tiny"), size_guidance={"histograms": 0, "tensors": 0})
+    events.Reload()
+    for layer in range(2):
+        assert [h.step for h in events.Histograms(f"moe/layer_{layer}/expert_load")] == [2, 4, 6]
+    assert cs_metadata.CONFIG_SUMMARY_TAG in events.Tags()["tensors"]
 
 
 def test_metrics_jsonl_checkpoint_and_saved_configs(trained: tuple[Path, subprocess.CompletedProcess]) -> None:

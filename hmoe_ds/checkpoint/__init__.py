@@ -14,7 +14,10 @@ there (model/optimizer shards, one file per expert under ZeRO 0-2) with
                                front-end trained it. Nothing is gathered: export, evaluation,
                                re-sharding and elastic resume stream them back
                                (``ShardReader``). DeepSpeed's ``zero_to_fp32``/``save_16bit_model``
-                               cannot read these MoE checkpoints. (Format 1 checkpoints held one
+                               cannot read these MoE checkpoints; the ``zero_to_fp32.py`` (and
+                               ``zero_to_torch.py``) DeepSpeed copies into ``checkpoints/`` is
+                               replaced after each save by one that runs hmoe-ds's exporter
+                               (``zero_to_fp32_script.py``). (Format 1 checkpoints held one
                                consolidated ``hmoe_model.safetensors`` instead; they still load.)
 ``hmoe_probe.safetensors``     a short validation sequence and the logits the training engine
                                computed for it: export checks its result against these.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,11 @@ from .rundir import prepare_tag_dir, write_latest
 KILL_DURING_SAVE_ENV = "HMOE_DS_TEST_KILL_DURING_SAVE"
 KILL_DURING_STEP_ENV = "HMOE_DS_TEST_KILL_DURING_STEP"
 KILL_RANK_ENV = "HMOE_DS_TEST_KILL_RANK"
+
+#: What DeepSpeed's engine copies into the checkpoints directory on every save (``_copy_recovery_script``);
+#: neither can read these MoE checkpoints, so each is replaced by :data:`RECOVERY_SCRIPT`.
+DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+RECOVERY_SCRIPT = Path(__file__).with_name("zero_to_fp32_script.py")
 
 
 def _dist() -> tuple[int, int]:
@@ -93,6 +99,20 @@ def maybe_kill_before_marker(step: int, rank: int) -> None:
         _die(f"during the save of step {step}, before the completion marker")
 
 
+def replace_recovery_scripts(checkpoint_dir: Path) -> None:
+    """Put hmoe-ds's consolidation script where DeepSpeed's ``zero_to_fp32.py`` (and ``zero_to_torch.py``) would be.
+
+    DeepSpeed offers no option to skip the copy, so rank 0 overwrites the
+    copies after the engine saved. ``zero_to_fp32.py`` is written even when
+    DeepSpeed wrote none (ZeRO-0), so every run's ``checkpoints/`` has one that works.
+    """
+    for name in DEEPSPEED_RECOVERY_SCRIPTS:
+        target = Path(checkpoint_dir) / name
+        if name == "zero_to_fp32.py" or target.exists():
+            shutil.copyfile(RECOVERY_SCRIPT, target)
+            target.chmod(0o755)
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -154,6 +174,7 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
         (tag_dir / EXPERIMENT_FILE).write_text(yaml.safe_dump(experiment, sort_keys=False), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tag_dir / TOKENIZER_DIR))
+        replace_recovery_scripts(checkpoint_dir)  # after the engine's save: DeepSpeed copied its scripts there
 
     def commit() -> None:
         cfg = engine.module.config

@@ -315,7 +315,8 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
 
 def model_schema() -> dict[str, Any]:
     """The keys ``model:`` accepts: the fields HMoEConfig declares itself (not every PretrainedConfig knob)."""
-    from hmoe_ds.modeling import HMoEConfig
+    # The fields are declared once, by the standalone config the training HMoEConfig subclasses.
+    from hmoe_ds.hf.configuration_hmoe import HMoEConfig
 
     own = HMoEConfig.__dict__.get("__annotations__", {})
     namespace = vars(sys.modules[HMoEConfig.__module__])

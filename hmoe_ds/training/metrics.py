@@ -18,6 +18,10 @@ Tag reference (E experts, layer index i over MoE layers only)::
     moe/layer_<i>/experts_per_token             mean number of experts a token uses
     moe/layer_<i>/dropped_assignments           (token, expert) pairs dropped by capacity (0 when dropless)
     moe/layer_<i>/activated_params_per_token    expert parameters a token activates in that layer
+    moe/layer_<i>/load_min, load_max            smallest / largest expert token fraction (uniform = 1/E)
+    moe/layer_<i>/load_cv                       coefficient of variation (std / mean) of the experts' loads
+    moe/layer_<i>/dead_experts                  experts that got no assignment in the window
+    moe/layer_<i>/expert_load (histogram)       the layer's expert token fractions, one value per expert
     moe/activated_params_per_token              non-expert params + sum over layers of the above
     moe/mean_experts_per_token                  mean over layers
     moe/layer_<i>/ep_rank_<r>_expert_params     expert parameters placed on EP rank r (static)
@@ -26,6 +30,10 @@ Tag reference (E experts, layer index i over MoE layers only)::
     moe/layer_<i>/ep_params_imbalance           max/mean over EP ranks of the above params (1 = balanced)
     moe/layer_<i>/ep_flops_imbalance            max/mean over EP ranks of the FLOPs (1 = balanced)
     val/loss, val/ppl                           at every evaluation
+
+TensorBoard's Custom Scalars tab gets a layout (:func:`custom_scalars_layout`): the losses
+first, then one category per MoE layer whose first chart draws every expert's token
+fraction as one line (expert sizes in the chart title), next to the spread statistics.
 """
 
 from __future__ import annotations
@@ -44,12 +52,14 @@ __all__ = [
     "MetricsWriter",
     "RoutingAccumulator",
     "TrainAccumulator",
+    "custom_scalars_layout",
     "ep_load_scalars",
     "purge_tensorboard_after",
     "expert_load_figure",
     "format_postfix",
     "read_jsonl",
     "routing_scalars",
+    "spread_scalars",
 ]
 
 
@@ -89,6 +99,20 @@ class LayerLoad:
     @property
     def activated_params_per_token(self) -> float:
         return self.activated_params_sum / self.num_tokens if self.num_tokens else 0.0
+
+    @property
+    def load_cv(self) -> float:
+        """Coefficient of variation (population std / mean) of the experts' kept assignments; 0 = even load."""
+        counts = self.tokens_per_expert
+        mean = sum(counts) / len(counts) if counts else 0.0
+        if mean <= 0:
+            return 0.0
+        return math.sqrt(sum((c - mean) ** 2 for c in counts) / len(counts)) / mean
+
+    @property
+    def dead_experts(self) -> int:
+        """Experts that received no (token, expert) assignment in the window."""
+        return sum(1 for c in self.tokens_per_expert if c <= 0)
 
 
 _HEAD = 4  # per-layer row: [tokens, selected, dropped, activated_sum, counts per expert...]
@@ -199,12 +223,49 @@ def routing_scalars(loads: Sequence[LayerLoad], non_expert_params: int, prefix: 
         scalars[f"{prefix}/layer_{i}/experts_per_token"] = load.experts_per_token
         scalars[f"{prefix}/layer_{i}/dropped_assignments"] = load.dropped_assignments
         scalars[f"{prefix}/layer_{i}/activated_params_per_token"] = load.activated_params_per_token
+        scalars.update(spread_scalars(load, f"{prefix}/layer_{i}"))
     if loads:
         scalars[f"{prefix}/activated_params_per_token"] = non_expert_params + sum(
             load.activated_params_per_token for load in loads
         )
         scalars[f"{prefix}/mean_experts_per_token"] = sum(load.experts_per_token for load in loads) / len(loads)
     return scalars
+
+
+def spread_scalars(load: LayerLoad, prefix: str) -> dict[str, float]:
+    """A layer's load spread in four numbers, however many experts it has (tags in the module docstring).
+
+    Per-layer statistics as Megatron-LM, torchtitan and NeMo users ask for them:
+    min / max of the token fractions, their coefficient of variation, and the
+    number of experts that got nothing.
+    """
+    fractions = load.token_fraction
+    return {f"{prefix}/load_min": min(fractions), f"{prefix}/load_max": max(fractions),
+            f"{prefix}/load_cv": load.load_cv, f"{prefix}/dead_experts": float(load.dead_experts)}
+
+
+def custom_scalars_layout(expert_sizes: Sequence[Sequence[int]], prefix: str = "moe") -> dict[str, dict[str, list]]:
+    """TensorBoard Custom Scalars layout (``SummaryWriter.add_custom_scalars``): losses first, then one category per MoE layer.
+
+    ``expert_sizes[i]`` are MoE layer i's expert FFN widths; they go into the
+    chart title, since a multiline chart's legend can only show tag names.
+    Charts are ``[kind, [tag regexes]]``; a regex matching no tag draws nothing.
+    """
+    layout: dict[str, dict[str, list]] = {
+        "losses": {
+            "LM loss (train, validation)": ["Multiline", [r"train/lm_loss", r"val/loss"]],
+            "auxiliary losses (weighted sum, unweighted terms)": ["Multiline", [r"train/aux_loss", r"train/aux/.*"]],
+        },
+    }
+    for i, sizes in enumerate(expert_sizes):
+        title = "token fraction per expert (sizes " + ", ".join(f"{e}: {h}" for e, h in enumerate(sizes)) + ")"
+        layout[f"MoE layer {i}"] = {
+            title: ["Multiline", [rf"{prefix}/layer_{i}/expert_\d+_token_fraction"]],
+            "load spread (min, max of token fractions)": ["Multiline", [rf"{prefix}/layer_{i}/load_m(in|ax)"]],
+            "load coefficient of variation, dead experts": [
+                "Multiline", [rf"{prefix}/layer_{i}/load_cv", rf"{prefix}/layer_{i}/dead_experts"]],
+        }
+    return layout
 
 
 class _Placement(Protocol):
@@ -379,6 +440,21 @@ class MetricsWriter:
             self._images.add_figure("moe/expert_load", fig, global_step=step, close=False)
             self._images.flush()
         plt.close(fig)
+
+    def write_layout(self, expert_sizes: Sequence[Sequence[int]]) -> None:
+        """The Custom Scalars layout (:func:`custom_scalars_layout`) of a model with these MoE layers; once per run."""
+        if self._images is not None and expert_sizes:
+            self._images.add_custom_scalars(custom_scalars_layout(expert_sizes))
+            self._images.flush()
+
+    def write_load_histograms(self, step: int, loads: Sequence[LayerLoad], prefix: str = "moe") -> None:
+        """One histogram per MoE layer of its experts' token fractions (tag ``<prefix>/layer_<i>/expert_load``)."""
+        if self._images is None or not loads:
+            return
+        for i, load in enumerate(loads):
+            self._images.add_histogram(f"{prefix}/layer_{i}/expert_load", torch.tensor(load.token_fraction),
+                                       global_step=step, bins="auto")
+        self._images.flush()
 
     def close(self) -> None:
         if self._jsonl is not None:

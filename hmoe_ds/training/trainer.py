@@ -594,6 +594,7 @@ def _train(plan: TrainPlan) -> int:
     placements = [layer.placement for _, layer in engine.module.moe_layers()]  # per-EP-rank load tags
     tb_dir = tensorboard_dir(plan.ds_config)
     writer = MetricsWriter(exp.output_dir, engine.monitor, tb_dir, is_writer=rank == 0, append=tag is not None)
+    writer.write_layout([layer.config.expert_sizes for _, layer in engine.module.moe_layers()])
     if rank == 0:
         model_cfg.to_json_file(str(exp.output_dir / "model_config.json"))
         data.tokenizer.save_pretrained(str(exp.output_dir / "tokenizer"))
@@ -686,6 +687,7 @@ def _train(plan: TrainPlan) -> int:
                 scalars.update(ep_load_scalars(loads, placements, step - logged_at, world))
                 logged_at = step
                 writer.write(step, scalars)
+                writer.write_load_histograms(step, loads)
                 bar.set_postfix(format_postfix(scalars), refresh=False)
             paused = time.perf_counter()
             if (run.eval_every and step % run.eval_every == 0) or final:
