@@ -19,7 +19,7 @@ import torch
 
 from hmoe_ds.hf import MODEL_FILES, configuration_hmoe, modeling_hmoe, source_files
 from hmoe_ds.modeling import HMoEForCausalLM, debug_config
-from hmoe_ds.naming import EXPORT_TO_TRAINING, export_key, logical_key_from_export
+from hmoe_ds.naming import export_key, logical_key_from_export
 
 CASES = {
     "top_k2": dict(moe={"routing": "top_k", "top_k": 2}),
