@@ -21,7 +21,8 @@ SAVE_EVERY = 3
 
 def experiment(**moe: Any) -> dict[str, Any]:
     exp = copy.deepcopy(EXPERIMENT)
-    exp["model"]["moe"].update({"ep_size": 2, "placement": "balanced", **moe})
+    # A shared expert too, so checkpoints, resume, export and eval carry a dense branch inside the MoE layer.
+    exp["model"]["moe"].update({"ep_size": 2, "placement": "balanced", "shared_expert_size": 24, **moe})
     exp["run"].update(train_steps=STEPS, log_every=1, eval_every=0, eval_batches=1000, eval_at_start=False,
                       save_every=SAVE_EVERY)
     return exp
