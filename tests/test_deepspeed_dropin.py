@@ -162,3 +162,37 @@ def test_repr_states_the_expert_compute_path():
     assert "loop path" in repr(HMoE(D, user_expert(), 4))
     assert "grouped (" in repr(HMoE(64, [32, 64, 96, 128], expert_compute="grouped"))
     assert "loop path" in repr(HMoE(64, [32, 64, 96, 128], expert_compute="loop"))
+
+
+def test_use_tutel_is_accepted_and_changes_nothing():
+    ds, hm = _pair(k=2, use_tutel=True)
+    _assert_same(ds, hm, torch.randn(T, D))
+
+
+def _expert_parallel_pair(rank: int, world_size: int, k: int) -> dict:
+    ds_layer = MoE(D, user_expert(), E, ep_size=world_size, k=k)
+    ds_layer.set_deepspeed_parallelism()  # what DeepSpeed's engine calls; creates the expert groups
+    hm_layer = HMoE(D, user_expert(), E, ep_size=world_size, k=k)
+    with torch.no_grad():
+        for param in ds_layer.parameters():  # different experts on every rank and slot
+            param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(param.numel() + 7 * rank))
+        torch.distributed.broadcast(ds_layer.deepspeed_moe.gate.wg.weight, 0)  # the router is replicated
+    hm_layer.load_state_dict(ds_layer.state_dict(), strict=True)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(100 + rank))
+    results = [_run(layer, x, seed=3 + rank) for layer in (ds_layer, hm_layer)]
+    return {"out": [r[0] for r in results], "aux": [r[1] for r in results], "counts": [r[2] for r in results],
+            "x_grad": [r[3] for r in results], "grads": [r[4] for r in results]}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_expert_parallel_layer_matches_deepspeed_moe(k):
+    """EP 2 over two gloo ranks: DeepSpeed's MoE and HMoE, same weights per rank, same seeds."""
+    from .distributed import run_distributed
+
+    for result in run_distributed(_expert_parallel_pair, world_size=2, k=k):
+        torch.testing.assert_close(result["out"][1], result["out"][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result["aux"][1], result["aux"][0], rtol=1e-5, atol=1e-7)
+        assert result["counts"][1].tolist() == result["counts"][0].tolist()
+        torch.testing.assert_close(result["x_grad"][1], result["x_grad"][0], rtol=1e-4, atol=1e-6)
+        for name, grad in result["grads"][0].items():
+            torch.testing.assert_close(result["grads"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
