@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..training.experiment import ExperimentError
+from ..errors import CheckpointError  # re-exported: the old import path keeps working
 
 FORMAT = "hmoe-ds-checkpoint"
 # 2: per-rank logical shards replace the consolidated hmoe_model.safetensors, and ``files`` maps each file to
@@ -18,10 +18,6 @@ LATEST = "latest"
 SET_ASIDE = "checkpoints_set_aside"
 TAG_PREFIX = "step_"
 PROBE_TOKENS = 32
-
-
-class CheckpointError(ExperimentError):
-    """A checkpoint that cannot be used as asked; the message names the file or the mismatch and the fix."""
 
 
 def tag_for(step: int) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .. import collectives
+from ..collectives import on_rank0
 from ..naming import logical_config, moe_layer_records
 from ..shards import write_rank_shard
 from .atomic_io import atomic_safetensors
@@ -28,14 +30,6 @@ from .rundir import prepare_tag_dir, write_latest
 KILL_DURING_SAVE_ENV = "HMOE_DS_TEST_KILL_DURING_SAVE"
 KILL_DURING_STEP_ENV = "HMOE_DS_TEST_KILL_DURING_STEP"
 KILL_RANK_ENV = "HMOE_DS_TEST_KILL_RANK"
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -93,13 +87,6 @@ def maybe_kill_before_marker(step: int, rank: int) -> None:
         _die(f"during the save of step {step}, before the completion marker")
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -126,10 +113,8 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
     """
     import yaml
 
-    from ..collectives import on_rank0
-
     checkpoint_dir = Path(checkpoint_dir)
-    rank, world = _dist()
+    rank, world = collectives.rank(), collectives.world_size()
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
 
@@ -176,7 +161,7 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
     # A failure in a rank-0 section (a full disk) stops every rank at once, without a marker, instead of
     # leaving the others waiting in a barrier.
     on_rank0(write_files)
-    _barrier()  # every rank's own files are complete before the marker says so
+    collectives.barrier()  # every rank's own files are complete before the marker says so
     on_rank0(commit)
     return tag_dir, notes
 
