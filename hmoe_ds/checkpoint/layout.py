@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from ..errors import CheckpointError  # re-exported: the old import path keeps working
 
+__all__ = ["EXPERIMENT_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MARKER", "MODEL_FILE", "PROBE_FILE", "PROBE_TOKENS",
+           "SET_ASIDE", "TAG_PREFIX", "TOKENIZER_DIR", "CheckpointError", "rank_file", "tag_for"]
+
 FORMAT = "hmoe-ds-checkpoint"
 # 2: per-rank logical shards replace the consolidated hmoe_model.safetensors, and ``files`` maps each file to
 # ``{"size", "digest"}`` (1: to its size). Version 1 markers still verify, by size, and their checkpoints still

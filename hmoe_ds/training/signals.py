@@ -34,7 +34,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from types import FrameType
 
 from hmoe_ds.runner import parent_pid, process_args  # re-exported: their old import path keeps working
