@@ -55,7 +55,7 @@ def _outcome(fn) -> str:
 
 def _sections(rank: int, world_size: int) -> list[str]:
     from hmoe_ds.collectives import on_rank0
-    from hmoe_ds.training.experiment import ExperimentError
+    from hmoe_ds.errors import ExperimentError
 
     def value() -> int:
         return 42 if rank == 0 else -1  # only rank 0 runs it; everyone gets its result

@@ -125,9 +125,16 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def latest_checkpoint(output_dir: Path) -> str | None:
+def latest_checkpoint_tag(output_dir: Path) -> str | None:
     """Tag named in ``<output_dir>/checkpoints/latest``, if any (written only after the checkpoint is complete)."""
     return read_latest(output_dir / CHECKPOINTS)
+
+
+def latest_checkpoint(output_dir: Path) -> str | None:
+    """Deprecated alias of :func:`latest_checkpoint_tag` (it returns a tag, not a checkpoint); removed next release."""
+    warnings.warn("latest_checkpoint is deprecated (it returns a tag); use latest_checkpoint_tag", DeprecationWarning,
+                  stacklevel=2)
+    return latest_checkpoint_tag(output_dir)
 
 
 def check_output_dir(exp: Experiment, resume: str | bool | None,
@@ -137,8 +144,11 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
     ``resume``: ``None``/``False`` = a new run; ``"auto"``/``True`` = the newest
     complete checkpoint, or from scratch when there is none; any other string
     names the checkpoint to resume from, which must exist and be complete.
-    ``world_size`` is deprecated and ignored. A directory holding a different experiment, or checkpoints of this one, is
+    A directory holding a different experiment, or checkpoints of this one, is
     an error unless resuming; so is a non-empty directory that is no run.
+    ``world_size`` is deprecated and ignored (the output directory does not
+    depend on it; whether a checkpoint fits this world is
+    :func:`hmoe_ds.checkpoint.check_compatible`'s call).
     """
     from .rundir_lock import HOLDER_FILE
 
@@ -432,7 +442,13 @@ class TrainState:
     bar: Any = field(default=None)  # tqdm progress bar (rank 0), opened by train_loop's caller
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The ``HMoEForCausalLM`` the engine trains."""
+        return self.engine.module
+
+    @property
     def checkpoints(self) -> Path:
+        """``<run.output_dir>/checkpoints``."""
         return self.plan.exp.output_dir / CHECKPOINTS
 
     def close(self) -> None:
@@ -855,7 +871,7 @@ def _take_lock(lock: Any) -> None:
 
 
 def _last_checkpoint_path(output_dir: Path) -> str | None:
-    tag = latest_checkpoint(output_dir)
+    tag = latest_checkpoint_tag(output_dir)
     return str(output_dir / CHECKPOINTS / tag) if tag else None
 
 
@@ -865,7 +881,7 @@ def _final_report(exp: Experiment, tb_dir: Path | None, first: float | None, las
         lines.append(f"validation loss {first:.4f} (step 0) -> {last:.4f} (step {step})")
     elif last is not None:
         lines.append(f"validation loss {last:.4f} (step {step})")
-    lines.append(f"checkpoint:  {exp.output_dir / CHECKPOINTS}  (latest: {latest_checkpoint(exp.output_dir)})")
+    lines.append(f"checkpoint:  {exp.output_dir / CHECKPOINTS}  (latest: {latest_checkpoint_tag(exp.output_dir)})")
     lines.append(f"metrics:     {exp.output_dir / 'metrics.jsonl'}")
     if tb_dir is not None:
         lines.append(f"TensorBoard: tensorboard --logdir {tb_dir.parent}   then open http://localhost:6006")
