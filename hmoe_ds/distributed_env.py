@@ -47,6 +47,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import collectives
+
 __all__ = [
     "SHM_DIR",
     "SHM_PREFIX",
@@ -91,11 +93,11 @@ def unlink_shm_segments() -> list[str]:
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not collectives.is_distributed():
         return []
     from deepspeed.accelerator import get_accelerator
 
-    world = dist.get_world_size()
+    world = collectives.world_size()
     local = os.environ.get("LOCAL_SIZE", "")
     if get_accelerator().device_name() != "cpu" or not local.isdigit() or int(local) != world:
         return []  # e.g. GPUs (NCCL: no segments, and no barrier before the device is chosen), or several nodes
@@ -168,14 +170,14 @@ def shutdown_distributed(synchronize: bool) -> None:
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not collectives.is_distributed():
         return
     if synchronize:
         try:
             for group in _groups_in_order():
                 dist.barrier(group=group)
         except Exception as exc:  # noqa: BLE001 - a peer died after finishing: this rank's run is still complete
-            print(f"warning: rank {dist.get_rank()}: final barrier failed ({type(exc).__name__}: {exc}); a peer "
+            print(f"warning: rank {collectives.rank()}: final barrier failed ({type(exc).__name__}: {exc}); a peer "
                   "process ended early", file=sys.stderr, flush=True)
     try:
         from deepspeed import comm as ds_comm

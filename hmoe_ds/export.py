@@ -53,7 +53,6 @@ from .naming import (
     logical_dense_key,
     logical_expert_key,
     logical_key_from_export,
-    logical_parameter_shapes,
     moe_layers,
 )
 from .partitioned import write_full
@@ -182,6 +181,8 @@ def check_structure(source: WeightsSource, model_config: Any) -> None:
     The message names the config fields that differ (expert sizes, vocab, ...)
     and a few of the parameters, so the user knows what to change.
     """
+    from .modeling import logical_parameter_shapes  # lazily: it imports DeepSpeed (configure_environment first)
+
     expected = logical_parameter_shapes(model_config)
     found = source.open().shapes()
     missing = sorted(set(expected) - set(found))
@@ -354,6 +355,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, tag: str | None = None
         for path in source_files():
             shutil.copyfile(path, tmp / path.name)
         reader = src.open()
+        from .modeling import logical_parameter_shapes
+
         logical = logical_parameter_shapes(config)  # the logical model's names, in its order
         logical_name = {export_key(name): name for name in logical}
         nonfinite: list[str] = []

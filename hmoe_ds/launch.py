@@ -10,11 +10,15 @@ is started it checks, on this node:
   the error names the line);
 * the world size the runner will launch: hostfile slots, or local accelerators,
   narrowed by ``--include``/``--exclude``/``--num_nodes``/``--num_gpus``
-  (``--num_accelerators``), with DeepSpeed's own resource functions;
+  (``--num_accelerators``), with DeepSpeed's own resource functions
+  (:func:`hmoe_ds.runner.runner_world_size`);
 * when the script gets ``--config``: the experiment YAML, ``--set`` overrides, the
   DeepSpeed JSON and the batch arithmetic for that world size, ``model.moe.ep_size``
   dividing the world size and the number of experts, and the output directory
   (``hmoe_ds.training.trainer.plan_run`` / ``check_output_dir``, as ``run/train.py`` does).
+
+This module is a command-line driver (the top layer, beside :mod:`hmoe_ds.cli`):
+it may import :mod:`hmoe_ds.training`; nothing in the library imports it.
 
 A mistake prints one ``error:`` line and exits 2. Otherwise it replaces itself
 with this interpreter's ``deepspeed`` runner, with the venv's ``bin`` first on
@@ -33,53 +37,16 @@ from pathlib import Path
 from typing import Sequence
 
 from .env import configure_environment
+from .errors import LaunchError
+from .runner import check_runner_world, runner_command_line
+from .runner import explicit_option as _explicit
+from .runner import runner_world_size as world_size
 
 # As run/train.py, before DeepSpeed is imported: CPU accelerator when no CUDA device exists, hubs offline;
 # the ranks started below inherit it.
 configure_environment()
 
 __all__ = ["LaunchError", "check_runner_world", "main", "runner_command_line", "world_size"]
-
-_MPI_LAUNCHERS = ("openmpi", "mpich")  # DeepSpeed refuses resource filters with these
-
-
-class LaunchError(ValueError):
-    """A launch that would fail; the message says why and how to fix it."""
-
-
-def _explicit(tokens: Sequence[str], *flags: str) -> bool:
-    return any(t == f or t.startswith(f + "=") for t in tokens for f in flags)
-
-
-def world_size(args: argparse.Namespace, launcher_tokens: Sequence[str]) -> int:
-    """Ranks the deepspeed runner will start for these (parsed) runner arguments."""
-    from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
-
-    from hmoe_ds.hostfile import parse_hostfile
-
-    filters = args.include or args.exclude or args.num_nodes != -1 or args.num_gpus != -1
-    if (args.include or args.exclude) and (args.num_nodes >= 0 or args.num_gpus >= 0):
-        raise LaunchError("--include/--exclude cannot be combined with --num_nodes/--num_gpus; use one or the other")
-    if _explicit(launcher_tokens, "--hostfile", "-H") or os.path.isfile(args.hostfile):
-        pool = parse_hostfile(args.hostfile)
-        if args.launcher.lower() in _MPI_LAUNCHERS and filters:
-            raise LaunchError(f"--launcher {args.launcher} runs every slot of the hostfile: remove --include/--exclude/"
-                              "--num_nodes/--num_gpus and list only the wanted hosts and slots in the hostfile")
-    else:
-        from deepspeed.accelerator import get_accelerator
-
-        pool = {"localhost": get_accelerator().device_count()}
-        if args.num_nodes > 1:
-            raise LaunchError(f"--num_nodes={args.num_nodes} needs a --hostfile listing that many nodes")
-    try:
-        active = parse_inclusion_exclusion(pool, args.include, args.exclude)
-    except (ValueError, KeyError) as exc:
-        raise LaunchError(f"--include/--exclude: {exc}") from None
-    active = apply_num_nodes_and_gpus(active, args.num_nodes, args.num_gpus)
-    world = sum(len(slots) for slots in active.values())
-    if world < 1:
-        raise LaunchError("no ranks left to launch after --include/--exclude/--num_nodes/--num_gpus")
-    return world
 
 
 def _check_experiment(user_args: Sequence[str], world: int) -> None:
@@ -92,13 +59,13 @@ def _check_experiment(user_args: Sequence[str], world: int) -> None:
     known, _ = parser.parse_known_args(list(user_args))
     if known.config is None:
         return  # not run/train.py (or no experiment): nothing more to check here
-    from hmoe_ds.training.experiment import ExperimentError
+    from hmoe_ds.errors import ExperimentError
     from hmoe_ds.training.trainer import check_output_dir, plan_run
 
     try:
         plan = plan_run(known.config, known.deepspeed_config, [s for group in known.set for s in group],
                         known.resume, world)
-        check_output_dir(plan.exp, known.resume, world)
+        check_output_dir(plan.exp, known.resume)
     except ExperimentError as exc:
         raise LaunchError(str(exc)) from None
     from hmoe_ds.training.rundir_lock import holder_of
@@ -107,54 +74,6 @@ def _check_experiment(user_args: Sequence[str], world: int) -> None:
     if holder is not None:
         raise LaunchError(f"run.output_dir={plan.exp.output_dir} is in use by another run (pid {holder.get('pid', '?')} "
                           f"on host {holder.get('host', '?')}); wait for it to end, or choose another run.output_dir")
-
-
-def runner_command_line() -> list[str] | None:
-    """The ``deepspeed`` runner's arguments, read by a rank from ``/proc``; ``None`` when not launched by it.
-
-    A rank's parent is DeepSpeed's per-node launcher and its grandparent the
-    runner, whose command line holds what the user typed (``--hostfile`` ...).
-    Returns the arguments after the runner script (Linux, single-node runner).
-    """
-    from hmoe_ds.training.signals import parent_pid, process_args
-
-    launcher = os.getppid()
-    if "deepspeed.launcher.launch" not in " ".join(process_args(launcher)):
-        return None
-    runner = parent_pid(launcher)
-    args = process_args(runner) if runner else []
-    for i, token in enumerate(args):
-        if Path(token).name == "deepspeed" or token == "deepspeed.launcher.runner":
-            return args[i + 1:]
-    return None
-
-
-def check_runner_world(world: int) -> str | None:
-    """Rank 0 under plain ``deepspeed``: the hostfile the user named, and the world size it implies.
-
-    The runner falls back to local resources when ``--hostfile`` names no file
-    (one warning line among DeepSpeed's), so a run meant for several nodes
-    silently trains on one. Raises :class:`LaunchError`; returns a note when the
-    check could not be made (the runner's command line was not readable).
-    """
-    argv = runner_command_line()
-    if argv is None:
-        return None
-    from deepspeed.launcher.runner import parse_args
-
-    try:
-        args = parse_args(argv)
-    except SystemExit:
-        return "could not read the deepspeed runner's arguments; hostfile not checked"
-    launcher_tokens = argv[: len(argv) - len(args.user_args) - 1]
-    if not _explicit(launcher_tokens, "--hostfile", "-H"):
-        return None
-    expected = world_size(args, launcher_tokens)  # parses the hostfile: missing file, bad line, duplicate host
-    if expected != world:
-        raise LaunchError(f"--hostfile {args.hostfile} with these options means {expected} ranks, but the runner "
-                          f"started {world}; check the hostfile and --include/--exclude (python -m hmoe_ds.launch "
-                          "checks all this before any worker starts)")
-    return None
 
 
 def _forward_master_port(argv: list[str], launcher_tokens: Sequence[str], args: argparse.Namespace) -> list[str]:

@@ -313,5 +313,27 @@ def parameter_summary(model_or_config: nn.Module | HMoEConfig) -> dict[str, int 
             "activated_params_per_token": float(activated)}
 
 
+# --------------------------------------------------------------------------- the logical model
+
+
+def logical_config(model_config: Any) -> Any:
+    """The parallelism-free twin of a training config: ``ep_size=1``, ``frontend="moe"``, contiguous placement.
+
+    Parameter names and shapes of this model are the checkpoint-independent
+    ("logical") layout that export and re-sharding use.
+    """
+    data = model_config.to_dict()
+    data["moe"] = {**data["moe"], "ep_size": 1, "frontend": "moe", "placement": "contiguous"}
+    data["architectures"] = ["HMoEForCausalLM"]
+    return HMoEConfig.from_dict(data)
+
+
+def logical_parameter_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the logical model's parameters (tied weights once), built on the meta device."""
+    with torch.device("meta"):
+        model = HMoEForCausalLM(logical_config(model_config))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
 AutoConfig.register(HMoEConfig.model_type, HMoEConfig, exist_ok=True)
 AutoModelForCausalLM.register(HMoEConfig, HMoEForCausalLM, exist_ok=True)

@@ -1,7 +1,7 @@
 """Logical names: the parameter layout of a model independent of how it is parallelised.
 
 The *logical* model of a training config is the same config with ``ep_size=1``,
-``frontend="moe"`` and contiguous placement (:func:`logical_config`): every
+``frontend="moe"`` and contiguous placement (:func:`hmoe_ds.modeling.logical_config`): every
 expert is a module ``<layer>.deepspeed_moe.experts.deepspeed_experts.<id>``
 with ``w1/w2/w3`` ``nn.Linear`` weights, and the router is
 ``<layer>.deepspeed_moe.gate.wg``. Checkpoint shards, re-sharding and
@@ -75,20 +75,6 @@ def expected_moe_layer_records(model_config: Any) -> list[dict[str, Any]]:
     return records
 
 
-def logical_config(model_config: Any) -> Any:
-    """The parallelism-free twin of a training config: ``ep_size=1``, ``frontend="moe"``, contiguous placement.
-
-    Parameter names and shapes of this model are the checkpoint-independent
-    ("logical") layout that export and re-sharding use.
-    """
-    from .modeling import HMoEConfig
-
-    data = model_config.to_dict()
-    data["moe"] = {**data["moe"], "ep_size": 1, "frontend": "moe", "placement": "contiguous"}
-    data["architectures"] = ["HMoEForCausalLM"]
-    return HMoEConfig.from_dict(data)
-
-
 def logical_expert_key(prefix: str, expert: int, weight: str) -> str:
     """Logical name of expert ``expert``'s ``weight`` (w1/w2/w3) in the MoE layer module ``prefix``."""
     return f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{expert}.{weight}.weight"
@@ -104,15 +90,6 @@ def logical_dense_key(name: str, moe_prefixes: list[str]) -> str:
         if name.startswith(prefix + ".gate."):
             return f"{prefix}.deepspeed_moe.{name[len(prefix) + 1:]}"
     return name
-
-
-def logical_parameter_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
-    """``{name: shape}`` of the logical model's parameters (tied weights once), built on the meta device."""
-    from .modeling import HMoEForCausalLM
-
-    with torch.device("meta"):
-        model = HMoEForCausalLM(logical_config(model_config))
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def expert_weight_names(layer: Any) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import collectives
 from .naming import logical_dense_key, logical_expert_key, moe_layers
 from .partitioned import LocalSlice, full_shape, is_partitioned, local_slice, write_full
 
@@ -144,15 +145,13 @@ def _flat_partitions(engine: Any) -> list[torch.Tensor]:
 
 
 def _replica_rank(param: torch.nn.Parameter) -> int:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
+    if not collectives.is_distributed():
         return 0
     if getattr(param, "allreduce", True) is False:  # an expert: replicas are its expert-data-parallel group
         from deepspeed.utils import groups
 
         return groups._get_expert_data_parallel_rank(param.group_name)
-    return dist.get_rank()
+    return collectives.rank()
 
 
 def optimizer_step(engine: Any) -> int | None:

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     rank = int(os.environ.get("RANK", "0"))
-    from hmoe_ds.training.evaluate import run_evaluation
-    from hmoe_ds.training.experiment import ExperimentError
+    from hmoe_ds.cli import run_evaluation
+    from hmoe_ds.errors import ExperimentError
     from hmoe_ds.training.trainer import quiet_deepspeed
 
     quiet_deepspeed()

@@ -1,5 +1,8 @@
 """Rank-0 sections: a failure on rank 0 stops every rank at once, in start-up and in a checkpoint save.
 
+Also the process-group helpers of :mod:`hmoe_ds.collectives` (rank, world size,
+rank 0 first) with and without a process group.
+
 Starts 2 ranks (gloo). Without the broadcast of the outcome, the second rank
 would wait in a barrier until the collective timeout; ``run_distributed``'s
 timeout turns such a hang into a failure.
@@ -14,7 +17,33 @@ import pytest
 
 from .distributed import run_distributed
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+def test_without_a_process_group_this_is_rank_0_of_1() -> None:
+    import torch
+
+    from hmoe_ds import collectives
+
+    assert not collectives.is_distributed()
+    assert (collectives.rank(), collectives.world_size()) == (0, 1)
+    collectives.barrier()  # a no-op, not an error
+    values = torch.tensor([1.0, 3.0])
+    assert collectives.all_reduce_sum(values) is values and values.tolist() == [1.0, 3.0]
+    assert collectives.all_reduce_max(values).tolist() == [1.0, 3.0]
+    assert collectives.on_rank0(lambda: 7) == 7
+    assert collectives.rank0_first(lambda: 8) == 8
+
+
+def test_the_launch_rank_and_world_come_from_the_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hmoe_ds import collectives
+
+    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert (collectives.launch_rank(), collectives.launch_world_size()) == (0, 1)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")  # mpirun: RANK exists only after MPI discovery
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    assert (collectives.launch_rank(), collectives.launch_world_size()) == (3, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (collectives.launch_rank(), collectives.launch_world_size()) == (1, 2)
 
 
 def _outcome(fn) -> str:
@@ -26,7 +55,7 @@ def _outcome(fn) -> str:
 
 def _sections(rank: int, world_size: int) -> list[str]:
     from hmoe_ds.collectives import on_rank0
-    from hmoe_ds.training.experiment import ExperimentError
+    from hmoe_ds.errors import ExperimentError
 
     def value() -> int:
         return 42 if rank == 0 else -1  # only rank 0 runs it; everyone gets its result
@@ -40,12 +69,43 @@ def _sections(rank: int, world_size: int) -> list[str]:
     return [_outcome(lambda: on_rank0(value)), _outcome(lambda: on_rank0(mistake)), _outcome(lambda: on_rank0(crash))]
 
 
+def _first_then_the_others(rank: int, world_size: int, root: str) -> list[str]:
+    """rank0_first: rank 0 builds a "cache" the others then read; a data error reaches every rank."""
+    from hmoe_ds import collectives
+    from hmoe_ds.errors import ExperimentError
+
+    cache = Path(root) / "cache.txt"
+
+    def build() -> str:
+        if collectives.rank() == 0:
+            cache.write_text("built by rank 0")
+        return f"rank {collectives.rank()} of {collectives.world_size()} read {cache.read_text()!r}"
+
+    def bad_data() -> str:
+        raise ExperimentError("data.path: no such file")
+
+    return [_outcome(lambda: collectives.rank0_first(build)), _outcome(lambda: collectives.rank0_first(bad_data)),
+            f"distributed {collectives.is_distributed()}"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_rank0_sections_give_every_rank_the_result_or_the_failure() -> None:
     rank0, rank1 = run_distributed(_sections, world_size=2, timeout=120)
     assert rank0[0] == rank1[0] == "ok 42"
     assert rank0[1] == rank1[1] == "ExperimentError: exp.yaml: run.train_steps=-1: must be an int >= 1"
     assert rank0[2] == "OSError: [Errno 28] No space left on device"
     assert rank1[2] == "RuntimeError: rank 0 failed (OSError: [Errno 28] No space left on device); see its traceback"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_rank0_first_runs_rank0_before_the_others(tmp_path: Path) -> None:
+    rank0, rank1 = run_distributed(_first_then_the_others, world_size=2, timeout=120, root=str(tmp_path))
+    assert rank0[0] == "ok rank 0 of 2 read 'built by rank 0'"
+    assert rank1[0] == "ok rank 1 of 2 read 'built by rank 0'"  # rank 1 ran only after rank 0 had built it
+    assert rank0[1] == rank1[1] == "ExperimentError: data.path: no such file"  # rank 1 never ran bad_data itself
+    assert rank0[2] == rank1[2] == "distributed True"
 
 
 def _save_with_a_full_disk_on_rank0(rank: int, world_size: int, root: str) -> dict:
@@ -82,6 +142,8 @@ def _save_with_a_full_disk_on_rank0(rank: int, world_size: int, root: str) -> di
     return {"failed": failed, "after_failure": after_failure, "retried": retried}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_failed_rank0_write_during_a_save_stops_every_rank_without_a_marker(tmp_path: Path) -> None:
     """2 ranks, EP=2, ZeRO-2: rank 0 cannot write its part of the checkpoint (the probe); the retry succeeds."""
     from hmoe_ds.checkpoint import find_resume_checkpoint

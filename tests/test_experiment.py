@@ -322,8 +322,10 @@ def test_resume_on_another_world_size_picks_the_checkpoint(tmp_path: Path) -> No
     ``check_compatible``'s call (``tests/test_checkpoint.py``)."""
     saved_run(tmp_path, checkpoint="step_5", world_size=2)
     exp = load_experiment(tiny(tmp_path))
-    assert check_output_dir(exp, True, 4)[0] == "step_5"
-    assert check_output_dir(exp, True, 2)[0] == "step_5"
+    assert check_output_dir(exp, True)[0] == "step_5"
+    for world_size in (4, 2):  # the deprecated world_size argument is ignored, with a warning
+        with pytest.warns(DeprecationWarning, match="world_size"):
+            assert check_output_dir(exp, True, world_size)[0] == "step_5"
 
 
 def add_checkpoint(out: Path, step: int, complete: bool = True) -> Path:
@@ -343,13 +345,13 @@ def test_resume_from_a_named_checkpoint(tmp_path: Path) -> None:
     add_checkpoint(out, 10)
     add_checkpoint(out, 15, complete=False)
     exp = load_experiment(tiny(tmp_path))
-    assert check_output_dir(exp, "auto", 2)[0] == "step_10"
-    assert check_output_dir(exp, True, 2)[0] == "step_10"
-    assert check_output_dir(exp, "step_5", 2)[0] == "step_5"
-    assert "no checkpoint 'step_7'; available: step_10, step_15, step_5" in error_of(check_output_dir, exp, "step_7", 2)
-    assert "no hmoe_complete.json: the save was interrupted" in error_of(check_output_dir, exp, "step_15", 2)
+    assert check_output_dir(exp, "auto")[0] == "step_10"
+    assert check_output_dir(exp, True)[0] == "step_10"
+    assert check_output_dir(exp, "step_5")[0] == "step_5"
+    assert "no checkpoint 'step_7'; available: step_10, step_15, step_5" in error_of(check_output_dir, exp, "step_7")
+    assert "no hmoe_complete.json: the save was interrupted" in error_of(check_output_dir, exp, "step_15")
     fresh = load_experiment(tiny(tmp_path), ["run.output_dir=" + str(tmp_path / "new")])
-    assert "holds no run" in error_of(check_output_dir, fresh, "step_5", 2)
+    assert "holds no run" in error_of(check_output_dir, fresh, "step_5")
 
 
 def test_branching_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path: Path) -> None:

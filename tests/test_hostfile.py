@@ -49,3 +49,21 @@ def test_openmpi_style_extras_after_slots_are_accepted(tmp_path):
     f = tmp_path / "hostfile"
     f.write_text("worker-1 slots=8 max_slots=8\nworker-2 slots=4\n")
     assert parse_hostfile(f) == {"worker-1": 8, "worker-2": 4}
+
+
+def test_the_hosts_are_deepspeeds_own_reading(tmp_path, monkeypatch):
+    """The lines are checked here; the hosts and slots come from the runner's parser (fetch_hostfile)."""
+    import deepspeed.launcher.runner as runner
+
+    f = tmp_path / "hostfile"
+    f.write_text("worker-1 slots=8\nworker-2 slots=4\n")
+    read = []
+    original = runner.fetch_hostfile
+
+    def spy(path):
+        read.append(path)
+        return original(path)
+
+    monkeypatch.setattr(runner, "fetch_hostfile", spy)
+    assert list(parse_hostfile(f).items()) == [("worker-1", 8), ("worker-2", 4)]
+    assert read == [str(f)]

@@ -68,6 +68,7 @@ from .marker import check_compatible, read_marker, verify_checkpoint, write_mark
 from .rank_state import load_rank_state, restore_cpu_adam_step_state, rng_state, save_rank_state, set_rng_state
 from .rundir import (
     CheckpointInfo,
+    checkpoint_dir_names,
     checkpoint_info,
     find_resume_checkpoint,
     has_checkpoint_dirs,
@@ -82,11 +83,12 @@ from .rundir import (
 from .save import maybe_kill_during_step, probe_logits, save_training_checkpoint
 
 __all__ = [
-    "EXPERIMENT_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MARKER", "MODEL_FILE", "PROBE_FILE", "PROBE_TOKENS",
-    "SET_ASIDE", "TAG_PREFIX", "TOKENIZER_DIR", "CheckpointError", "CheckpointInfo", "atomic_safetensors",
-    "atomic_torch_save", "atomic_write_text", "check_compatible", "checkpoint_info", "find_resume_checkpoint",
-    "has_checkpoint_dirs", "load_rank_state", "maybe_kill_during_step", "prepare_tag_dir", "probe_logits",
-    "rank_file", "read_latest", "read_marker", "restore_cpu_adam_step_state", "rng_state", "save_rank_state",
-    "save_training_checkpoint", "set_aside", "set_aside_newer_checkpoints", "set_aside_unusable_checkpoints",
-    "set_rng_state", "tag_for", "truncate_metrics", "verify_checkpoint", "write_latest", "write_marker",
+    "CheckpointError", "CheckpointInfo", "EXPERIMENT_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MARKER",
+    "MODEL_FILE", "PROBE_FILE", "PROBE_TOKENS", "SET_ASIDE", "TAG_PREFIX", "TOKENIZER_DIR", "atomic_safetensors",
+    "atomic_torch_save", "atomic_write_text", "check_compatible", "checkpoint_dir_names", "checkpoint_info",
+    "find_resume_checkpoint", "has_checkpoint_dirs", "load_rank_state", "maybe_kill_during_step", "prepare_tag_dir",
+    "probe_logits", "rank_file", "read_latest", "read_marker", "restore_cpu_adam_step_state", "rng_state",
+    "save_rank_state", "save_training_checkpoint", "set_aside", "set_aside_newer_checkpoints",
+    "set_aside_unusable_checkpoints", "set_rng_state", "tag_for", "truncate_metrics", "verify_checkpoint",
+    "write_latest", "write_marker",
 ]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from ..training.experiment import ExperimentError
+from ..errors import CheckpointError  # re-exported: the old import path keeps working
+
+__all__ = ["EXPERIMENT_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MARKER", "MODEL_FILE", "PROBE_FILE", "PROBE_TOKENS",
+           "SET_ASIDE", "TAG_PREFIX", "TOKENIZER_DIR", "CheckpointError", "rank_file", "tag_for"]
 
 FORMAT = "hmoe-ds-checkpoint"
 # 2: per-rank logical shards replace the consolidated hmoe_model.safetensors, and ``files`` maps each file to
@@ -18,10 +21,6 @@ LATEST = "latest"
 SET_ASIDE = "checkpoints_set_aside"
 TAG_PREFIX = "step_"
 PROBE_TOKENS = 32
-
-
-class CheckpointError(ExperimentError):
-    """A checkpoint that cannot be used as asked; the message names the file or the mismatch and the fix."""
 
 
 def tag_for(step: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,7 +110,7 @@ def checkpoint_info(checkpoint_dir: Path, tag: str) -> CheckpointInfo:
     """The complete checkpoint ``tag`` under ``checkpoint_dir``; a :class:`CheckpointError` names what is wrong."""
     path = Path(checkpoint_dir) / tag
     if not path.is_dir():
-        have = has_checkpoint_dirs(checkpoint_dir)
+        have = checkpoint_dir_names(checkpoint_dir)
         raise CheckpointError(f"{checkpoint_dir}: no checkpoint {tag!r}; available: {', '.join(have) or 'none'}")
     try:
         marker = verify_checkpoint(path)
@@ -208,9 +209,16 @@ def set_aside_unusable_checkpoints(checkpoint_dir: Path, with_files: tuple[Path,
     return set_aside(checkpoint_dir, paths, "no verified checkpoint; this run starts from scratch", with_files)
 
 
-def has_checkpoint_dirs(checkpoint_dir: Path) -> list[str]:
-    """Names of every checkpoint-looking directory, complete or not."""
+def checkpoint_dir_names(checkpoint_dir: Path) -> list[str]:
+    """Names of every checkpoint-looking directory, complete or not (sorted)."""
     return sorted(p.name for p in _tag_dirs(Path(checkpoint_dir)))
+
+
+def has_checkpoint_dirs(checkpoint_dir: Path) -> list[str]:
+    """Deprecated alias of :func:`checkpoint_dir_names` (it returns names, not a bool); removed in the next release."""
+    warnings.warn("has_checkpoint_dirs is deprecated (it returns names, not a bool); use checkpoint_dir_names",
+                  DeprecationWarning, stacklevel=2)
+    return checkpoint_dir_names(checkpoint_dir)
 
 
 def prepare_tag_dir(tag_dir: Path) -> str | None:

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-from ..naming import logical_config, moe_layer_records
+from .. import collectives
+from ..collectives import on_rank0
+from ..naming import moe_layer_records
 from ..shards import write_rank_shard
 from .atomic_io import atomic_safetensors
 from .layout import EXPERIMENT_FILE, PROBE_FILE, TOKENIZER_DIR, tag_for
@@ -34,14 +36,6 @@ KILL_RANK_ENV = "HMOE_DS_TEST_KILL_RANK"
 #: neither can read these MoE checkpoints, so each is replaced by :data:`RECOVERY_SCRIPT`.
 DEEPSPEED_RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 RECOVERY_SCRIPT = Path(__file__).with_name("zero_to_fp32_script.py")
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -113,13 +107,6 @@ def replace_recovery_scripts(checkpoint_dir: Path) -> None:
             target.chmod(0o755)
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -144,12 +131,12 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
     a directory that resume skips; ``latest`` never names it. A failure in one of
     rank 0's sections raises on every rank (:func:`hmoe_ds.collectives.on_rank0`).
     """
+    from ..modeling import logical_config  # lazily: it imports DeepSpeed
+
     import yaml
 
-    from ..collectives import on_rank0
-
     checkpoint_dir = Path(checkpoint_dir)
-    rank, world = _dist()
+    rank, world = collectives.rank(), collectives.world_size()
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
 
@@ -197,7 +184,7 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
     # A failure in a rank-0 section (a full disk) stops every rank at once, without a marker, instead of
     # leaving the others waiting in a barrier.
     on_rank0(write_files)
-    _barrier()  # every rank's own files are complete before the marker says so
+    collectives.barrier()  # every rank's own files are complete before the marker says so
     on_rank0(commit)
     return tag_dir, notes
 

@@ -21,14 +21,15 @@ import dataclasses
 import difflib
 import enum
 import inspect
-import sys
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
+
+from hmoe_ds.errors import ExperimentError  # re-exported: the old import path keeps working
 
 __all__ = [
     "Experiment",
@@ -40,16 +41,10 @@ __all__ = [
     "load_experiment",
     "resolve_batch_sizes",
     "tensorboard_dir",
+    "zero_stage",
 ]
 
 SECTIONS = ("model", "data", "run")
-
-
-class ExperimentError(Exception):
-    """A user mistake in the experiment, the DeepSpeed config or the output directory.
-
-    The message is complete (file, key, fix); callers print it as is.
-    """
 
 
 @dataclass
@@ -184,22 +179,45 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; syntax errors become ``<file>:<line>:<col>: ...`` messages."""
-    path = Path(path)
+class _FileProblem(Exception):
+    """What a parser found wrong in a config file, and where (1-based line and column, when known)."""
+
+    def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.line, self.column = message, line, column
+
+
+def _read_config_file(path: Path, what: str, parse: Callable[[str], Any]) -> Any:
+    """Read ``path`` and ``parse`` its text; an unreadable file or a :class:`_FileProblem` is one ExperimentError.
+
+    The YAML and the JSON loader share this, so both report ``<file>:<line>:<col>: ...``.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ExperimentError(f"{path}: cannot read the experiment file ({exc.strerror or exc})") from None
+        raise ExperimentError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        return parse(text)
+    except _FileProblem as exc:
+        where = f"{path}:{exc.line}:{exc.column}" if exc.line is not None else str(path)
+        raise ExperimentError(f"{where}: {exc.message}") from None
+
+
+def _parse_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         context = getattr(exc, "context", None)
         detail = f"{context}; {problem}" if context else problem
-        raise ExperimentError(f"{where}: YAML syntax error: {detail}. Fix the file at that line.") from None
+        raise _FileProblem(f"YAML syntax error: {detail}. Fix the file at that line.",
+                           *((mark.line + 1, mark.column + 1) if mark is not None else ())) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; syntax errors become ``<file>:<line>:<col>: ...`` messages."""
+    return _read_config_file(Path(path), "experiment file", _parse_yaml)
 
 
 # --------------------------------------------------------------------------- overrides
@@ -313,22 +331,31 @@ def dataclass_schema(cls: type) -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.name != "extra"}
 
 
+def _own_type_hints(cls: type) -> dict[str, Any]:
+    """``{name: type}`` of the annotations ``cls`` declares itself, resolved in its module; ``Any`` where unresolvable.
+
+    ``typing.get_type_hints(cls)`` would also resolve every base class's
+    annotations, and fails on ``PretrainedConfig``'s (names imported only for
+    type checkers). Each of ``cls``'s own annotations is resolved alone, so one
+    that cannot be does not hide the others; the class validates such a value
+    itself.
+    """
+    hints: dict[str, Any] = {}
+    for key, annotation in cls.__dict__.get("__annotations__", {}).items():
+        holder = type(cls.__name__, (), {"__annotations__": {key: annotation}, "__module__": cls.__module__})
+        try:
+            hints[key] = typing.get_type_hints(holder)[key]
+        except Exception:  # noqa: BLE001 - NameError, TypeError, SyntaxError of a string annotation
+            hints[key] = Any
+    return hints
+
+
 def model_schema() -> dict[str, Any]:
     """The keys ``model:`` accepts: the fields HMoEConfig declares itself (not every PretrainedConfig knob)."""
     # The fields are declared once, by the standalone config the training HMoEConfig subclasses.
     from hmoe_ds.hf.configuration_hmoe import HMoEConfig
 
-    own = HMoEConfig.__dict__.get("__annotations__", {})
-    namespace = vars(sys.modules[HMoEConfig.__module__])
-    schema: dict[str, Any] = {}
-    for key, annotation in own.items():
-        if key.startswith("_"):
-            continue
-        # One at a time: typing.get_type_hints fails on PretrainedConfig's own annotations.
-        try:
-            schema[key] = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307
-        except Exception:
-            schema[key] = Any  # HMoEConfig validates the value itself
+    schema = {key: hint for key, hint in _own_type_hints(HMoEConfig).items() if not key.startswith("_")}
     schema["vocab_size"] = Any  # int or "auto", checked below
     schema["moe"] = dict
     return schema
@@ -484,24 +511,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Read a DeepSpeed JSON; syntax errors become ``<file>:<line>:<col>: ...`` messages."""
+def _parse_json(text: str) -> Any:
     import json
 
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ExperimentError(f"{path}: cannot read the DeepSpeed config ({exc.strerror or exc})") from None
-    try:
-        config = json.loads(text, object_pairs_hook=_no_duplicates)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
-        raise ExperimentError(
-            f"{path}:{exc.lineno}:{exc.colno}: JSON syntax error: {exc.msg}. Fix the file at that line "
-            "(plain JSON: no comments, no trailing commas)."
-        ) from None
-    except ValueError as exc:
-        raise ExperimentError(f"{path}: {exc}; keep one of each") from None
+        raise _FileProblem(f"JSON syntax error: {exc.msg}. Fix the file at that line (plain JSON: no comments, no "
+                           "trailing commas).", exc.lineno, exc.colno) from None
+    except ValueError as exc:  # _no_duplicates
+        raise _FileProblem(f"{exc}; keep one of each") from None
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON; syntax errors become ``<file>:<line>:<col>: ...`` messages."""
+    path = Path(path)
+    config = _read_config_file(path, "DeepSpeed config", _parse_json)
     if not isinstance(config, dict):
         raise ExperimentError(f"{path}: the top level must be a JSON object")
     return config
@@ -555,6 +580,20 @@ def resolve_batch_sizes(ds: dict[str, Any], world_size: int, where: str) -> tupl
     return tbs, mbs, gas
 
 
+def zero_stage(ds_config: Mapping[str, Any], where: str = "DeepSpeed config") -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 without ``zero_optimization``); the one place it is read.
+
+    ``zero_optimization`` may be a section (``{"stage": 2, ...}``) or, as DeepSpeed
+    also accepts, the stage itself. A stage DeepSpeed does not have is an
+    :class:`ExperimentError` naming ``where``.
+    """
+    zero = ds_config.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
+    if stage not in ZERO_STAGES_SUPPORTED:
+        raise ExperimentError(f"{where}: zero_optimization.stage={stage!r}: allowed values are 0, 1, 2, 3")
+    return int(stage)
+
+
 def effective_ds_config(
     ds: dict[str, Any], ds_path: str | Path, exp: Experiment, world_size: int, fp16_supported: bool = True
 ) -> tuple[dict[str, Any], list[str]]:
@@ -577,9 +616,7 @@ def effective_ds_config(
     )
 
     zero = cfg.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else zero
-    if stage not in ZERO_STAGES_SUPPORTED:
-        raise ExperimentError(f"{where}: zero_optimization.stage={stage!r}: allowed values are 0, 1, 2, 3")
+    stage = zero_stage(cfg, where)
     if stage != 3 and isinstance(zero, dict) and zero.get("offload_param"):
         raise ExperimentError(
             f"{where}: zero_optimization.offload_param needs stage 3 (stage is {stage}); remove offload_param or "

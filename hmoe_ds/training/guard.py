@@ -38,7 +38,8 @@ from typing import Any, Callable
 
 import torch
 
-from .experiment import ExperimentError
+from hmoe_ds.collectives import all_reduce_max
+from hmoe_ds.errors import NonFiniteError  # re-exported: the old import path keeps working
 
 __all__ = ["NONFINITE_MODES", "NonFiniteError", "StepGuard", "maybe_poison_loss", "nonfinite_parameters"]
 
@@ -53,10 +54,6 @@ def maybe_poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     if value and int(value) == step and rank == int(os.environ.get(NONFINITE_RANK_ENV, "1")):
         return loss * float("nan")
     return loss
-
-
-class NonFiniteError(ExperimentError):
-    """The run produced NaN/Inf; the message names the step, what was non-finite and the last good checkpoint."""
 
 
 def nonfinite_parameters(module: torch.nn.Module, limit: int = 5) -> list[str]:
@@ -74,14 +71,6 @@ def nonfinite_parameters(module: torch.nn.Module, limit: int = 5) -> list[str]:
             if len(bad) >= limit:
                 break
     return bad
-
-
-def _all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
 
 
 class StepGuard:
@@ -107,7 +96,7 @@ class StepGuard:
         """
         flags = torch.stack([(self._bad_micro > 0).float(),
                              torch.tensor(1.0 if stop_requested else 0.0, device=self.device)])
-        flags = _all_reduce_max(flags).tolist()
+        flags = all_reduce_max(flags).tolist()
         self._bad_micro = torch.zeros((), dtype=torch.float32, device=self.device)
         bad_loss = flags[0] > 0
         bad_norm = grad_norm is not None and not math.isfinite(float(grad_norm))  # the global norm: same everywhere
@@ -126,7 +115,7 @@ class StepGuard:
     def check_parameters(self, module: torch.nn.Module, step: int, why: str) -> None:
         """Collective: raise :class:`NonFiniteError` on every rank if any rank's weights hold NaN/Inf."""
         bad = nonfinite_parameters(module)
-        count = _all_reduce_max(torch.tensor([float(len(bad))], device=self.device)).item()
+        count = all_reduce_max(torch.tensor([float(len(bad))], device=self.device)).item()
         if count:
             where = f" (on this rank: {', '.join(bad)})" if bad else ""
             raise NonFiniteError(

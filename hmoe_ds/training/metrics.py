@@ -47,6 +47,8 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from hmoe_ds.collectives import all_reduce_sum
+
 __all__ = [
     "LayerLoad",
     "MetricsWriter",
@@ -65,13 +67,6 @@ __all__ = [
 
 class _Monitor(Protocol):
     def write_events(self, event_list: list[tuple[str, float, int]]) -> None: ...
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum over all ranks when a process group exists (the data-parallel world here)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-    return values
 
 
 @dataclass
@@ -158,7 +153,7 @@ class RoutingAccumulator:
         """Collective: every rank must call it (same number of layers everywhere). Resets the sums."""
         if not self._rows:
             return []
-        flat = _all_reduce_sum(torch.cat(self._rows)).tolist()
+        flat = all_reduce_sum(torch.cat(self._rows)).tolist()
         loads, offset = [], 0
         for sizes, params_t in zip(self._sizes, self._params, strict=True):
             params = tuple(int(p) for p in params_t.tolist())
@@ -200,7 +195,7 @@ class TrainAccumulator:
         counts = torch.tensor([self._micro, self._tokens], dtype=torch.float64)
         device = self._sums[keys[0]].device if keys else counts.device
         packed = torch.cat([torch.stack([self._sums[k] for k in keys]).cpu() if keys else counts[:0], counts])
-        packed = _all_reduce_sum(packed.to(device)).tolist()
+        packed = all_reduce_sum(packed.to(device)).tolist()
         micro, tokens = packed[-2], packed[-1]
         elapsed = max(time.perf_counter() - self._since, 1e-9)
         scalars = {k: v / max(micro, 1) for k, v in zip(keys, packed)}

@@ -24,15 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .experiment import ExperimentError
+from hmoe_ds.errors import ExperimentError, RunDirLocked  # RunDirLocked re-exported from its old place
 
 __all__ = ["HOLDER_FILE", "RunDirLock", "RunDirLocked", "holder_of"]
 
 HOLDER_FILE = ".hmoe_run.lock"
-
-
-class RunDirLocked(ExperimentError):
-    """Another live run holds the output directory."""
 
 
 def _describe(holder: dict[str, Any]) -> str:

@@ -34,33 +34,15 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from types import FrameType
+
+from hmoe_ds.runner import parent_pid, process_args  # re-exported: their old import path keeps working
 
 __all__ = ["EXIT_CODE", "GRACE_S", "StopWatch", "parent_pid", "process_args"]
 
 EXIT_CODE = 128 + signal.SIGTERM  # the shell's convention for "terminated by SIGTERM"
 GRACE_S = 120.0  # a step plus a save of a large model; the tiny test models need a few seconds
 POLL_S = 0.5
-
-
-def parent_pid(pid: int) -> int | None:
-    """Parent pid of ``pid`` from ``/proc`` (Linux), or ``None`` if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces or parentheses, so split after the last ')'.
-    return int(stat[stat.rindex(")") + 2:].split()[1])
-
-
-def process_args(pid: int) -> list[str]:
-    """The argv of ``pid`` from ``/proc`` (empty if it is gone or unreadable)."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def _cmdline(pid: int) -> str:

@@ -555,7 +555,8 @@ def main() -> int:
     common.append(f"data.tokenized_cache={data['cache_path']}")
     log(f"data: {data['num_train_tokens']:,} training tokens, cache {data['cache_path']}")
 
-    from hmoe_ds.training.experiment import ExperimentError, load_ds_config, load_experiment
+    from hmoe_ds.errors import ExperimentError
+    from hmoe_ds.training.experiment import load_ds_config, load_experiment
 
     try:  # every arm's experiment is validated before the first one starts
         for arm in arms:
