@@ -88,6 +88,9 @@ def _data_parallel_lm(model_dir: Path, batch_size: int, dtype: str, device: str 
 
     # The harness defaults to "cuda" even where torch has none.
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        # Accelerate recognises a multi-process CPU launch (gloo) only when told it runs on CPU.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     lm = HFLM(pretrained=str(model_dir), trust_remote_code=True, batch_size=batch_size, dtype=dtype, device=device)
     accelerator = getattr(lm, "accelerator", None)
     # HFLM keeps the Accelerator of a multi-process launch but shards requests only over several GPUs; on CPU
