@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: create (or reuse) .venv in the repository and install
-# hmoe-ds with its test extras. Safe to run again; reinstalls only when
+# hmoe-ds with its test and eval extras, and the zero-shot task data. Safe to run again; reinstalls only when
 # pyproject.toml changed.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,10 +39,20 @@ PY
   touch "$ops_stamp"
 }
 
+# The offline zero-shot tasks (run/zero_shot.py) read BIG-bench data extracted once from the bigbench sdist
+# on PyPI into hmoe-ds's cache; a no-op when present.
+prepare_eval_data() {
+  if ! .venv/bin/python run/zero_shot.py --prepare_data; then
+    echo "[setup] preparing the zero-shot task data failed (see above)" >&2
+    exit 1
+  fi
+}
+
 stamp=".venv/.hmoe-ds-installed"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   build_ops
+  prepare_eval_data
   echo "[setup] .venv is up to date"
   exit 0
 fi
@@ -56,9 +66,10 @@ torch_args=(torch==2.13.0)
 if [ -n "${HMOE_TORCH_INDEX_URL:-}" ]; then torch_args+=(--index-url "$HMOE_TORCH_INDEX_URL"); fi
 echo "[setup] installing torch==2.13.0"
 "${pip[@]}" install -q "${torch_args[@]}"
-echo "[setup] installing hmoe-ds and its test extras"
-"${pip[@]}" install -q -e ".[test]"
+echo "[setup] installing hmoe-ds and its test and eval extras"
+"${pip[@]}" install -q -e ".[test,eval]"
 rm -f .venv/.hmoe-ds-ops-built  # new packages: build the ops against them
 build_ops
+prepare_eval_data
 echo "$want" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, deepspeed; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}")')"

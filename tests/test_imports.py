@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "hmoe_ds"
 
 #: The command-line drivers: the top layer. They may import anything; nothing in the package imports them.
-DRIVERS = {"hmoe_ds.cli", "hmoe_ds.launch", "hmoe_ds.checkpoint.zero_to_fp32_script"}
+DRIVERS = {"hmoe_ds.cli", "hmoe_ds.launch", "hmoe_ds.zero_shot", "hmoe_ds.checkpoint.zero_to_fp32_script"}
 
 #: The module layers of docs/ARCHITECTURE.md, lowest first. A module may import its own layer and the ones
 #: below, never one above. An entry names a module or a package (all its modules, unless a longer entry
@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["hmoe_ds.errors", "hmoe_ds.env", "hmoe_ds.compat", "hmoe_ds.config", "hmoe_ds.sizes",
                     "hmoe_ds.integrity", "hmoe_ds.partitioned", "hmoe_ds.collectives", "hmoe_ds.distributed_env",
                     "hmoe_ds.hostfile", "hmoe_ds.runner", "hmoe_ds.expert_groups", "hmoe_ds.hf",
-                    "hmoe_ds.hf.configuration_hmoe", "hmoe_ds.data"]),
+                    "hmoe_ds.hf.configuration_hmoe", "hmoe_ds.data", "hmoe_ds.eval_tasks"]),
     ("layer math", ["hmoe_ds.routing", "hmoe_ds.losses", "hmoe_ds.dispatch", "hmoe_ds.experts",
                     "hmoe_ds.placement", "hmoe_ds.naming", "hmoe_ds.moe_core", "hmoe_ds.hf.modeling_hmoe"]),
     ("DeepSpeed front-ends", ["hmoe_ds.layer_autoep", "hmoe_ds.layer", "hmoe_ds"]),
