@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .eval_tasks import GROUP, TASK_DIR, EvalDataMissing, prepare_bigbench
+from .eval_tasks import GROUP, TASK_DIR, TASK_NAMES, EvalDataMissing, prepare_bigbench
 
 __all__ = ["build_parser", "evaluate_zero_shot", "format_table", "main"]
 
@@ -186,6 +186,14 @@ def _run_harness(lm: Any, path: Path, model_dir: Path, source: str, tasks: list[
                                           log_samples=False)
     except EvalDataMissing as exc:
         raise ZeroShotError(str(exc)) from None
+    except KeyError as exc:  # the harness's word for a task or group name it does not know
+        raise ZeroShotError(f"{exc.args[0] if exc.args else exc} (shipped offline: {', '.join([GROUP, *TASK_NAMES])})"
+                            ) from None
+    except ConnectionError as exc:  # a harness task whose dataset is not in the local Hugging Face cache
+        raise ZeroShotError(
+            f"{exc}: hubs are offline here; a harness task's dataset must be in the local Hugging Face datasets "
+            "cache. Run the same command once with HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 where the hub is "
+            "reachable (or copy that machine's $HF_HOME), then offline runs read the cache") from None
     if results is None:  # not rank 0
         return None
     return {
