@@ -10,7 +10,7 @@ harness's ``hf`` model, no DeepSpeed in the process); a checkpoint (a run, its
 
 By default it runs the offline tasks shipped in :mod:`hmoe_ds.eval_tasks`
 (group ``hmoe_bigbench``); ``--tasks`` takes any harness task names, e.g. the
-paper's ``piqa,hellaswag,arc_easy,arc_challenge,boolq,winogrande,siqa`` when
+paper's ``piqa,hellaswag,arc_easy,arc_challenge,boolq,winogrande,social_iqa`` when
 their datasets are in the local Hugging Face cache (hubs stay offline).
 
 Processes: one, or N started by a launcher that sets ``RANK``/``WORLD_SIZE``
