@@ -71,7 +71,8 @@ def _export_checkpoint(path: Path, tag: str | None, out: Path) -> None:
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ZeroShotError(f"exporting {path} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
+        raise ZeroShotError(f"exporting {path} failed: {lines[-1].removeprefix('error: ')}")
 
 
 def _check_export(path: Path) -> None:
@@ -140,9 +141,12 @@ def evaluate_zero_shot(path: str | Path, *, tasks: Sequence[str] = (GROUP,), tag
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         # Up before the Accelerator (which adopts it), so rank 0 can export while the others wait.
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     tmp: Path | None = None
+    finished = False
     try:
         if _is_export(path):
             model_dir, source = path, "export"
@@ -167,11 +171,15 @@ def evaluate_zero_shot(path: str | Path, *, tasks: Sequence[str] = (GROUP,), tag
                 raise ZeroShotError(error)
         _check_export(model_dir)
         lm = _data_parallel_lm(model_dir, batch_size, dtype, device)
-        return _run_harness(lm, path, model_dir, source, list(tasks), limit)
+        summary = _run_harness(lm, path, model_dir, source, list(tasks), limit)
+        finished = True
+        return summary
     finally:
         if tmp is not None:
-            if dist.is_initialized():
-                dist.barrier()  # every rank has loaded (or failed) before the export goes
+            # Every rank has loaded the export before it goes. Only a finished run synchronises: after a
+            # failure a peer may never arrive (the launcher ends the others).
+            if finished and dist.is_initialized():
+                dist.barrier()
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -270,4 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(format_table(summary), flush=True)
         print(f"wrote {output}", flush=True)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
