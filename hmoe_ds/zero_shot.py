@@ -175,12 +175,14 @@ def evaluate_zero_shot(path: str | Path, *, tasks: Sequence[str] = (GROUP,), tag
         finished = True
         return summary
     finally:
-        if tmp is not None:
-            # Every rank has loaded the export before it goes. Only a finished run synchronises: after a
-            # failure a peer may never arrive (the launcher ends the others).
+        try:
+            # Every rank has loaded a temporary export before rank 0 removes it. Only a finished run
+            # synchronises: after a failure a peer may never arrive (the launcher ends the others).
             if finished and dist.is_initialized():
                 dist.barrier()
-            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _run_harness(lm: Any, path: Path, model_dir: Path, source: str, tasks: list[str],

@@ -112,28 +112,38 @@ def perturbed_copy(export: Path, target: Path) -> None:
     save_file(noisy, str(target / "model.safetensors"), metadata={"format": "pt"})
 
 
+def export_run(run_: Run, target: Path) -> Path:
+    proc = run([sys.executable, "run/export.py", str(run_.out), str(target)], environment(run_.cache))
+    assert proc.returncode == 0, output(proc)
+    return target
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2_run: Run, eval_data: Path,
                                                                        tmp_path: Path) -> None:
-    """2 ranks on the checkpoint (rank 0 exports it), 1 on the export: the same accuracies; perturbed: others."""
-    env = environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data))
-    export = tmp_path / "export"
+    """2 ranks on the checkpoint (rank 0 exports it to a temporary directory), 1 on its export (run/export.py):
+    the same accuracies, in [0, 1]; a copy of the export with perturbed weights: other accuracies."""
+    scratch = tmp_path / "scratch"  # TMPDIR of the checkpoint run: its temporary export must be gone after
+    scratch.mkdir()
     common = ["--limit", str(LIMIT), "--batch_size", "8"]
-    proc = zero_shot([str(zero2_ep2_run.out), "--export_dir", str(export), "--output", str(tmp_path / "ckpt.json"),
-                      *common], env, ranks=2)
+    proc = zero_shot([str(zero2_ep2_run.out), "--output", str(tmp_path / "ckpt.json"), *common],
+                     environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data), TMPDIR=str(scratch)), ranks=2)
     assert proc.returncode == 0, output(proc)
-    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    assert list(scratch.iterdir()) == []
     two = read(tmp_path / "ckpt.json")
     check_accuracies(two, processes=2)
     assert two["source"] == "checkpoint"
     for name in TASK_NAMES:  # the printed table: one row per task
         assert name in proc.stdout
 
+    env = environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data))
+    export = export_run(zero2_ep2_run, tmp_path / "export")
     proc = zero_shot([str(export), *common], env)
     assert proc.returncode == 0, output(proc)
     one = read(export / "zero_shot.json")  # default output: next to the export
     check_accuracies(one, processes=1)
+    assert one["source"] == "export"
     for name in TASK_NAMES:
         for metric in ("acc", "acc_norm"):
             # Same model, same requests: the 2 ranks scored disjoint halves. Batches differ, so a near-tie may
@@ -152,10 +162,7 @@ def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2
 @pytest.mark.slow
 def test_unknown_task_and_missing_data_are_one_line_errors(zero2_ep2_run: Run, eval_data: Path,
                                                            tmp_path: Path) -> None:
-    export = tmp_path / "export"
-    proc = run([sys.executable, "run/export.py", str(zero2_ep2_run.out), str(export), "--no-verify"],
-               environment(zero2_ep2_run.cache))
-    assert proc.returncode == 0, output(proc)
+    export = export_run(zero2_ep2_run, tmp_path / "export")
     proc = zero_shot([str(export), "--tasks", "no_such_task", "--limit", "2"],
                      environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data)))
     assert proc.returncode == 2 and "error: " in proc.stderr and "no_such_task" in proc.stderr, output(proc)
