@@ -130,7 +130,7 @@ def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2
     proc = zero_shot([str(zero2_ep2_run.out), "--output", str(tmp_path / "ckpt.json"), *common],
                      environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data), TMPDIR=str(scratch)), ranks=2)
     assert proc.returncode == 0, output(proc)
-    assert list(scratch.iterdir()) == []
+    assert not list(scratch.glob("hmoe-zero-shot-*")), list(scratch.iterdir())  # (torch leaves its own caches)
     two = read(tmp_path / "ckpt.json")
     check_accuracies(two, processes=2)
     assert two["source"] == "checkpoint"
