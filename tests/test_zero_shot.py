@@ -53,6 +53,7 @@ def test_missing_data_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         task_file("winowhy")
 
 
+@pytest.mark.slow  # the harness indexes its ~10,000 task YAMLs first
 def test_shipped_tasks_register_with_the_harness() -> None:
     from lm_eval.tasks import TaskManager
 
