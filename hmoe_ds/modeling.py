@@ -72,7 +72,11 @@ class HMoEConfig(PretrainedConfig):
     stays dense), and 0 gives a dense model with no MoE layer (the dense
     baseline). ``moe`` is a dict of :class:`HMoELayerConfig` fields, stored
     fully expanded (every field, enums as strings) so ``config.json`` is explicit;
-    it is ignored when ``moe_layer_frequency`` is 0. ``num_key_value_heads``
+    it is ignored when ``moe_layer_frequency`` is 0. ``expert_placements``, when
+    given, holds one explicit layout (``rank_experts``) per MoE layer, in layer
+    order, and overrides ``moe.placement`` layer by layer: it is what
+    ``moe.placement: measured`` resolves to from a run's measured load
+    (:mod:`hmoe_ds.training.replacement`). ``num_key_value_heads``
     None means multi-head attention; fewer heads than ``num_attention_heads``
     gives grouped-query attention. ``dense_intermediate_size`` is the SwiGLU width
     of the layers that are not MoE. ``max_position_embeddings`` is recorded for
@@ -95,6 +99,7 @@ class HMoEConfig(PretrainedConfig):
     dense_intermediate_size: int = 2048
     moe_layer_frequency: int = 1
     moe: dict[str, Any] | None = None
+    expert_placements: list[list[list[int]]] | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
@@ -131,15 +136,41 @@ class HMoEConfig(PretrainedConfig):
             self.moe = HMoELayerConfig.from_dict(moe).to_dict()
         except (ValueError, TypeError) as err:
             raise ValueError(f"moe: {err}") from err
+        if self.expert_placements is not None:
+            self._check_expert_placements()
         super().__post_init__(**kwargs)
+
+    def _check_expert_placements(self) -> None:
+        layouts = self.expert_placements
+        count = len(self.moe_layer_indices())
+        if not isinstance(layouts, (list, tuple)) or len(layouts) != count:
+            raise ValueError(f"expert_placements: need one layout per MoE layer ({count}), got {layouts!r}")
+        for ordinal, rank_experts in enumerate(layouts):
+            try:
+                self.moe_layer_config(self.moe_layer_indices()[ordinal])
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"expert_placements[{ordinal}]={rank_experts!r}: {err}") from err
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def moe_layer_config(self) -> HMoELayerConfig:
-        """The :class:`HMoELayerConfig` shared by every MoE layer (a fresh copy)."""
-        return HMoELayerConfig.from_dict(self.moe)
+    def moe_layer_config(self, layer_idx: int | None = None) -> HMoELayerConfig:
+        """The :class:`HMoELayerConfig` of block ``layer_idx`` (a fresh copy).
+
+        Every MoE layer shares ``moe``, except for the placement when
+        ``expert_placements`` gives this layer its own; without ``layer_idx``,
+        the shared settings.
+        """
+        moe = dict(self.moe)
+        if layer_idx is not None and self.expert_placements is not None:
+            ordinal = self.moe_layer_indices().index(layer_idx)
+            moe["placement"] = {"rank_experts": self.expert_placements[ordinal]}
+        return HMoELayerConfig.from_dict(moe)
+
+    def moe_layer_indices(self) -> list[int]:
+        """Block indices of the MoE layers, in order (MoE layer ``i`` of the metrics is block ``[i]``)."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether block ``layer_idx`` (0-based) is an MoE layer: (i + 1) % moe_layer_frequency == 0."""
@@ -245,7 +276,7 @@ class HMoEDecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.layer_idx = layer_idx
-        self.mlp = (build_moe_layer(config.hidden_size, config.moe_layer_config()) if self.is_moe
+        self.mlp = (build_moe_layer(config.hidden_size, config.moe_layer_config(layer_idx)) if self.is_moe
                     else SwiGLU(config.hidden_size, config.dense_intermediate_size))
 
     def forward(self, x_BTD: torch.Tensor, cos_TK: torch.Tensor, sin_TK: torch.Tensor,

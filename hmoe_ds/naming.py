@@ -60,7 +60,7 @@ def expected_moe_layer_records(model_config: Any) -> list[dict[str, Any]]:
     for index in range(model_config.num_hidden_layers):
         if not model_config.is_moe_layer(index):
             continue
-        cfg = model_config.moe_layer_config()
+        cfg = model_config.moe_layer_config(index)
         records.append({
             "layer": index,
             "module": f"model.layers.{index}.mlp",
@@ -84,6 +84,7 @@ def logical_config(model_config: Any) -> Any:
 
     data = model_config.to_dict()
     data["moe"] = {**data["moe"], "ep_size": 1, "frontend": "moe", "placement": "contiguous"}
+    data["expert_placements"] = None
     data["architectures"] = ["HMoEForCausalLM"]
     return HMoEConfig.from_dict(data)
 

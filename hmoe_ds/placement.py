@@ -7,16 +7,26 @@ pairing large, rarely used experts with small, often used ones so that every
 device carries about the same work; :func:`balanced_placement` does that with
 a greedy longest-processing-time assignment under the constraint that every
 rank holds the same number of experts (DeepSpeed's groups assume it).
+
+The work of expert i is ``h_i * s_i`` (FFN hidden size times its share of the
+routed (token, expert) assignments): its FLOPs per token are proportional to
+h_i (``2 * 3 * d * h_i`` forward for a gated FFN). ``balanced`` assumes
+uniform shares, so it balances sizes; ``measured`` takes the shares a run
+logged (:func:`measured_placement`), because training sends more tokens to
+the small experts (P-Penalty, Eq. 4) and the size-balanced layout then
+overloads the ranks holding them. :func:`work_imbalance` is the figure both
+are judged by.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .config import PlacementStrategy
+if TYPE_CHECKING:  # config.py imports this module (an explicit ExpertPlacement is a valid ``placement``)
+    from .config import PlacementStrategy
 
 
 @dataclass(frozen=True)
@@ -102,15 +112,64 @@ def balanced_placement(
     return ExpertPlacement(tuple(tuple(sorted(r)) for r in ranks))
 
 
+def measured_placement(expert_sizes: Sequence[int], ep_size: int, token_share: Sequence[float]) -> ExpertPlacement:
+    """Balance measured work ``h_i * s_i`` over ranks, ``s_i`` the share of assignments expert i received.
+
+    ``token_share`` is what the trainer logs as
+    ``moe/layer_<l>/expert_<i>_token_fraction`` (any non-negative weights
+    work; only their ratios matter). Same greedy as :func:`balanced_placement`.
+    """
+    share = [float(s) for s in token_share]
+    if len(share) != len(expert_sizes) or any(not s >= 0 for s in share) or not sum(share) > 0:
+        raise ValueError(f"token_share={share!r}: need {len(expert_sizes)} non-negative shares, not all zero")
+    return balanced_placement(expert_sizes, ep_size, share)
+
+
+def expert_work(expert_sizes: Sequence[int], token_share: Sequence[float] | None = None) -> list[float]:
+    """Work of each expert, ``h_i * s_i`` (uniform shares when ``token_share`` is None)."""
+    share = [1.0] * len(expert_sizes) if token_share is None else [float(s) for s in token_share]
+    if len(share) != len(expert_sizes):
+        raise ValueError(f"token_share has {len(share)} entries for {len(expert_sizes)} experts")
+    return [float(h) * s for h, s in zip(expert_sizes, share)]
+
+
+def work_imbalance(placement: ExpertPlacement, expert_sizes: Sequence[int],
+                   token_share: Sequence[float] | None = None) -> float:
+    """Max over mean, over EP ranks, of the work ``sum_{i on rank} h_i * s_i`` (1.0 = perfectly even).
+
+    The slowest rank sets the pace of every all-to-all, so this is the factor by
+    which the expert computation of a step exceeds the perfectly balanced one.
+    """
+    load = placement.rank_load(expert_work(expert_sizes, token_share))
+    mean = sum(load) / len(load)
+    return max(load) / mean if mean > 0 else 1.0
+
+
 def make_placement(
-    strategy: PlacementStrategy | str,
+    strategy: PlacementStrategy | str | ExpertPlacement,
     expert_sizes: Sequence[int],
     ep_size: int,
     expected_token_share: Sequence[float] | None = None,
 ) -> ExpertPlacement:
-    """Build the placement named by ``strategy`` (see :class:`PlacementStrategy`)."""
-    if PlacementStrategy(strategy) is PlacementStrategy.CONTIGUOUS:
+    """Build the placement named by ``strategy`` (see :class:`PlacementStrategy`), or check an explicit one.
+
+    ``measured`` without shares (a run that has not logged any routing yet) is
+    ``balanced``. An :class:`ExpertPlacement` (a layout resolved from
+    measured shares, see :mod:`hmoe_ds.training.replacement`) is returned as
+    is once it is checked to fit ``expert_sizes`` and ``ep_size``.
+    """
+    from .config import PlacementStrategy
+
+    if isinstance(strategy, ExpertPlacement):
+        if strategy.ep_size != ep_size or len(strategy.slot_to_expert) != len(expert_sizes):
+            raise ValueError(f"placement {strategy.rank_experts} does not fit {len(expert_sizes)} experts on "
+                             f"ep_size={ep_size} ranks")
+        return strategy
+    strategy = PlacementStrategy(strategy)
+    if strategy is PlacementStrategy.CONTIGUOUS:
         return contiguous_placement(len(expert_sizes), ep_size)
+    if strategy is PlacementStrategy.MEASURED and expected_token_share is not None:
+        return measured_placement(expert_sizes, ep_size, expected_token_share)
     return balanced_placement(expert_sizes, ep_size, expected_token_share)
 
 

@@ -555,6 +555,7 @@ def _train(plan: TrainPlan) -> int:
     from .metrics import MetricsWriter, TrainAccumulator, ep_load_scalars, format_postfix, routing_scalars
 
     from .guard import StepGuard, maybe_poison_loss
+    from .replacement import measured_placement_experiment
     from .rundir_lock import RunDirLock
     from .signals import EXIT_CODE, StopWatch
 
@@ -564,6 +565,8 @@ def _train(plan: TrainPlan) -> int:
     on_rank0(lambda: _take_lock(lock))
     watch = StopWatch().start()  # SIGTERM, or the deepspeed runner exiting: stop at the next step boundary
     tag = on_rank0(lambda: _vet_output_dir(plan))
+    # placement: measured: re-place experts from the load logged up to that checkpoint (hmoe_ds.training.replacement)
+    exp = plan.exp = on_rank0(lambda: measured_placement_experiment(plan.exp, tag, CHECKPOINTS))
 
     datasets.disable_progress_bars()
     data = _rank0_first(lambda: build_lm_datasets(exp.data_config()))
