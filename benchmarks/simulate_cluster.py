@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from hmoe_ds.placement import balanced_placement, contiguous_placement, measured_placement
+from hmoe_ds.placement import balanced_placement, contiguous_placement, measured_placement, work_imbalance
 
 #: Expert weights per rank are charged this many bytes each in training (bf16 w + g, fp32 master, Adam m and v).
 TRAIN_BYTES_PER_PARAM = 16
@@ -332,6 +332,20 @@ def redundancy_rows(label: str, expert_sizes: Sequence[int], hidden_size: int, l
     return rows
 
 
+def imbalance_rows(label: str, expert_sizes: Sequence[int], layers: Sequence[LayerRouting],
+                   ep_sizes: Sequence[int]) -> list[list]:
+    """Per MoE layer: work imbalance (max/mean over EP ranks of h x tokens) of each placement."""
+    rows = []
+    for ep in ep_sizes:
+        for i, layer in enumerate(layers):
+            rows.append([label, ep, i] + [
+                round(work_imbalance(p, expert_sizes, layer.shares), 3) for p in (
+                    contiguous_placement(len(expert_sizes), ep), balanced_placement(expert_sizes, ep),
+                    measured_placement(expert_sizes, ep, layer.shares))])
+    return rows
+
+
+IMBALANCE_HEADERS = ["model", "EP", "MoE layer", "contiguous", "balanced (sizes)", "measured"]
 PLACEMENT_HEADERS = ["model", "cluster", "EP", "placement", "FLOPs max/mean", "intra MiB/rank",
                      "inter MiB/rank max", "inter MiB/rank mean", "top-k leaving node"]
 REDUNDANCY_HEADERS = ["model", "cluster", "EP", "extra copies", "FLOPs max/mean", "expert MiB/rank max",
@@ -396,7 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [f"sizes {list(sizes)}, d={hidden}, {len(layers)} measured layer routing(s) over "
              f"{moe_layers or len(layers)} MoE layers, {args.tokens_per_rank:g} tokens/rank/step, "
              f"{args.bytes:g} bytes/element; traffic = fwd+bwd dispatch and combine, leaving each rank"]
-    tables = [Table("Expert placement at cluster scale (simulated, per step)", PLACEMENT_HEADERS, placement, notes)]
+    divisors = [ep for ep in args.ep if len(sizes) % ep == 0]
+    tables = [Table("Work imbalance per MoE layer (max/mean over EP ranks of hidden size x tokens)",
+                    IMBALANCE_HEADERS, imbalance_rows(label, sizes, layers, divisors), notes[:1]),
+              Table("Expert placement at cluster scale (simulated, per step)", PLACEMENT_HEADERS, placement, notes)]
     if redundancy:
         tables.append(Table("Redundant copies of the hottest experts at EP = experts (simulated)", REDUNDANCY_HEADERS,
                             redundancy, notes + [f"memory at {TRAIN_BYTES_PER_PARAM} bytes per expert weight"]))
