@@ -112,30 +112,33 @@ def _marker_layouts(run: Path, step: int) -> list:
 @pytest.mark.distributed
 def test_replacement_at_a_checkpoint_keeps_the_next_step_loss(tmp_path: Path, data_cache) -> None:
     """EP 2, ``placement: measured``: the run starts size-balanced; resumed at step 2 it is re-placed from the
-    shares logged at steps 1-2, and its step 3 loss equals the uninterrupted run's (1e-6)."""
+    shares logged at steps 1-2, and its losses at steps 3 (weights moved) and 4 (the Adam moments moved with
+    them made step 3's update) equal the uninterrupted run's (1e-6)."""
     exp = copy.deepcopy(L.EXPERIMENT)
     # Pairs of equal sizes: the size-balanced layout breaks their ties by index, measured shares by load, so
     # even the nearly uniform routing of two steps moves experts.
     exp["model"]["moe"].update(expert_sizes=[32, 32, 64, 64, 96, 96, 128, 128], ep_size=2, placement="measured")
-    exp["run"].update(train_steps=3, log_every=1, eval_every=0, eval_at_start=False, save_every=2)
+    exp["run"].update(train_steps=4, log_every=1, eval_every=0, eval_at_start=False, save_every=2)
     ref = tmp_path / "ref"
     proc = L.train(ref, experiment=exp, ranks=2, cache=data_cache)
     assert proc.returncode == 0, L.output(proc)
 
     moved = tmp_path / "moved"
-    shutil.copytree(ref / "out", moved / "out", ignore=shutil.ignore_patterns("step_3"))
+    shutil.copytree(ref / "out", moved / "out", ignore=shutil.ignore_patterns("step_4"))
     (moved / "out" / "checkpoints" / "latest").write_text("step_2")
     proc = L.train(moved, "--resume", experiment=exp, ranks=2, cache=data_cache)
     assert proc.returncode == 0, L.output(proc)
     assert "placement: measured: experts re-placed" in proc.stdout, proc.stdout[-3000:]
     assert "elastic resume" in proc.stderr, proc.stderr[-3000:]
 
-    before, after = _marker_layouts(ref / "out", 2), _marker_layouts(moved / "out", 3)
+    before, after = _marker_layouts(ref / "out", 2), _marker_layouts(moved / "out", 4)
     static = [[list(r) for r in balanced_placement(exp["model"]["moe"]["expert_sizes"], 2).rank_experts]] * 2
     assert before == static  # nothing measured yet at the start: size-balanced
     assert after != before, "the measured shares did not move any expert; the test would prove nothing"
 
-    def loss(run: Path) -> float:
-        return next(r["train/lm_loss"] for r in L.read_metrics(run / "out") if r["step"] == 3 and "train/lm_loss" in r)
+    def losses(run: Path) -> dict[int, float]:
+        return {r["step"]: r["train/lm_loss"] for r in L.read_metrics(run / "out") if "train/lm_loss" in r}
 
-    assert loss(moved) == pytest.approx(loss(ref), rel=1e-6, abs=1e-6)
+    expected, got = losses(ref), losses(moved)
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), (step, got, expected)
