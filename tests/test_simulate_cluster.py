@@ -141,3 +141,25 @@ def test_simulation_matches_the_dispatch_send_counts(world: int) -> None:
         for rank in range(world):
             assert got[rank] == pytest.approx(want[rank], rel=0.03, abs=1e-9), (name, rank, got, want)
     assert model.leave_node == pytest.approx(measured.leave_node, abs=0.01)
+
+
+def test_routing_is_read_from_a_runs_metrics(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from benchmarks.simulate_cluster import routing_from_run
+
+    (tmp_path / "model_config.json").write_text(json.dumps({"hidden_size": 128, "moe": {"expert_sizes": QUICKSTART}}))
+    records = []
+    for step in (10, 20):
+        record = {"step": step}
+        for layer in range(2):
+            record[f"moe/layer_{layer}/experts_per_token"] = 1.5 + layer
+            for e, share in enumerate(SKEWED):
+                record[f"moe/layer_{layer}/expert_{e}_token_fraction"] = share
+        records.append(json.dumps(record))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(records) + "\n")
+    layers, config = routing_from_run(tmp_path)
+    assert [layer.experts_per_token for layer in layers] == [1.5, 2.5]
+    assert all(layer.shares == pytest.approx(SKEWED) for layer in layers)
+    assert main(["--run", str(tmp_path), "--model", "paper-3b", "--cluster", "64x4", "--ep", "8"]) == 0
+    assert "3B" in capsys.readouterr().out
