@@ -7,10 +7,11 @@ ranks 2-3 on "node 1" have local ranks 0-1), with EP 4 spanning both nodes,
 ZeRO-3, and each node building its own data cache (no shared file system for
 data; the checkpoints go to one shared directory). Checked:
 
-* step losses equal those of the same run on 4 ranks of one node;
-* every process of node 1 SIGKILLed mid-run: node 0 stops within seconds with
-  a clear error, no hang;
-* a resume on both nodes continues exactly (the uninterrupted run's losses).
+* every process of node 1 SIGKILLed during step 3 (after the step-2
+  checkpoint): node 0 stops within seconds with a clear error, no hang;
+* a resume on both nodes continues exactly: the step losses of the two-node
+  run (steps 1-2 before the loss, 3-6 after the resume) equal those of the
+  same run on 4 ranks of one node.
 
 Node-local checkpoint storage (DeepSpeed's ``checkpoint.use_node_local_storage``)
 is not covered: on one machine both "nodes" see the same directory.
@@ -94,23 +95,12 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["train/lm_loss"] for r in L.read_metrics(out) if "train/lm_loss" in r}
 
 
-def test_two_nodes_train_like_one_and_survive_a_lost_node(tmp_path: Path) -> None:
+def test_two_nodes_survive_a_lost_node_and_train_like_one(tmp_path: Path) -> None:
     reference = L.train(tmp_path / "one_node", experiment=_experiment(), ds=_ds(), ranks=4,
                         cache=tmp_path / "cache_one_node", timeout=600)
     assert reference.returncode == 0, L.output(reference)
     expected = _losses(tmp_path / "one_node" / "out")
     assert sorted(expected) == list(range(1, STEPS + 1))
-
-    # Uninterrupted on two nodes.
-    two = tmp_path / "two"
-    codes = _wait(_start_nodes(two, two / "out"), timeout=600)
-    logs = [(two / f"node{n}.log").read_text() for n in range(NODES)]
-    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
-    got = _losses(two / "out")
-    for step in expected:
-        assert got[step] == pytest.approx(expected[step], rel=1e-6), (step, got, expected)
-    for node in range(NODES):
-        assert any((two / f"cache_node{node}").iterdir()), f"node {node} built no data cache of its own"
 
     # Node 1 lost during step 3: its rank 2 is SIGKILLed by the test hook, then every process of node 1.
     lost = tmp_path / "lost"
@@ -136,6 +126,9 @@ def test_two_nodes_train_like_one_and_survive_a_lost_node(tmp_path: Path) -> Non
     # Resume on both nodes from the last checkpoint (step 2): the run continues exactly.
     codes = _wait(_start_nodes(lost, lost / "out", "--resume"), timeout=600)
     assert codes == [0, 0], (lost / "node0.log").read_text()[-3000:] + (lost / "node1.log").read_text()[-3000:]
+    # Steps 1-2 from before the loss, 3-6 after the resume: all equal the one-node run's.
     resumed = _losses(lost / "out")
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), (step, resumed, expected)
+    for node in range(NODES):
+        assert any((lost / f"cache_node{node}").iterdir()), f"node {node} built no data cache of its own"
