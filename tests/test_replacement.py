@@ -47,12 +47,34 @@ def test_measured_beats_the_size_balanced_layout_on_skewed_routing(ep_size: int)
     static = balanced_placement(QUICKSTART, ep_size)
     measured = measured_placement(QUICKSTART, ep_size, SKEWED)
     assert measured != static
-    # 1.028 -> 1.018 (EP 2), 1.069 -> 1.039 (EP 4)
     assert work_imbalance(measured, QUICKSTART, SKEWED) < work_imbalance(static, QUICKSTART, SKEWED) - 0.005
     assert work_imbalance(measured, QUICKSTART, SKEWED) < 1.04
     # make_placement: measured with shares is this layout; without any (nothing logged yet) it is balanced.
     assert make_placement("measured", QUICKSTART, ep_size, SKEWED) == measured
     assert make_placement(PlacementStrategy.MEASURED, QUICKSTART, ep_size) == static
+
+
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_measured_finds_the_best_split_of_a_few_experts(ep_size: int) -> None:
+    """8 experts: every split into equal groups is tried (35 at EP 2, 105 at EP 4); none is better."""
+    import itertools
+
+    def splits(items: list[int], size: int):
+        if not items:
+            yield []
+            return
+        for others in itertools.combinations(items[1:], size - 1):
+            left = [e for e in items[1:] if e not in others]
+            for rest in splits(left, size):
+                yield [(items[0], *others), *rest]
+
+    for shares in (SKEWED, (0.05, 0.3, 0.1, 0.05, 0.2, 0.1, 0.1, 0.1)):
+        best = min(work_imbalance(ExpertPlacement(tuple(s)), QUICKSTART, shares)
+                   for s in splits(list(range(8)), 8 // ep_size))
+        measured = measured_placement(QUICKSTART, ep_size, shares)
+        assert work_imbalance(measured, QUICKSTART, shares) == pytest.approx(best, rel=1e-12)
+        assert work_imbalance(measured, QUICKSTART, shares) <= work_imbalance(
+            balanced_placement(QUICKSTART, ep_size, shares), QUICKSTART, shares)
 
 
 def test_an_explicit_layout_is_a_placement_and_must_fit() -> None:
