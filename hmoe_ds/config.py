@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .placement import ExpertPlacement
+
 if sys.version_info >= (3, 11):
     from enum import StrEnum
 else:  # pragma: no cover - Python 3.10
@@ -59,7 +61,10 @@ class PlacementStrategy(StrEnum):
     """How logical experts are laid out over expert-parallel ranks."""
 
     CONTIGUOUS = "contiguous"  # DeepSpeed's: rank r holds experts [r*E/ep, (r+1)*E/ep)
-    BALANCED = "balanced"  # equalise expected work (size x routed share) per rank
+    BALANCED = "balanced"  # equalise expected work (size x routed share) per rank, shares uniform
+    # Equalise measured work: at every (re)start from a checkpoint, each layer is re-placed from the token shares
+    # the run logged up to it (hmoe_ds.training.replacement); "balanced" until anything is measured.
+    MEASURED = "measured"
 
 
 class ExpertCompute(StrEnum):
@@ -158,7 +163,10 @@ class HMoELayerConfig:
         z_loss_coef: weight of the router z-loss (ST-MoE); off in the paper.
         size_normalization: normalisation of h_i inside P-Penalty.
         ep_size: expert-parallel world size; must divide the number of experts.
-        placement: how experts are placed over the ``ep_size`` ranks.
+        placement: how experts are placed over the ``ep_size`` ranks: a
+            :class:`PlacementStrategy`, or an explicit
+            :class:`~hmoe_ds.placement.ExpertPlacement` (one layer's layout resolved
+            from measured load; its plain form is ``{"rank_experts": [[...], ...]}``).
         frontend: the DeepSpeed base class (``moe`` for ZeRO 0-2, ``autoep``
             for ZeRO-3); the trainer picks it from the DeepSpeed config.
         expert_compute: ``auto`` (default), ``grouped`` or ``loop``: how the
@@ -198,7 +206,7 @@ class HMoELayerConfig:
     z_loss_coef: float = 0.0
     size_normalization: SizeNormalization = SizeNormalization.MEAN
     ep_size: int = 1
-    placement: PlacementStrategy = PlacementStrategy.CONTIGUOUS
+    placement: PlacementStrategy | ExpertPlacement = PlacementStrategy.CONTIGUOUS
     frontend: MoEFrontend = MoEFrontend.MOE
     expert_compute: ExpertCompute = ExpertCompute.AUTO
     gate_convention: GateConvention = GateConvention.HMOE
@@ -233,7 +241,10 @@ class HMoELayerConfig:
         self.routing = _choice(RoutingMethod, "routing", self.routing)
         self.activation = _choice(ExpertActivation, "activation", self.activation)
         self.size_normalization = _choice(SizeNormalization, "size_normalization", self.size_normalization)
-        self.placement = _choice(PlacementStrategy, "placement", self.placement)
+        if isinstance(self.placement, dict):
+            self.placement = ExpertPlacement.from_dict(self.placement)
+        if not isinstance(self.placement, ExpertPlacement):
+            self.placement = _choice(PlacementStrategy, "placement", self.placement)
         self.frontend = _choice(MoEFrontend, "frontend", self.frontend)
         self.expert_compute = _choice(ExpertCompute, "expert_compute", self.expert_compute)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= n:
@@ -280,6 +291,10 @@ class HMoELayerConfig:
                 f"ep_size={self.ep_size} does not divide the number of experts ({n}); "
                 f"allowed ep_size values: {divisors}"
             )
+        if isinstance(self.placement, ExpertPlacement) and (
+                self.placement.ep_size != self.ep_size or len(self.placement.slot_to_expert) != n):
+            raise ValueError(f"placement={self.placement.to_dict()}: an explicit layout must place the {n} experts "
+                             f"on ep_size={self.ep_size} ranks")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,6 +302,8 @@ class HMoELayerConfig:
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, ExpertPlacement):
+                value = value.to_dict()
             out[f.name] = str(value) if isinstance(value, enum.Enum) else value
         return out
 

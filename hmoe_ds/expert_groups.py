@@ -7,8 +7,9 @@ they are built, and hand the group to the core's token exchange.
 
 from __future__ import annotations
 
-import torch.distributed as dist
 from deepspeed.utils import groups
+
+from . import collectives
 
 
 def expert_parallel_rank(ep_size: int, group_name: str) -> int:
@@ -17,12 +18,12 @@ def expert_parallel_rank(ep_size: int, group_name: str) -> int:
     Needed at construction time because each rank builds only the experts the
     placement gives it, and those differ in size.
     """
-    if not dist.is_initialized():
+    if not collectives.is_distributed():
         raise ValueError(
             f"ep_size={ep_size} needs the distributed backend before the layer is built, because each "
             "rank builds only its own (unequal) experts: call deepspeed.init_distributed() first, or use ep_size=1"
         )
-    world = dist.get_world_size()
+    world = collectives.world_size()
     if world % ep_size != 0:
         raise ValueError(f"ep_size={ep_size} must divide the world size ({world}); choose a divisor of {world}")
     if group_name not in groups._get_expert_parallel_group_dict():

@@ -68,7 +68,27 @@ class HMoEConfig(configuration_hmoe.HMoEConfig):
     ``moe`` is a dict of :class:`HMoELayerConfig` fields, stored fully expanded
     (every field, enums as strings) so ``config.json`` is explicit. See
     :class:`hmoe_ds.hf.configuration_hmoe.HMoEConfig` for the other fields.
+    ``expert_placements``, when given, holds one explicit layout
+    (``rank_experts``) per MoE layer, in layer order, and overrides
+    ``moe.placement`` layer by layer: it is what ``moe.placement: measured``
+    resolves to from a run's measured load (:mod:`hmoe_ds.training.replacement`).
     """
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.expert_placements is not None:
+            self._check_expert_placements()
+
+    def _check_expert_placements(self) -> None:
+        layouts = self.expert_placements
+        count = len(self.moe_layer_indices())
+        if not isinstance(layouts, (list, tuple)) or len(layouts) != count:
+            raise ValueError(f"expert_placements: need one layout per MoE layer ({count}), got {layouts!r}")
+        for ordinal, rank_experts in enumerate(layouts):
+            try:
+                self.moe_layer_config(self.moe_layer_indices()[ordinal])
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"expert_placements[{ordinal}]={rank_experts!r}: {err}") from err
 
     def _normalize_moe(self, moe: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -76,9 +96,22 @@ class HMoEConfig(configuration_hmoe.HMoEConfig):
         except (ValueError, TypeError) as err:
             raise ValueError(f"moe: {err}") from err
 
-    def moe_layer_config(self) -> HMoELayerConfig:
-        """The :class:`HMoELayerConfig` shared by every MoE layer (a fresh copy)."""
-        return HMoELayerConfig.from_dict(self.moe)
+    def moe_layer_config(self, layer_idx: int | None = None) -> HMoELayerConfig:
+        """The :class:`HMoELayerConfig` of block ``layer_idx`` (a fresh copy).
+
+        Every MoE layer shares ``moe``, except for the placement when
+        ``expert_placements`` gives this layer its own; without ``layer_idx``,
+        the shared settings.
+        """
+        moe = dict(self.moe)
+        if layer_idx is not None and self.expert_placements is not None:
+            ordinal = self.moe_layer_indices().index(layer_idx)
+            moe["placement"] = {"rank_experts": self.expert_placements[ordinal]}
+        return HMoELayerConfig.from_dict(moe)
+
+    def moe_layer_indices(self) -> list[int]:
+        """Block indices of the MoE layers, in order (MoE layer ``i`` of the metrics is block ``[i]``)."""
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
 
 def debug_config(**overrides: Any) -> HMoEConfig:
@@ -99,7 +132,7 @@ class HMoEDecoderLayer(modeling_hmoe.HMoEDecoderLayer):
     """The standalone block with DeepSpeed's MoE layer as ``mlp``; reports the layer's weighted aux loss."""
 
     def build_moe(self, config: HMoEConfig) -> None:
-        self.mlp = build_moe_layer(config.hidden_size, config.moe_layer_config())
+        self.mlp = build_moe_layer(config.hidden_size, config.moe_layer_config(self.layer_idx))
 
     def moe_forward(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y_BTD, l_aux, _exp_counts = self.mlp(h_BTD)
@@ -324,6 +357,7 @@ def logical_config(model_config: Any) -> Any:
     """
     data = model_config.to_dict()
     data["moe"] = {**data["moe"], "ep_size": 1, "frontend": "moe", "placement": "contiguous"}
+    data["expert_placements"] = None
     data["architectures"] = ["HMoEForCausalLM"]
     return HMoEConfig.from_dict(data)
 

@@ -61,7 +61,7 @@ def expected_moe_layer_records(model_config: Any) -> list[dict[str, Any]]:
     for index in range(model_config.num_hidden_layers):
         if not model_config.is_moe_layer(index):
             continue
-        cfg = model_config.moe_layer_config()
+        cfg = model_config.moe_layer_config(index)
         records.append({
             "layer": index,
             "module": f"model.layers.{index}.mlp",

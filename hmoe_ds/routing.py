@@ -32,6 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from .config import RoutingMethod
+# The selection rules live once, in the standalone model that every export carries (it may import nothing of
+# hmoe_ds); the training router uses the same functions, so the two cannot choose differently.
+from .hf.modeling_hmoe import top_k_mask, top_p_mask
 
 
 @dataclass(frozen=True)
@@ -69,36 +72,6 @@ def _gate_weights(probs_TE: torch.Tensor, mask_TE: torch.Tensor, renormalize: bo
     # probability underflows, which would otherwise divide by zero.
     denom_T1 = kept_TE.sum(dim=1, keepdim=True).clamp(min=torch.finfo(kept_TE.dtype).eps)
     return kept_TE / denom_T1
-
-
-def top_k_mask(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k most probable experts per token (Eq. 8)."""
-    _, idx_TK = torch.topk(probs_TE, k=k, dim=1)
-    return torch.zeros_like(probs_TE, dtype=torch.bool).scatter_(1, idx_TK, True)
-
-
-def top_p_mask(probs_TE: torch.Tensor, p: float) -> torch.Tensor:
-    """Boolean mask of the Top-P set per token (Eq. 9).
-
-    Expert j (in descending-probability order) is kept iff the mass of the
-    experts strictly before it is still below p: that keeps exactly the
-    shortest prefix whose cumulative sum reaches p, the crossing expert
-    included, and always the most probable expert (its prefix mass is 0 < p).
-    ``p >= 1`` keeps every expert (dense routing), whatever the rounding of the
-    softmax.
-    """
-    if p >= 1.0:
-        return torch.ones_like(probs_TE, dtype=torch.bool)
-    sorted_TE, order_TE = torch.sort(probs_TE, dim=1, descending=True, stable=True)
-    # In float64: a float32 running sum rounds differently depending on how the scan
-    # is computed (sequentially, or with a wider accumulator as torch's CPU cumsum
-    # does), which could flip a decision when the mass is within an ulp of p.
-    cumulative_TE = torch.cumsum(sorted_TE.double(), dim=1)
-    # Shifted rather than ``cumsum - sorted``: the subtraction rounds differently
-    # from the running sum and could flip a decision when p is within an ulp.
-    mass_before_TE = torch.cat([torch.zeros_like(cumulative_TE[:, :1]), cumulative_TE[:, :-1]], dim=1)
-    keep_sorted_TE = mass_before_TE < p
-    return torch.zeros_like(keep_sorted_TE).scatter_(1, order_TE, keep_sorted_TE)
 
 
 def route(

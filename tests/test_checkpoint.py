@@ -188,8 +188,9 @@ def test_marker_records_placement_and_refuses_other_layouts(zero2_ep2_run: Run) 
     relaid = copy.deepcopy(marker["model_config"])
     relaid["moe"].update(placement="contiguous")
     changes = check_compatible(marker, tag_dir, world_size=4, model_config=HMoEConfig.from_dict(relaid), zero_stage=3)
-    assert changes == ["world size 2 -> 4", "ZeRO stage 2 -> 3", "MoE placement " + repr(layer0["placement"]) + " -> "
-                       + repr({"rank_experts": [[0, 1], [2, 3]]})], changes
+    assert changes == ["world size 2 -> 4", "ZeRO stage 2 -> 3"] + [
+        f"MoE layer {layer['layer']} placement {layer['placement']['rank_experts']} -> [[0, 1], [2, 3]]"
+        for layer in (layer0, layer1)], changes
     # Another structure is refused, naming every difference.
     other = copy.deepcopy(relaid)
     other["moe"].update(expert_sizes=[32, 64, 96, 160])

@@ -116,9 +116,14 @@ def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int,
                 if saved.get(key) != now[key]:
                     problems.append(f"MoE layer {now['layer']} {key}: checkpoint {saved.get(key)!r}, "
                                     f"this run {now[key]!r}")
-        for key in ("ep_size", "frontend", "placement"):
+        for key in ("ep_size", "frontend"):
             if saved_layers and saved_layers[0].get(key) != now_layers[0][key]:
                 changes.append(f"MoE {key} {saved_layers[0].get(key)!r} -> {now_layers[0][key]!r}")
+        # Placements may differ layer by layer (placement: measured): any moved expert is a layout change.
+        for saved, now in zip(saved_layers, now_layers):
+            if saved.get("placement") != now["placement"]:
+                changes.append(f"MoE layer {now['layer']} placement {saved.get('placement', {}).get('rank_experts')} "
+                               f"-> {now['placement']['rank_experts']}")
     if changes and not marker.get("shards"):
         problems += [f"{c} (this checkpoint predates elastic resume; launch it as it was saved)" for c in changes]
     if problems:

@@ -74,7 +74,8 @@ class HMoEConfig(PretrainedConfig):
     stays dense), and 0 gives a dense model with no MoE layer (the dense
     baseline). ``moe`` is a dict of MoE layer options shared by every MoE layer
     (``expert_sizes``, ``routing``, ``top_k``, ``top_p``, ``activation``, ...);
-    it is ignored when ``moe_layer_frequency`` is 0. ``num_key_value_heads``
+    it is ignored when ``moe_layer_frequency`` is 0. ``expert_placements`` (training
+    only, ignored here) records which expert-parallel rank held which experts. ``num_key_value_heads``
     None means multi-head attention; fewer heads than ``num_attention_heads``
     gives grouped-query attention. ``dense_intermediate_size`` is the SwiGLU width
     of the layers that are not MoE. ``max_position_embeddings`` is recorded for
@@ -98,6 +99,7 @@ class HMoEConfig(PretrainedConfig):
     dense_intermediate_size: int = 2048
     moe_layer_frequency: int = 1
     moe: dict[str, Any] | None = None
+    expert_placements: list[list[list[int]]] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None

@@ -195,7 +195,10 @@ def top_p_mask(probs_TE: torch.Tensor, p: float) -> torch.Tensor:
     if p >= 1.0:
         return torch.ones_like(probs_TE, dtype=torch.bool)
     sorted_TE, order_TE = torch.sort(probs_TE, dim=1, descending=True, stable=True)
+    # float64: a float32 running sum rounds differently depending on how the scan is computed (sequentially,
+    # or with a wider accumulator as torch's CPU cumsum does), which could flip a decision within an ulp of p.
     cumulative_TE = torch.cumsum(sorted_TE.double(), dim=1)
+    # Shifted rather than ``cumsum - sorted``: the subtraction rounds differently from the running sum.
     mass_before_TE = torch.cat([torch.zeros_like(cumulative_TE[:, :1]), cumulative_TE[:, :-1]], dim=1)
     return torch.zeros_like(mass_before_TE, dtype=torch.bool).scatter_(1, order_TE, mass_before_TE < p)
 

@@ -328,7 +328,7 @@ def check_schema(
 def dataclass_schema(cls: type) -> dict[str, Any]:
     """``{field: annotation}`` of a dataclass, with string annotations resolved."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.name != "extra"}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
 def _own_type_hints(cls: type) -> dict[str, Any]:

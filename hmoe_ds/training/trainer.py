@@ -472,6 +472,7 @@ def set_up(plan: TrainPlan) -> TrainState:
 
     from .guard import StepGuard
     from .metrics import MetricsWriter, TrainAccumulator
+    from .replacement import measured_placement_experiment
     from .rundir_lock import RunDirLock
     from .signals import StopWatch
 
@@ -481,6 +482,9 @@ def set_up(plan: TrainPlan) -> TrainState:
     on_rank0(lambda: _take_lock(lock))
     watch = StopWatch().start()  # SIGTERM, or the deepspeed runner exiting: stop at the next step boundary
     tag = on_rank0(lambda: _vet_output_dir(plan))
+    # placement: measured: re-place experts from the load logged up to that checkpoint (hmoe_ds.training.replacement)
+    exp = plan.exp = on_rank0(lambda: measured_placement_experiment(plan.exp, tag, CHECKPOINTS))
+    run = exp.run
 
     datasets.disable_progress_bars()
     data = load_datasets(exp)
