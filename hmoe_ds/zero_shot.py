@@ -26,6 +26,7 @@ Needs the ``eval`` extra (``pip install "hmoe-ds[eval]"``; ``run/setup.sh`` inst
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -196,9 +197,11 @@ def _run_harness(lm: Any, path: Path, model_dir: Path, source: str, tasks: list[
                                           log_samples=False)
     except EvalDataMissing as exc:
         raise ZeroShotError(str(exc)) from None
-    except KeyError as exc:  # the harness's word for a task or group name it does not know
-        raise ZeroShotError(f"{exc.args[0] if exc.args else exc} (shipped offline: {', '.join([GROUP, *TASK_NAMES])})"
-                            ) from None
+    except KeyError as exc:
+        message = str(exc.args[0]) if exc.args else ""
+        if "not a registered task" not in message:  # the harness's word for a name it does not know
+            raise
+        raise ZeroShotError(f"{message} (shipped offline: {', '.join([GROUP, *TASK_NAMES])})") from None
     except ConnectionError as exc:  # a harness task whose dataset is not in the local Hugging Face cache
         raise ZeroShotError(
             f"{exc}: hubs are offline here; a harness task's dataset must be in the local Hugging Face datasets "
@@ -259,9 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.path:
         parser.error("path is required (or --prepare_data)")
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("lm_eval") is None:
         print('error: lm-evaluation-harness is not installed: pip install "hmoe-ds[eval]"', file=sys.stderr)
         return 2
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
