@@ -97,10 +97,13 @@ def test_arms_have_equal_expert_totals_and_the_papers_losses() -> None:
                     a.settings["model.moe.entropy_coef"]) for name, a in arms.items() if name != "dense"}
     assert coefs["moe_topk"] == (0.01, 0.0, 0.0) and coefs["moe_topp"] == (0.01, 0.0, 0.03)
     assert coefs["hmoe_topk"] == (0.0, 0.1, 0.0) and coefs["hmoe_topp"] == (0.0, 0.1, 0.03)
-    # the headline arm differs from hmoe_topp only in its threshold (set to match MoE Top-K's activated params)
-    matched = arms["hmoe_topp_matched"]
-    assert matched.experts == "arithmetic" and matched.settings["model.moe.routing"] == "top_p"
-    assert matched.settings["model.moe.top_p"] > arms["hmoe_topp"].settings["model.moe.top_p"]
+    # the headline arm is hmoe_topp with a higher threshold and a weaker entropy loss (so that it activates
+    # about as many parameters as MoE Top-K); sizes and the P-Penalty are the same
+    matched, topp = arms["hmoe_topp_matched"], arms["hmoe_topp"]
+    assert matched.experts == topp.experts == "arithmetic" and matched.settings["model.moe.routing"] == "top_p"
+    assert matched.settings["model.moe.top_p"] > topp.settings["model.moe.top_p"]
+    assert 0 < matched.settings["model.moe.entropy_coef"] < topp.settings["model.moe.entropy_coef"]
+    assert coefs["hmoe_topp_matched"][:2] == coefs["hmoe_topp"][:2]
     pairs = {(p.hmoe, p.moe) for p in driver.load_pairs(driver.ARMS_YAML)}
     assert {("hmoe_topk", "moe_topk"), ("hmoe_topp", "moe_topp"), ("hmoe_topp_matched", "moe_topk")} <= pairs
 

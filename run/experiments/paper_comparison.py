@@ -25,8 +25,9 @@ final checkpoint on the whole validation split with ``run/eval.py``; then writes
     logs/<run>.{train,eval}.log
 
 What a seed changes: ``run.seed``, i.e. the initial weights and the order of the training batches (and
-any random draw in training; the arms' dropless routing makes none). The tokeniser, the train/validation split (``data.seed``) and so the validation
-set stay fixed, and run ``i`` of every arm shares its seed, so arms are compared paired by seed.
+any random draw in training; the arms' dropless routing makes none). The tokeniser, the train/validation
+split (``data.seed``) and so the validation set stay fixed, and run ``i`` of every arm shares its seed,
+so arms are compared paired by seed.
 
 ``--scale`` (default 1: the 2-core CPU size) sets the model shape, batch, sequence length, steps and
 learning rate from one number; see :func:`plan_for_scale` and the README next to this file.
