@@ -89,8 +89,8 @@ def test_an_explicit_layout_is_a_placement_and_must_fit() -> None:
 
 
 def test_per_layer_layouts_reach_the_layers_and_not_the_logical_model() -> None:
-    from hmoe_ds.modeling import HMoEForCausalLM, debug_config
-    from hmoe_ds.naming import expected_moe_layer_records, logical_config
+    from hmoe_ds.modeling import HMoEForCausalLM, debug_config, logical_config
+    from hmoe_ds.naming import expected_moe_layer_records
 
     config = debug_config(moe={"placement": "measured"}, expert_placements=[[[0, 1, 2, 3]], [[3, 2, 1, 0]]])
     model = HMoEForCausalLM(config)
