@@ -93,26 +93,26 @@ def _dispatch_counts(rank: int, world_size: int) -> dict:
     """One forward of an EP=world HMoE layer on skewed routing; the send splits the exchange computed."""
     import torch
 
-    from hmoe_ds import HMoE
+    from hmoe_ds import HMoE, collect_routing_stats
     from hmoe_ds.dispatch import AllToAllExchange
 
     recorded: list[list[int]] = []
-    original = AllToAllExchange.dispatch
+    original = AllToAllExchange.to_experts
 
     def recording(self, x_AD, counts):
         rows, local_counts, context = original(self, x_AD, counts)
         recorded.append(list(context.send_splits))
         return rows, local_counts, context
 
-    AllToAllExchange.dispatch = recording
+    AllToAllExchange.to_experts = recording
     torch.manual_seed(0)
     layer = HMoE(D, SIZES, routing="top_k", top_k=2, ep_size=world_size, placement="balanced")
     with torch.no_grad():  # a router whose logits carry a per-expert bias: skewed, like a trained one
         layer.deepspeed_moe.gate.wg.weight.copy_(torch.randn(len(SIZES), D, generator=torch.Generator().manual_seed(1)))
     x = torch.randn(TOKENS, D, generator=torch.Generator().manual_seed(10 + rank)) + 0.5
-    with torch.no_grad():
+    with torch.no_grad(), collect_routing_stats() as stats:
         layer(x)
-    return {"send": recorded[0], "counts": layer.last_stats.tokens_per_expert.tolist(),
+    return {"send": recorded[0], "counts": stats[0].assignments_per_expert.tolist(),
             "layout": [list(r) for r in layer.placement.rank_experts]}
 
 
