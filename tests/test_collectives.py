@@ -53,22 +53,6 @@ def _outcome(fn) -> str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _sections(rank: int, world_size: int) -> list[str]:
-    from hmoe_ds.collectives import on_rank0
-    from hmoe_ds.errors import ExperimentError
-
-    def value() -> int:
-        return 42 if rank == 0 else -1  # only rank 0 runs it; everyone gets its result
-
-    def mistake() -> None:
-        raise ExperimentError("exp.yaml: run.train_steps=-1: must be an int >= 1")
-
-    def crash() -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    return [_outcome(lambda: on_rank0(value)), _outcome(lambda: on_rank0(mistake)), _outcome(lambda: on_rank0(crash))]
-
-
 def _first_then_the_others(rank: int, world_size: int, root: str) -> list[str]:
     """rank0_first: rank 0 builds a "cache" the others then read; a data error reaches every rank."""
     from hmoe_ds import collectives
@@ -88,24 +72,38 @@ def _first_then_the_others(rank: int, world_size: int, root: str) -> list[str]:
             f"distributed {collectives.is_distributed()}"]
 
 
+def _sections(rank: int, world_size: int, root: str) -> list[str]:
+    from hmoe_ds.collectives import on_rank0
+    from hmoe_ds.errors import ExperimentError
+
+    def value() -> int:
+        return 42 if rank == 0 else -1  # only rank 0 runs it; everyone gets its result
+
+    def mistake() -> None:
+        raise ExperimentError("exp.yaml: run.train_steps=-1: must be an int >= 1")
+
+    def crash() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return [_outcome(lambda: on_rank0(value)), _outcome(lambda: on_rank0(mistake)), _outcome(lambda: on_rank0(crash)),
+            *_first_then_the_others(rank, world_size, root)]
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_rank0_sections_give_every_rank_the_result_or_the_failure() -> None:
-    rank0, rank1 = run_distributed(_sections, world_size=2, timeout=120)
+def test_rank0_sections_give_every_rank_the_result_or_the_failure(tmp_path: Path) -> None:
+    """on_rank0, then rank0_first, in one 2-rank run."""
+    rank0, rank1 = run_distributed(_sections, world_size=2, timeout=240, root=str(tmp_path))
     assert rank0[0] == rank1[0] == "ok 42"
     assert rank0[1] == rank1[1] == "ExperimentError: exp.yaml: run.train_steps=-1: must be an int >= 1"
     assert rank0[2] == "OSError: [Errno 28] No space left on device"
     assert rank1[2] == "RuntimeError: rank 0 failed (OSError: [Errno 28] No space left on device); see its traceback"
 
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_rank0_first_runs_rank0_before_the_others(tmp_path: Path) -> None:
-    rank0, rank1 = run_distributed(_first_then_the_others, world_size=2, timeout=120, root=str(tmp_path))
-    assert rank0[0] == "ok rank 0 of 2 read 'built by rank 0'"
-    assert rank1[0] == "ok rank 1 of 2 read 'built by rank 0'"  # rank 1 ran only after rank 0 had built it
-    assert rank0[1] == rank1[1] == "ExperimentError: data.path: no such file"  # rank 1 never ran bad_data itself
-    assert rank0[2] == rank1[2] == "distributed True"
+    # rank0_first: rank 1 ran only after rank 0 had built the cache; a failure on rank 0 reached rank 1 first.
+    assert rank0[3] == "ok rank 0 of 2 read 'built by rank 0'"
+    assert rank1[3] == "ok rank 1 of 2 read 'built by rank 0'"
+    assert rank0[4] == rank1[4] == "ExperimentError: data.path: no such file"
+    assert rank0[5] == rank1[5] == "distributed True"
 
 
 def _save_with_a_full_disk_on_rank0(rank: int, world_size: int, root: str) -> dict:
