@@ -566,7 +566,24 @@ class FFNExpert(nn.Module):
         return f"{self.hidden_size} -> {self.ffn_size} -> {self.hidden_size}, {self.activation}"
 
 
-class HeteroExperts(_ExpertComputeMixin, nn.Module):
+class _DeepSpeedExpertList:
+    """What both module-list storages share: experts in ``deepspeed_experts``, tagged as DeepSpeed tags them."""
+
+    deepspeed_experts: nn.ModuleList
+    expert_group_name: str
+
+    def tag_expert_parameters(self) -> None:
+        """Mark every expert parameter as DeepSpeed's ``Experts`` does.
+
+        Call again after anything that replaces the parameter objects (e.g. HF
+        ``from_pretrained``), since the tags are attributes of the objects.
+        """
+        for param in self.deepspeed_experts.parameters():
+            param.allreduce = False
+            param.group_name = self.expert_group_name
+
+
+class HeteroExperts(_DeepSpeedExpertList, _ExpertComputeMixin, nn.Module):
     """This rank's experts, each of its own width, held as a ``ModuleList``.
 
     The attribute is called ``deepspeed_experts`` on purpose: DeepSpeed's
@@ -645,16 +662,6 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
                     # Same Parameter object (optimizer groups and DeepSpeed's tags refer to it), new storage.
                     lin.weight.data = block[g]
 
-    def tag_expert_parameters(self) -> None:
-        """Mark every expert parameter as DeepSpeed's ``Experts`` does.
-
-        Call again after anything that replaces the parameter objects (e.g. HF
-        ``from_pretrained``), since the tags are attributes of the objects.
-        """
-        for param in self.deepspeed_experts.parameters():
-            param.allreduce = False
-            param.group_name = self.expert_group_name
-
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of each local expert, as views."""
         return [
@@ -675,7 +682,7 @@ class HeteroExperts(_ExpertComputeMixin, nn.Module):
         return self._compute(x_RD, counts)
 
 
-class ModuleExperts(nn.Module):
+class ModuleExperts(_DeepSpeedExpertList, nn.Module):
     """This rank's experts as the user's own modules, run one by one (DeepSpeed's ``Experts``).
 
     Each module maps ``[rows, D] -> [rows, D]`` (a tuple output's first item
@@ -700,12 +707,6 @@ class ModuleExperts(nn.Module):
         self.expert_group_name = expert_group_name
         self.tag_expert_parameters()
 
-    def tag_expert_parameters(self) -> None:
-        """Mark every expert parameter as DeepSpeed's ``Experts`` does."""
-        for param in self.deepspeed_experts.parameters():
-            param.allreduce = False
-            param.group_name = self.expert_group_name
-
     @property
     def compute_order(self) -> list[int]:
         return list(range(self.num_local_experts))
@@ -713,10 +714,6 @@ class ModuleExperts(nn.Module):
     @property
     def width_buckets(self) -> list[WidthBucket]:
         return []
-
-    def parameter_counts(self) -> list[int]:
-        """Parameters of each local expert (what the P-Penalty and the activated-parameter statistics count)."""
-        return [sum(p.numel() for p in e.parameters()) for e in self.deepspeed_experts]
 
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""

@@ -26,9 +26,9 @@ from torch import nn
 from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .expert_groups import expert_parallel_group, expert_parallel_rank
-from .experts import FFNExpert, HeteroExperts, ModuleExperts
+from .experts import HeteroExperts, ModuleExperts
 from .layer_autoep import HMoEAutoEP
-from .moe_core import MoECore, Router, RoutingStats, mix_dense_branch
+from .moe_core import MoECore, Router, RoutingStats, build_dense_branch, mix_dense_branch, parameter_count
 from .placement import ExpertPlacement, make_placement
 
 
@@ -84,10 +84,6 @@ _UNSET: Any = _Unset()
 #: DeepSpeed MoE arguments whose presence makes a call DeepSpeed-style (DeepSpeed's gate conventions).
 _DEEPSPEED_GATE_ARGUMENTS = ("num_experts", "k", "noisy_gate_policy", "drop_tokens", "use_rts",
                              "top2_2nd_expert_sampling")
-
-
-def _param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 class HMoE(MoE):
@@ -211,30 +207,24 @@ class HMoE(MoE):
         expert_modules, expert_params = None, None
         if template is not None:
             expert_modules = [copy.deepcopy(template) for _ in local]
-            expert_params = [_param_count(template)] * config.num_experts
+            expert_params = [parameter_count(template)] * config.num_experts
         elif factory is not None:
             expert_modules = [_checked_expert(factory, config.expert_sizes[e]) for e in local]
             with torch.device("meta"):
-                expert_params = [_param_count(_checked_expert(factory, h)) for h in config.expert_sizes]
+                expert_params = [parameter_count(_checked_expert(factory, h)) for h in config.expert_sizes]
         self.deepspeed_moe = HMoEBlock(hidden_size, config, placement, ep_rank, self.expert_group_name,
                                        expert_modules=expert_modules, expert_params=expert_params)
         if config.ep_size > 1:
             self.deepspeed_moe._set_ep_group(expert_parallel_group(self.expert_group_name))
         # The dense branch sits where DeepSpeed's Residual MoE keeps it (``mlp``, ``coefficient``).
-        if config.shared_expert_size or config.use_residual:
-            if template is not None and config.use_residual and not config.shared_expert_size:
-                self.mlp = template  # DeepSpeed uses the template itself as the residual MLP
-            elif not config.shared_expert_size:
-                raise ValueError("use_residual=True needs a dense expert: pass expert=<module> (DeepSpeed style) "
-                                 "or set shared_expert_size to its FFN size")
-            elif factory is not None:
-                self.mlp = _checked_expert(factory, config.shared_expert_size)
-            else:
-                self.mlp = FFNExpert(hidden_size, config.shared_expert_size, config.activation)
-            self.coefficient = nn.Linear(hidden_size, 2) if config.use_residual else None
-            self.deepspeed_moe.always_active_params = _param_count(self.mlp)
-        else:
-            self.mlp, self.coefficient = None, None
+        dense = None
+        if template is not None and config.use_residual and not config.shared_expert_size:
+            dense = template  # DeepSpeed uses the template itself as the residual MLP
+        elif factory is not None and config.shared_expert_size:
+            dense = _checked_expert(factory, config.shared_expert_size)
+        self.mlp, self.coefficient = build_dense_branch(hidden_size, config, dense)
+        if self.mlp is not None:
+            self.deepspeed_moe.always_active_params = parameter_count(self.mlp)
 
     @property
     def moe_core(self) -> MoECore:
@@ -291,7 +281,7 @@ def _config_from_arguments(hidden_size: int, template: nn.Module | None, factory
         if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts={num_experts!r}: must be an int >= 1")
         # Equal experts; "sizes" in parameters, which is what placement and the P-Penalty weigh.
-        sizes = [_param_count(template)] * num_experts
+        sizes = [parameter_count(template)] * num_experts
     elif expert_sizes is None:
         what = "a factory expert needs" if factory is not None else "HMoE needs"
         raise ValueError(f"{what} expert_sizes (one FFN hidden size per expert), or pass expert=<module> and "

@@ -38,8 +38,8 @@ from torch import nn
 from .compat import check_deepspeed_version
 from .config import HMoELayerConfig, MoEFrontend
 from .expert_groups import expert_data_parallel_group, expert_parallel_group, expert_parallel_rank
-from .experts import FFNExpert, PackedHeteroExperts
-from .moe_core import MoECore, RoutingStats, mix_dense_branch
+from .experts import PackedHeteroExperts
+from .moe_core import MoECore, RoutingStats, build_dense_branch, mix_dense_branch, parameter_count
 from .placement import make_placement
 
 #: The attributes DeepSpeed 0.19.8's engine reads from an ``AutoEPMoELayer``, and what it does with
@@ -98,14 +98,9 @@ class HMoEAutoEP(MoECore, AutoEPMoELayer):
             param.ds_zero_placement_family = "replicated"
         self._set_ep_group(expert_parallel_group(group_name))
         # A shared / residual expert is dense: replicated (ZeRO-3 partitions it over all ranks like the gate).
-        if config.shared_expert_size:
-            self.mlp = FFNExpert(hidden_size, config.shared_expert_size, config.activation)
-            self.coefficient = nn.Linear(hidden_size, 2) if config.use_residual else None
-            self.always_active_params = sum(p.numel() for p in self.mlp.parameters())
-        elif config.use_residual:
-            raise ValueError("use_residual=True needs a dense expert: set shared_expert_size to its FFN size")
-        else:
-            self.mlp, self.coefficient = None, None
+        self.mlp, self.coefficient = build_dense_branch(hidden_size, config)
+        if self.mlp is not None:
+            self.always_active_params = parameter_count(self.mlp)
 
     def _tag_expert_parameter(self, param: nn.Parameter) -> None:
         """The tags AutoEP sets: expert-data-parallel reduction and ZeRO-3 partition group.

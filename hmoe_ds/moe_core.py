@@ -31,7 +31,7 @@ from torch import nn
 from . import losses as L
 from .config import DEEPSPEED_JITTER_EPS, GateConvention, HMoELayerConfig, NoisyGatePolicy
 from .dispatch import LocalExchange, TokenExchange, AllToAllExchange, expert_capacity, plan_dispatch, scatter_to_tokens
-from .experts import expert_compute_order
+from .experts import FFNExpert, expert_compute_order
 from .partitioned import write_full
 from .placement import ExpertPlacement
 from .routing import RouterOutput, multiplicative_jitter, route, route_deepspeed
@@ -467,6 +467,31 @@ class MoECore:
         return out, l_aux, self.exp_counts
 
 
+def parameter_count(module: nn.Module) -> int:
+    """Number of parameters of ``module`` (an expert, a shared expert)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_dense_branch(hidden_size: int, config: HMoELayerConfig,
+                       mlp: nn.Module | None = None) -> tuple[nn.Module | None, nn.Module | None]:
+    """``(mlp, coefficient)`` of a layer's dense branch, as both front-ends hold it (DeepSpeed's names).
+
+    ``mlp`` is the dense expert a front-end already has (DeepSpeed's template
+    module, or the user's factory at ``shared_expert_size``); without one,
+    ``shared_expert_size`` builds the built-in FFN. ``coefficient`` is the
+    Residual-MoE mixing projection when ``use_residual``. ``(None, None)``
+    when the layer has no dense branch; see :func:`mix_dense_branch`.
+    """
+    if mlp is None and config.shared_expert_size:
+        mlp = FFNExpert(hidden_size, config.shared_expert_size, config.activation)
+    if mlp is None:
+        if config.use_residual:
+            raise ValueError("use_residual=True needs a dense expert: set shared_expert_size to its FFN size "
+                             "(or, with DeepSpeed's constructor, pass expert=<module>)")
+        return None, None
+    return mlp, (nn.Linear(hidden_size, 2) if config.use_residual else None)
+
+
 def mix_dense_branch(x: torch.Tensor, moe_out: torch.Tensor, dense: nn.Module,
                      coefficient: nn.Module | None) -> torch.Tensor:
     """Add a dense expert beside the routed ones: a shared expert, or DeepSpeed's Residual MoE.
@@ -486,4 +511,5 @@ def mix_dense_branch(x: torch.Tensor, moe_out: torch.Tensor, dense: nn.Module,
     return moe_out * coef[..., 0:1] + dense_out * coef[..., 1:]
 
 
-__all__ = ["MoECore", "MoELayer", "Router", "RoutingStats", "collect_routing_stats", "mix_dense_branch"]
+__all__ = ["MoECore", "MoELayer", "Router", "RoutingStats", "build_dense_branch", "collect_routing_stats",
+           "mix_dense_branch", "parameter_count"]

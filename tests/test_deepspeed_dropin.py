@@ -152,6 +152,7 @@ def test_earlier_call_styles_keep_hmoe_semantics():
     (dict(expert_sizes=[8, 16], num_experts=3), "num_experts=3 but expert_sizes has 2"),
     (dict(expert=user_expert(), num_experts=4, k=2, top_k=2), "not both"),
     (dict(expert_sizes=[8, 16], use_rts=True, routing="top_p"), "deepspeed"),
+    (dict(expert_sizes=[8, 16], use_residual=True), "use_residual=True needs a dense expert: set shared_expert_size"),
 ])
 def test_bad_drop_in_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
