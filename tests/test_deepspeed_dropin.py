@@ -197,3 +197,17 @@ def test_expert_parallel_layer_matches_deepspeed_moe(k):
         torch.testing.assert_close(result["x_grad"][1], result["x_grad"][0], rtol=1e-4, atol=1e-6)
         for name, grad in result["grads"][0].items():
             torch.testing.assert_close(result["grads"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_used_token_in_hmoe_style_layers_routes_only_marked_tokens():
+    layer = HMoE(D, [8, 16, 24, 32], routing="top_k", top_k=2)
+    x = torch.randn(T, D)
+    used = (torch.arange(T) % 4 != 0).long()
+    with collect_routing_stats() as stats:
+        out, _, counts = layer(x, used)
+    assert out[used == 0].abs().sum() == 0 and out[used == 1].abs().sum() > 0
+    assert int(counts.sum()) == 2 * int(used.sum()) and stats[0].selected_per_expert.sum() == counts.sum()
+    full, _, _ = layer(x)
+    torch.testing.assert_close(out[used == 1], full[used == 1])
+    with pytest.raises(ValueError, match="used_token has 3 entries for 40 tokens"):
+        layer(x, torch.ones(3))
