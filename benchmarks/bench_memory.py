@@ -487,6 +487,7 @@ def run(quick: bool = False, ranks: Sequence[int] | None = None, configs: Sequen
     json_path.parent.mkdir(parents=True, exist_ok=True)
     own_work = work_dir is None
     work = work_dir or Path(tempfile.mkdtemp(prefix="hmoe_bench_memory_"))
+    work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     results: dict[tuple[str, int, str], Measurement] = {}
     meta = {"quick": quick, "ranks": ranks, "configs": configs, "params": params, "model": model,

@@ -263,3 +263,145 @@ def test_read_jsonl_skips_a_last_line_still_being_written(tmp_path: Path) -> Non
     path.write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_jsonl(path)
+
+
+# ---- which tags a run writes (issue: no constant charts, per-expert tags opt-in, DeepSpeed's tags on steps)
+
+
+def layer_config(**overrides: Any) -> Any:
+    from hmoe_ds.config import HMoELayerConfig
+
+    return HMoELayerConfig(**{"expert_sizes": [32, 64, 96, 128], **overrides})
+
+
+def test_layer_tags_leave_out_what_routing_fixes() -> None:
+    from hmoe_ds.training.metrics import PER_EXPERT_AUTO_LIMIT, LayerTags, layer_tags
+
+    # Top-P, dropless, EP 1: experts per token and activated params vary; drops and EP tags cannot.
+    assert layer_tags(layer_config(routing="top_p")) == LayerTags(
+        per_expert=True, experts_per_token=True, activated_params=True, dropped_assignments=False, ep_flops=False)
+    # Top-K dropless: always K experts; unequal sizes still vary the activated parameters.
+    topk = layer_tags(layer_config(routing="top_k"))
+    assert not topk.experts_per_token and topk.activated_params
+    # ... equal sizes: K * params every token.
+    assert not layer_tags(layer_config(routing="top_k", expert_sizes=[64] * 4)).activated_params
+    # A capacity limit can drop assignments, so all three vary.
+    capped = layer_tags(layer_config(routing="top_k", expert_sizes=[64] * 4, capacity_factor=1.0))
+    assert capped.experts_per_token and capped.activated_params and capped.dropped_assignments
+    assert layer_tags(layer_config(ep_size=2)).ep_flops
+    # Per-expert tags: auto up to the limit, or forced.
+    many = [64] * (PER_EXPERT_AUTO_LIMIT + 1)
+    assert layer_tags(layer_config(expert_sizes=[64] * PER_EXPERT_AUTO_LIMIT)).per_expert
+    assert not layer_tags(layer_config(expert_sizes=many)).per_expert
+    assert layer_tags(layer_config(expert_sizes=many), "always").per_expert
+    assert not layer_tags(layer_config(), "never").per_expert
+    with pytest.raises(ValueError, match="per_expert_metrics='some'"):
+        layer_tags(layer_config(), "some")
+
+
+def test_routing_scalars_write_only_the_tags_asked_for() -> None:
+    from hmoe_ds.training.metrics import LayerTags
+
+    acc = RoutingAccumulator()
+    acc.update([stats([1, 3], 2, sizes=(32, 64)), stats([2, 2], 2, sizes=(32, 64))])
+    loads = acc.reduce()
+    every = routing_scalars(loads, 0)
+    quiet = LayerTags(per_expert=False, experts_per_token=False, activated_params=False, dropped_assignments=False)
+    some = routing_scalars(loads, 0, tags=[quiet, LayerTags()])
+    assert set(some) < set(every)
+    assert not [t for t in some if t.startswith("moe/layer_0/") and not t.split("/")[-1].startswith(("load_", "dead"))]
+    assert {t for t in every if t.startswith("moe/layer_1/")} <= set(some)
+    assert "moe/activated_params_per_token" in some  # layer 1's varies, so the model's does
+    only_quiet = routing_scalars(loads, 0, tags=[quiet, quiet])
+    assert "moe/activated_params_per_token" not in only_quiet and "moe/mean_experts_per_token" not in only_quiet
+    assert all(some[t] == every[t] for t in some)
+    with pytest.raises(ValueError, match="1 LayerTags for 2 MoE layers"):
+        routing_scalars(loads, 0, tags=[quiet])
+
+
+def test_ep_load_scalars_with_tags_keep_only_the_flops_of_ep_layers() -> None:
+    from hmoe_ds.placement import ExpertPlacement
+    from hmoe_ds.training.metrics import LayerTags, ep_load_scalars
+
+    acc = RoutingAccumulator()
+    acc.update([stats([4, 8, 12, 16], 40, sizes=(1, 2, 3, 4)), stats([1, 1, 1, 1], 4, sizes=(1, 2, 3, 4))])
+    loads = acc.reduce()
+    placements = [ExpertPlacement(((0, 1), (2, 3))), ExpertPlacement(((0, 1, 2, 3),))]
+    every = ep_load_scalars(loads, placements, steps=1, world_size=2)
+    ran = ep_load_scalars(loads, placements, steps=1, world_size=2,
+                          tags=[LayerTags(ep_flops=True), LayerTags(ep_flops=False)])
+    assert set(ran) == {"moe/layer_0/ep_rank_0_expert_flops_per_step", "moe/layer_0/ep_rank_1_expert_flops_per_step",
+                        "moe/layer_0/ep_flops_imbalance"}
+    assert all(ran[t] == every[t] for t in ran)
+
+
+def test_layout_without_per_expert_tags_charts_only_what_is_written() -> None:
+    import re
+
+    from hmoe_ds.training.metrics import LayerTags
+
+    tags = [LayerTags(per_expert=False), LayerTags()]
+    layout = custom_scalars_layout([(32, 64), (32, 64)], tags=tags)
+    assert not any("per expert" in title for title in layout["MoE layer 0"])
+    assert any("per expert" in title for title in layout["MoE layer 1"])
+    acc = RoutingAccumulator()
+    acc.update([stats([1, 3], 2, sizes=(32, 64)), stats([2, 2], 2, sizes=(32, 64))])
+    written = set(routing_scalars(acc.reduce(), 0, tags=tags))
+    for charts in list(layout.values())[1:]:
+        for _, regexes in charts.values():
+            assert all(any(re.fullmatch(r, t) for t in written) for r in regexes), regexes
+
+
+def test_constant_facts_name_the_constants_and_the_placement() -> None:
+    from hmoe_ds.placement import ExpertPlacement
+    from hmoe_ds.training.metrics import constant_facts, layer_tags
+
+    configs = [layer_config(routing="top_k", top_k=2, expert_sizes=[64] * 4), layer_config(routing="top_p")]
+    tags = [layer_tags(c) for c in configs]
+    placements = [ExpertPlacement(((0, 1), (2, 3))), ExpertPlacement(((0, 3), (1, 2)))]
+    params = [[3 * 8 * h for h in c.expert_sizes] for c in configs]
+    text = constant_facts(configs, tags, placements, params)
+    rows = text.splitlines()
+    assert rows[2] == ("| 0 | 64, 64, 64, 64 | top_k (k=2) | 2 experts; 3,072 expert params; "
+                       "0 dropped (no capacity limit) | 3,072, 3,072 (1.000) |")
+    # {32, 128} vs {64, 96} on two EP ranks: 3*8*160 each
+    assert rows[3] == "| 1 | 32, 64, 96, 128 | top_p (p=0.6) | 0 dropped (no capacity limit) | 3,840, 3,840 (1.000) |"
+
+
+def test_step_aligned_monitor_moves_deepspeeds_samples_events_onto_steps(tmp_path: Path, tb_monitor: Any) -> None:
+    from hmoe_ds.training.metrics import StepAlignedMonitor
+
+    monitor = StepAlignedMonitor(tb_monitor, samples_per_step=16)
+    assert monitor.enabled and monitor.tb_monitor is tb_monitor.tb_monitor  # the rest passes through
+    for step in (1, 2):  # as DeepSpeed's engine writes them after step `step`: x = samples seen
+        monitor.write_events([("Train/Samples/lr", 1e-3, 16 * step),
+                              ("Train/Samples/elapsed_time_ms_forward", 5.0 * step, 16 * step)])
+        monitor.write_events([("train/lm_loss", 3.0 / step, step)])
+    tb_monitor.tb_monitor.summary_writer.flush()
+    events = EventAccumulator(str(tmp_path / "tb" / "run"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"deepspeed/elapsed_time_ms_forward", "train/lm_loss"}
+    assert [(e.step, e.value) for e in events.Scalars("deepspeed/elapsed_time_ms_forward")] == [(1, 5.0), (2, 10.0)]
+    assert [e.step for e in events.Scalars("train/lm_loss")] == [1, 2]
+    with pytest.raises(ValueError, match="samples_per_step=0"):
+        StepAlignedMonitor(tb_monitor, 0)
+
+
+def test_record_only_scalars_reach_metrics_jsonl_but_not_tensorboard(tmp_path: Path, tb_monitor: Any) -> None:
+    writer = MetricsWriter(tmp_path, tb_monitor, tmp_path / "tb" / "run", is_writer=True)
+    writer.write(3, {"train/lm_loss": 2.0}, record_only={"moe/layer_0/ep_rank_0_expert_params": 10.0})
+    writer.write_text("run/constants", "| a | b |\n|---|---|\n| 1 | 2 |")
+    writer.close()
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["train/lm_loss"] == 2.0 and record["moe/layer_0/ep_rank_0_expert_params"] == 10.0
+    events = EventAccumulator(str(tmp_path / "tb" / "run"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert events.Tags()["scalars"] == ["train/lm_loss"]
+    assert "run/constants/text_summary" in events.Tags()["tensors"]
+
+
+def test_run_config_refuses_an_unknown_per_expert_metrics() -> None:
+    from hmoe_ds.training.experiment import RunConfig
+
+    with pytest.raises(ValueError, match="per_expert_metrics='yes'.*'auto'"):
+        RunConfig(output_dir="x", per_expert_metrics="yes").validate()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .launcher import DS_CONFIG, EXPERIMENT, scalars, train
+from .launcher import DS_CONFIG, EXPERIMENT, read_metrics, scalars, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -31,7 +31,8 @@ def launch(tmp: Path, *extra: str, ds: dict[str, Any] = DS_CONFIG, timeout: floa
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     tmp = tmp_path_factory.mktemp("e2e")
-    return tmp, launch(tmp)
+    # wall_clock_breakdown: DeepSpeed's own samples-indexed timing events, which the trainer moves onto steps
+    return tmp, launch(tmp, ds={**DS_CONFIG, "wall_clock_breakdown": True})
 
 
 def test_training_exits_cleanly_and_reports(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -49,11 +50,18 @@ def test_tensorboard_has_every_metric(trained: tuple[Path, subprocess.CompletedP
                 "moe/activated_params_per_token", "moe/mean_experts_per_token", "val/loss", "val/ppl"]
     expected += [f"train/aux/{t}" for t in ("load_balance", "p_penalty", "entropy", "z_loss")]
     for layer in range(2):
-        expected += [f"moe/layer_{layer}/{k}" for k in ("experts_per_token", "dropped_assignments",
-                                                        "activated_params_per_token", "load_min", "load_max",
-                                                        "load_cv", "dead_experts")]
+        expected += [f"moe/layer_{layer}/{k}" for k in ("experts_per_token", "activated_params_per_token",
+                                                        "load_min", "load_max", "load_cv", "dead_experts")]
+        expected += [f"moe/layer_{layer}/expert_{e}_token_fraction" for e in range(4)]  # 4 <= 16 experts: auto
     missing = [t for t in expected if t not in tb]
     assert not missing, f"missing tags {missing}; have {sorted(tb)}"
+    # Tags that cannot change are not charted: nothing is dropped without a capacity limit; EP 1 has one rank.
+    constant = [t for t in tb if t.endswith(("dropped_assignments", "_expert_params", "_imbalance"))
+                or "/ep_rank_" in t]
+    assert not constant, constant
+    # DeepSpeed's samples-indexed events: lr dropped (train/lr), the wall-clock timings on the step axis.
+    assert not [t for t in tb if t.startswith("Train/Samples/")], sorted(tb)
+    assert [s for s, _ in tb["deepspeed/elapsed_time_ms_forward"] if s <= STEPS] == list(range(1, STEPS + 1))
     for tag in expected:
         assert all(math.isfinite(v) for _, v in tb[tag]), tag
     assert [s for s, _ in tb["train/lm_loss"]] == [2, 4, 6]
@@ -76,6 +84,9 @@ def test_tensorboard_has_every_metric(trained: tuple[Path, subprocess.CompletedP
     for layer in range(2):
         assert [h.step for h in events.Histograms(f"moe/layer_{layer}/expert_load")] == [2, 4, 6]
     assert cs_metadata.CONFIG_SUMMARY_TAG in events.Tags()["tensors"]
+    (facts,) = events.Tensors("run/constants/text_summary")[:1]
+    text = facts.tensor_proto.string_val[0].decode()
+    assert "| 0 | 32, 64, 96, 128 | top_p (p=0.6) | 0 dropped (no capacity limit) | 61,440 (1.000) |" in text, text
 
 
 def test_metrics_jsonl_checkpoint_and_saved_configs(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
@@ -131,19 +142,22 @@ def test_zero3_with_expert_parallelism_trains_by_editing_the_json_only(tmp_path:
 
 
 def test_per_ep_rank_load_tags(trained: tuple[Path, subprocess.CompletedProcess]) -> None:
-    """ep_size=1 (the default) on 2 ranks: one EP rank holding every expert, so both ratios are 1."""
+    """ep_size=1 (the default) on 2 ranks: one EP rank holding every expert, so both ratios are 1.
+
+    TensorBoard leaves these constant tags out (test_tensorboard_has_every_metric);
+    metrics.jsonl keeps them, with the per-expert shares, for the tools that read it.
+    """
     tmp, proc = trained
     assert proc.returncode == 0
-    tb = scalars(tmp / "out" / "tensorboard" / "tiny")
-
-    def first_run(tag: str) -> list[float]:  # the resume test (if it ran first) appends later steps
-        return [v for step, v in tb[tag] if step <= STEPS]
-
+    records = [r for r in read_metrics(tmp / "out") if "train/lm_loss" in r and r["step"] <= STEPS]
+    assert len(records) == 3
     for layer in range(2):
         tag = f"moe/layer_{layer}"
-        assert first_run(f"{tag}/ep_rank_0_expert_params") == [3 * 64 * (32 + 64 + 96 + 128)] * 3
-        flops = first_run(f"{tag}/ep_rank_0_expert_flops_per_step")
+        assert [r[f"{tag}/ep_rank_0_expert_params"] for r in records] == [3 * 64 * (32 + 64 + 96 + 128)] * 3
+        flops = [r[f"{tag}/ep_rank_0_expert_flops_per_step"] for r in records]
         # per device per step: 8 sequences x 64 tokens, each through 1 to 4 experts (3*64*32 to 3*64*320 params)
-        assert len(flops) == 3 and all(2 * 3 * 64 * 32 * 8 * 64 <= f <= 2 * 3 * 64 * 320 * 8 * 64 for f in flops)
-        assert first_run(f"{tag}/ep_flops_imbalance") == [1.0] * 3
-        assert f"{tag}/ep_rank_1_expert_params" not in tb
+        assert all(2 * 3 * 64 * 32 * 8 * 64 <= f <= 2 * 3 * 64 * 320 * 8 * 64 for f in flops)
+        assert [r[f"{tag}/ep_flops_imbalance"] for r in records] == [1.0] * 3
+        assert f"{tag}/ep_rank_1_expert_params" not in records[0]
+        assert [r[f"{tag}/dropped_assignments"] for r in records] == [0.0] * 3
+        assert all(abs(sum(r[f"{tag}/expert_{e}_token_fraction"] for e in range(4)) - 1) < 1e-6 for r in records)

@@ -76,6 +76,10 @@ class RunConfig:
         on_nonfinite: a NaN/Inf training loss or gradient norm: ``stop`` the run at that
             step (nothing saved, ``latest`` unchanged) or ``skip`` the step and go on,
             counted as ``train/skipped_nonfinite_steps``.
+        per_expert_metrics: write each expert's token fraction as its own TensorBoard tag
+            (``moe/layer_<i>/expert_<e>_token_fraction``, and the Custom Scalars chart of
+            them): ``auto`` for layers of at most 16 experts, ``always``, or ``never``. The
+            per-layer spread statistics and histogram are written either way.
     """
 
     output_dir: str | None = None
@@ -91,6 +95,7 @@ class RunConfig:
     init_from: str | None = None
     save_on_signal: bool = True
     on_nonfinite: str = "stop"
+    per_expert_metrics: str = "auto"
 
     def validate(self) -> None:
         """Raise ``ValueError("<field>=<value>: <why>")`` for an out-of-range value."""
@@ -105,6 +110,9 @@ class RunConfig:
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={self.on_nonfinite!r}: allowed values are 'stop' (default: end the run "
                              "at a non-finite loss or gradient norm) and 'skip' (drop such steps)")
+        if self.per_expert_metrics not in ("auto", "always", "never"):
+            raise ValueError(f"per_expert_metrics={self.per_expert_metrics!r}: allowed values are 'auto' (default: "
+                             "per-expert tags for layers of at most 16 experts), 'always' and 'never'")
         for name in ("output_dir", "run_name", "init_from"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise ValueError(f"{name}: must not be empty")

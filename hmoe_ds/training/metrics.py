@@ -14,26 +14,49 @@ batches, not the last micro-batch of rank 0.
 Tag reference (E experts, layer index i over MoE layers only)::
 
     train/lm_loss, train/aux_loss, train/aux/<term>, train/lr, train/grad_norm, perf/tokens_per_s
-    moe/layer_<i>/expert_<e>_token_fraction     share of the layer's (token, expert) assignments; sums to 1
-    moe/layer_<i>/experts_per_token             mean number of experts a token uses
-    moe/layer_<i>/dropped_assignments           (token, expert) pairs dropped by capacity (0 when dropless)
-    moe/layer_<i>/activated_params_per_token    expert parameters a token activates in that layer
+    moe/layer_<i>/expert_<e>_token_fraction     share of the layer's (token, expert) assignments; sums to 1 [per-expert]
+    moe/layer_<i>/experts_per_token             mean number of experts a token uses [varies]
+    moe/layer_<i>/dropped_assignments           (token, expert) pairs dropped by capacity [capacity only]
+    moe/layer_<i>/activated_params_per_token    expert parameters a token activates in that layer [varies]
     moe/layer_<i>/load_min, load_max            smallest / largest expert token fraction (uniform = 1/E)
     moe/layer_<i>/load_cv                       coefficient of variation (std / mean) of the experts' loads
     moe/layer_<i>/dead_experts                  experts that got no assignment in the window
     moe/layer_<i>/expert_load (histogram)       the layer's expert token fractions, one value per expert
-    moe/activated_params_per_token              non-expert params + sum over layers of the above
-    moe/mean_experts_per_token                  mean over layers
-    moe/layer_<i>/ep_rank_<r>_expert_params     expert parameters placed on EP rank r (static)
+    moe/activated_params_per_token              non-expert params + sum over layers of the above [varies]
+    moe/mean_experts_per_token                  mean over layers [varies]
     moe/layer_<i>/ep_rank_<r>_expert_flops_per_step
-                                                forward expert FLOPs of one device at EP rank r per step
-    moe/layer_<i>/ep_params_imbalance           max/mean over EP ranks of the above params (1 = balanced)
-    moe/layer_<i>/ep_flops_imbalance            max/mean over EP ranks of the FLOPs (1 = balanced)
+                                                forward expert FLOPs of one device at EP rank r per step [EP > 1]
+    moe/layer_<i>/ep_flops_imbalance            max/mean over EP ranks of the FLOPs (1 = balanced) [EP > 1]
+    deepspeed/<name>                            DeepSpeed's own ``Train/Samples/<name>`` events (loss scale,
+                                                wall-clock breakdown), re-indexed by optimizer step
     val/loss, val/ppl                           at every evaluation
+
+``metrics.jsonl`` keeps every tag of every log point; TensorBoard gets fewer.
+So the number of tags does not grow with experts x layers, a layer's per-expert
+tags ([per-expert]) are written only when the run asks for them
+(``run.per_expert_metrics``: ``auto``, the default, writes them for layers of at
+most :data:`PER_EXPERT_AUTO_LIMIT` experts; ``always``; ``never``); the four
+spread numbers and the histogram describe any number of experts.
+
+A tag that cannot change during the run is not written as a scalar (a flat
+chart says nothing): [varies] tags are left out where routing fixes them (Top-K
+without a capacity limit always uses K experts, and with equal expert sizes
+activates the same parameters), [capacity only] where nothing can be dropped,
+[EP > 1] when one rank holds every expert. Such constants, and the static
+placement facts (expert parameters per EP rank and their imbalance), are
+written once, as the TensorBoard text ``run/constants`` (:func:`constant_facts`).
+
+DeepSpeed's engine logs ``Train/Samples/lr`` (and, with fp16 or
+``wall_clock_breakdown``, more) with the number of samples seen as x, which
+does not line up with the step-indexed tags above. :class:`StepAlignedMonitor`
+sits in front of ``engine.monitor``: it drops ``Train/Samples/lr`` (the same
+value as ``train/lr``) and writes the others as ``deepspeed/<name>`` at the
+optimizer step.
 
 TensorBoard's Custom Scalars tab gets a layout (:func:`custom_scalars_layout`): the losses
 first, then one category per MoE layer whose first chart draws every expert's token
-fraction as one line (expert sizes in the chart title), next to the spread statistics.
+fraction as one line (expert sizes in the chart title; per-expert tags only), next to the
+spread statistics.
 """
 
 from __future__ import annotations
@@ -50,12 +73,18 @@ import torch
 from hmoe_ds.collectives import all_reduce_sum
 
 __all__ = [
+    "PER_EXPERT_AUTO_LIMIT",
+    "PER_EXPERT_CHOICES",
     "LayerLoad",
+    "LayerTags",
+    "StepAlignedMonitor",
     "MetricsWriter",
     "RoutingAccumulator",
     "TrainAccumulator",
+    "constant_facts",
     "custom_scalars_layout",
     "ep_load_scalars",
+    "layer_tags",
     "purge_tensorboard_after",
     "expert_load_figure",
     "format_postfix",
@@ -67,6 +96,47 @@ __all__ = [
 
 class _Monitor(Protocol):
     def write_events(self, event_list: list[tuple[str, float, int]]) -> None: ...
+
+
+#: ``run.per_expert_metrics: auto`` writes per-expert tags for layers with at most this many experts.
+PER_EXPERT_AUTO_LIMIT = 16
+#: The values ``run.per_expert_metrics`` accepts.
+PER_EXPERT_CHOICES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class LayerTags:
+    """Which of one MoE layer's scalar tags a run writes (the module docstring's [brackets]).
+
+    The default writes everything (what a caller without a run, e.g. a test or
+    :func:`routing_scalars` on an evaluation, gets).
+    """
+
+    per_expert: bool = True  # expert_<e>_token_fraction
+    experts_per_token: bool = True  # False: Top-K without capacity always routes to K experts
+    activated_params: bool = True  # False: ... and with equal sizes always activates K * params
+    dropped_assignments: bool = True  # False: no capacity limit, nothing is ever dropped
+    ep_flops: bool = True  # False: EP 1, one rank holds every expert
+
+
+def layer_tags(config: Any, per_expert_metrics: str = "auto") -> LayerTags:
+    """The tags that can change for a layer of this ``HMoELayerConfig`` (routing, capacity, sizes, EP).
+
+    ``per_expert_metrics`` is ``run.per_expert_metrics`` (:data:`PER_EXPERT_CHOICES`).
+    """
+    if per_expert_metrics not in PER_EXPERT_CHOICES:
+        raise ValueError(f"per_expert_metrics={per_expert_metrics!r}: allowed values are {PER_EXPERT_CHOICES}")
+    sizes = list(config.expert_sizes)
+    can_drop = config.capacity_factor is not None
+    fixed_count = str(getattr(config.routing, "value", config.routing)) == "top_k" and not can_drop
+    per_expert = {"always": True, "never": False}.get(per_expert_metrics, len(sizes) <= PER_EXPERT_AUTO_LIMIT)
+    return LayerTags(
+        per_expert=per_expert,
+        experts_per_token=not fixed_count,
+        activated_params=not (fixed_count and len(set(sizes)) == 1),
+        dropped_assignments=can_drop,
+        ep_flops=int(config.ep_size) > 1,
+    )
 
 
 @dataclass
@@ -209,20 +279,38 @@ class TrainAccumulator:
         self._since += seconds
 
 
-def routing_scalars(loads: Sequence[LayerLoad], non_expert_params: int, prefix: str = "moe") -> dict[str, float]:
-    """Per-layer and model-level routing scalars (tags in the module docstring)."""
+def routing_scalars(
+    loads: Sequence[LayerLoad],
+    non_expert_params: int,
+    prefix: str = "moe",
+    tags: Sequence[LayerTags] | None = None,
+) -> dict[str, float]:
+    """Per-layer and model-level routing scalars (tags in the module docstring).
+
+    ``tags[i]`` (:func:`layer_tags`) says which of layer i's tags the run
+    writes; None writes all of them. A model-level tag is written when any
+    layer's counterpart is.
+    """
+    tags = list(tags) if tags is not None else [LayerTags()] * len(loads)
+    if len(tags) != len(loads):
+        raise ValueError(f"{len(tags)} LayerTags for {len(loads)} MoE layers")
     scalars: dict[str, float] = {}
-    for i, load in enumerate(loads):
-        for e, frac in enumerate(load.token_fraction):
-            scalars[f"{prefix}/layer_{i}/expert_{e}_token_fraction"] = frac
-        scalars[f"{prefix}/layer_{i}/experts_per_token"] = load.experts_per_token
-        scalars[f"{prefix}/layer_{i}/dropped_assignments"] = load.dropped_assignments
-        scalars[f"{prefix}/layer_{i}/activated_params_per_token"] = load.activated_params_per_token
+    for i, (load, wanted) in enumerate(zip(loads, tags)):
+        if wanted.per_expert:
+            for e, frac in enumerate(load.token_fraction):
+                scalars[f"{prefix}/layer_{i}/expert_{e}_token_fraction"] = frac
+        if wanted.experts_per_token:
+            scalars[f"{prefix}/layer_{i}/experts_per_token"] = load.experts_per_token
+        if wanted.dropped_assignments:
+            scalars[f"{prefix}/layer_{i}/dropped_assignments"] = load.dropped_assignments
+        if wanted.activated_params:
+            scalars[f"{prefix}/layer_{i}/activated_params_per_token"] = load.activated_params_per_token
         scalars.update(spread_scalars(load, f"{prefix}/layer_{i}"))
-    if loads:
+    if loads and any(t.activated_params for t in tags):
         scalars[f"{prefix}/activated_params_per_token"] = non_expert_params + sum(
             load.activated_params_per_token for load in loads
         )
+    if loads and any(t.experts_per_token for t in tags):
         scalars[f"{prefix}/mean_experts_per_token"] = sum(load.experts_per_token for load in loads) / len(loads)
     return scalars
 
@@ -239,28 +327,108 @@ def spread_scalars(load: LayerLoad, prefix: str) -> dict[str, float]:
             f"{prefix}/load_cv": load.load_cv, f"{prefix}/dead_experts": float(load.dead_experts)}
 
 
-def custom_scalars_layout(expert_sizes: Sequence[Sequence[int]], prefix: str = "moe") -> dict[str, dict[str, list]]:
+def custom_scalars_layout(
+    expert_sizes: Sequence[Sequence[int]],
+    prefix: str = "moe",
+    tags: Sequence[LayerTags] | None = None,
+) -> dict[str, dict[str, list]]:
     """TensorBoard Custom Scalars layout (``SummaryWriter.add_custom_scalars``): losses first, then one category per MoE layer.
 
     ``expert_sizes[i]`` are MoE layer i's expert FFN widths; they go into the
     chart title, since a multiline chart's legend can only show tag names.
-    Charts are ``[kind, [tag regexes]]``; a regex matching no tag draws nothing.
+    The per-expert chart is there when layer i writes per-expert tags
+    (``tags[i].per_expert``; None = every layer does). Charts are
+    ``[kind, [tag regexes]]``; a regex matching no tag draws nothing.
     """
+    tags = list(tags) if tags is not None else [LayerTags()] * len(expert_sizes)
     layout: dict[str, dict[str, list]] = {
         "losses": {
             "LM loss (train, validation)": ["Multiline", [r"train/lm_loss", r"val/loss"]],
             "auxiliary losses (weighted sum, unweighted terms)": ["Multiline", [r"train/aux_loss", r"train/aux/.*"]],
         },
     }
-    for i, sizes in enumerate(expert_sizes):
-        title = "token fraction per expert (sizes " + ", ".join(f"{e}: {h}" for e, h in enumerate(sizes)) + ")"
-        layout[f"MoE layer {i}"] = {
-            title: ["Multiline", [rf"{prefix}/layer_{i}/expert_\d+_token_fraction"]],
-            "load spread (min, max of token fractions)": ["Multiline", [rf"{prefix}/layer_{i}/load_m(in|ax)"]],
-            "load coefficient of variation, dead experts": [
-                "Multiline", [rf"{prefix}/layer_{i}/load_cv", rf"{prefix}/layer_{i}/dead_experts"]],
-        }
+    for i, (sizes, wanted) in enumerate(zip(expert_sizes, tags)):
+        charts: dict[str, list] = {}
+        if wanted.per_expert:
+            title = "token fraction per expert (sizes " + ", ".join(f"{e}: {h}" for e, h in enumerate(sizes)) + ")"
+            charts[title] = ["Multiline", [rf"{prefix}/layer_{i}/expert_\d+_token_fraction"]]
+        charts["load spread (min, max of token fractions)"] = ["Multiline", [rf"{prefix}/layer_{i}/load_m(in|ax)"]]
+        charts["load coefficient of variation, dead experts"] = [
+            "Multiline", [rf"{prefix}/layer_{i}/load_cv", rf"{prefix}/layer_{i}/dead_experts"]]
+        layout[f"MoE layer {i}"] = charts
     return layout
+
+
+def constant_facts(
+    configs: Sequence[Any],
+    tags: Sequence[LayerTags],
+    placements: Sequence[_Placement],
+    expert_params: Sequence[Sequence[int]],
+) -> str:
+    """Markdown for the TensorBoard text ``run/constants``: what the run does not log as scalars because it cannot change.
+
+    ``configs[i]`` is MoE layer i's ``HMoELayerConfig``, ``tags[i]`` its
+    :func:`layer_tags`, ``placements[i]`` its EP placement and
+    ``expert_params[i]`` its experts' weight counts (the router excluded).
+    """
+    lines = ["| MoE layer | expert sizes | routing | constant per token | EP ranks: expert params (max/mean) |",
+             "|---|---|---|---|---|"]
+    for i, (config, wanted, placement, params) in enumerate(zip(configs, tags, placements, expert_params)):
+        routing = str(getattr(config.routing, "value", config.routing))
+        routing += f" (k={config.top_k})" if routing == "top_k" else f" (p={config.top_p})"
+        constant = []
+        if not wanted.experts_per_token:
+            constant.append(f"{config.top_k} experts")
+        if not wanted.activated_params:
+            constant.append(f"{config.top_k * params[0]:,} expert params")
+        if not wanted.dropped_assignments:
+            constant.append("0 dropped (no capacity limit)")
+        per_rank = [sum(params[e] for e in rank) for rank in placement.rank_experts]
+        ratio = _imbalance([float(p) for p in per_rank])
+        ranks = ", ".join(f"{p:,}" for p in per_rank) + (f" ({ratio:.3f})" if ratio is not None else "")
+        sizes = ", ".join(str(h) for h in config.expert_sizes)
+        lines.append(f"| {i} | {sizes} | {routing} | {'; '.join(constant) or '-'} | {ranks} |")
+    return "\n".join(lines)
+
+
+class StepAlignedMonitor:
+    """A stand-in for ``engine.monitor`` that puts DeepSpeed's samples-indexed events on the step axis.
+
+    DeepSpeed writes ``Train/Samples/<name>`` with x = samples seen
+    (``engine.global_samples``), our tags with x = optimizer step, so the two
+    never line up in one chart. Installed as ``engine.monitor``, this drops
+    ``Train/Samples/lr`` (``train/lr`` has the same value) and writes every
+    other ``Train/Samples/<name>`` as ``deepspeed/<name>`` at step
+    ``samples // samples_per_step``. Everything else passes through unchanged.
+    """
+
+    PREFIX = "Train/Samples/"
+    DROPPED = frozenset({"lr"})
+
+    def __init__(self, monitor: Any, samples_per_step: int) -> None:
+        if samples_per_step < 1:
+            raise ValueError(f"samples_per_step={samples_per_step}: must be >= 1 (the global batch in sequences)")
+        self.monitor = monitor
+        self.samples_per_step = samples_per_step
+
+    @property
+    def enabled(self) -> bool:
+        return bool(getattr(self.monitor, "enabled", False))
+
+    def write_events(self, event_list: list[tuple[str, float, int]]) -> None:
+        events = []
+        for tag, value, x in event_list:
+            if tag.startswith(self.PREFIX):
+                name = tag[len(self.PREFIX):]
+                if name in self.DROPPED:
+                    continue
+                tag, x = f"deepspeed/{name}", int(x) // self.samples_per_step
+            events.append((tag, value, x))
+        if events:
+            self.monitor.write_events(events)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of MonitorMaster (tb_monitor, wandb_monitor, ...)
+        return getattr(self.monitor, name)
 
 
 class _Placement(Protocol):
@@ -278,6 +446,7 @@ def ep_load_scalars(
     steps: int,
     world_size: int,
     prefix: str = "moe",
+    tags: Sequence[LayerTags] | None = None,
 ) -> dict[str, float]:
     """Per-EP-rank expert parameters and FLOPs of every MoE layer, so placement imbalance is visible.
 
@@ -300,11 +469,19 @@ def ep_load_scalars(
       ratio is left out of a window without tokens.
 
     With ep_size 1 there is one rank and both ratios are 1.
+
+    With ``tags`` (a run's :func:`layer_tags`) only what can change is
+    returned: the FLOPs tags of layers with EP > 1. The parameter tags are
+    fixed by the placement (:func:`constant_facts` states them once).
     """
     if len(placements) != len(loads):
         raise ValueError(f"{len(placements)} placements for {len(loads)} MoE layers")
+    if tags is not None and len(tags) != len(loads):
+        raise ValueError(f"{len(tags)} LayerTags for {len(loads)} MoE layers")
     scalars: dict[str, float] = {}
     for i, (load, placement) in enumerate(zip(loads, placements)):
+        if tags is not None and not tags[i].ep_flops:
+            continue
         if len(load.expert_params) != len(load.expert_sizes):
             raise ValueError(f"layer {i}: LayerLoad has no expert_params (build it with RoutingAccumulator)")
         ep_size = len(placement.rank_experts)
@@ -315,9 +492,10 @@ def ep_load_scalars(
             for rank in placement.rank_experts
         ]
         for r in range(ep_size):
-            scalars[f"{prefix}/layer_{i}/ep_rank_{r}_expert_params"] = params[r]
+            if tags is None:
+                scalars[f"{prefix}/layer_{i}/ep_rank_{r}_expert_params"] = params[r]
             scalars[f"{prefix}/layer_{i}/ep_rank_{r}_expert_flops_per_step"] = flops[r]
-        for name, values in (("params", params), ("flops", flops)):
+        for name, values in ((("params", params),) if tags is None else ()) + (("flops", flops),):
             ratio = _imbalance(values)
             if ratio is not None:
                 scalars[f"{prefix}/layer_{i}/ep_{name}_imbalance"] = ratio
@@ -411,14 +589,19 @@ class MetricsWriter:
             # A distinct filename suffix keeps our event file apart from the monitor's in the same directory.
             self._images = SummaryWriter(log_dir=str(tensorboard_dir), filename_suffix=".images")
 
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        """One logged step: every scalar to TensorBoard (via the monitor) and one JSON line."""
-        if not self.is_writer or not scalars:
+    def write(self, step: int, scalars: dict[str, float], record_only: dict[str, float] | None = None) -> None:
+        """One logged step: ``scalars`` to TensorBoard (via the monitor), and with ``record_only`` as one JSON line.
+
+        ``record_only`` holds what TensorBoard does not show (constant or
+        per-expert tags a run leaves out there) but tools reading
+        ``metrics.jsonl`` need (``placement: measured``, ``simulate_cluster``).
+        """
+        if not self.is_writer or not (scalars or record_only):
             return
-        if self._monitor is not None:
+        if self._monitor is not None and scalars:
             self._monitor.write_events([(tag, float(value), step) for tag, value in scalars.items()])
         record = {"step": step, "time": round(time.time(), 3)}
-        record.update({k: _finite_or_none(float(v)) for k, v in scalars.items()})
+        record.update({k: _finite_or_none(float(v)) for k, v in {**scalars, **(record_only or {})}.items()})
         assert self._jsonl is not None
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -436,10 +619,16 @@ class MetricsWriter:
             self._images.flush()
         plt.close(fig)
 
-    def write_layout(self, expert_sizes: Sequence[Sequence[int]]) -> None:
+    def write_layout(self, expert_sizes: Sequence[Sequence[int]], tags: Sequence[LayerTags] | None = None) -> None:
         """The Custom Scalars layout (:func:`custom_scalars_layout`) of a model with these MoE layers; once per run."""
         if self._images is not None and expert_sizes:
-            self._images.add_custom_scalars(custom_scalars_layout(expert_sizes))
+            self._images.add_custom_scalars(custom_scalars_layout(expert_sizes, tags=tags))
+            self._images.flush()
+
+    def write_text(self, tag: str, markdown: str, step: int = 0) -> None:
+        """A TensorBoard text summary (Text tab; markdown tables render), e.g. ``run/constants``."""
+        if self._images is not None:
+            self._images.add_text(tag, markdown, global_step=step)
             self._images.flush()
 
     def write_load_histograms(self, step: int, loads: Sequence[LayerLoad], prefix: str = "moe") -> None:

@@ -435,6 +435,7 @@ class TrainState:
     world_size: int
     non_expert_params: int  # for the activated-parameter scalars
     placements: list[Any]  # per MoE layer: which logical expert each EP rank holds (load per EP rank)
+    layer_tags: list[Any]  # per MoE layer: hmoe_ds.training.metrics.LayerTags, the scalar tags that can change
     tb_dir: Path | None
     probe_ids: torch.Tensor | None  # a validation sequence each checkpoint stores the logits of (export checks)
     first_val: float | None = None  # validation loss at step 0, when evaluated
@@ -471,7 +472,7 @@ def set_up(plan: TrainPlan) -> TrainState:
     from hmoe_ds.modeling import parameter_summary
 
     from .guard import StepGuard
-    from .metrics import MetricsWriter, TrainAccumulator
+    from .metrics import MetricsWriter, StepAlignedMonitor, TrainAccumulator, constant_facts, layer_tags
     from .replacement import measured_placement_experiment
     from .rundir_lock import RunDirLock
     from .signals import StopWatch
@@ -510,8 +511,15 @@ def set_up(plan: TrainPlan) -> TrainState:
 
     summary = parameter_summary(engine.module)
     tb_dir = tensorboard_dir(plan.ds_config)
+    # DeepSpeed's own Train/Samples/* events onto the step axis of ours (hmoe_ds.training.metrics)
+    engine.monitor = StepAlignedMonitor(engine.monitor, engine.train_batch_size())
     writer = MetricsWriter(exp.output_dir, engine.monitor, tb_dir, is_writer=rank == 0, append=start.tag is not None)
-    writer.write_layout([layer.config.expert_sizes for _, layer in engine.module.moe_layers()])
+    moe_layers = [layer for _, layer in engine.module.moe_layers()]
+    tags = [layer_tags(layer.config, run.per_expert_metrics) for layer in moe_layers]
+    placements = [layer.placement for layer in moe_layers]  # per-EP-rank load tags
+    writer.write_layout([layer.config.expert_sizes for layer in moe_layers], tags)
+    writer.write_text("run/constants", constant_facts([layer.config for layer in moe_layers], tags, placements,
+                                                      [layer.moe_core.expert_params for layer in moe_layers]))
     if rank == 0:
         model_cfg.to_json_file(str(exp.output_dir / "model_config.json"))
         data.tokenizer.save_pretrained(str(exp.output_dir / "tokenizer"))
@@ -532,8 +540,7 @@ def set_up(plan: TrainPlan) -> TrainState:
         writer=writer, accumulator=TrainAccumulator(),
         guard=StepGuard(run.on_nonfinite, engine.device, lambda: _last_checkpoint_path(exp.output_dir)),
         watch=watch, lock=lock, start_step=step, rank=rank, world_size=world,
-        non_expert_params=int(summary["non_expert_params"]),
-        placements=[layer.placement for _, layer in engine.module.moe_layers()],  # per-EP-rank load tags
+        non_expert_params=int(summary["non_expert_params"]), placements=placements, layer_tags=tags,
         tb_dir=tb_dir, probe_ids=probe_ids)
 
 
@@ -765,9 +772,12 @@ def log_metrics(s: TrainState, step: int, steps_in_window: int) -> None:
     grad_norm = s.engine.get_global_grad_norm()
     if grad_norm is not None:
         scalars["train/grad_norm"] = float(grad_norm)
-    scalars.update(routing_scalars(loads, s.non_expert_params))
-    scalars.update(ep_load_scalars(loads, s.placements, steps_in_window, s.world_size))
-    s.writer.write(step, scalars)
+    scalars.update(routing_scalars(loads, s.non_expert_params, tags=s.layer_tags))
+    scalars.update(ep_load_scalars(loads, s.placements, steps_in_window, s.world_size, tags=s.layer_tags))
+    # metrics.jsonl keeps every routing tag (placement: measured and simulate_cluster read the per-expert shares)
+    every = {**routing_scalars(loads, s.non_expert_params),
+             **ep_load_scalars(loads, s.placements, steps_in_window, s.world_size)}
+    s.writer.write(step, scalars, record_only={k: v for k, v in every.items() if k not in scalars})
     s.writer.write_load_histograms(step, loads)
     s.bar.set_postfix(format_postfix(scalars), refresh=False)
 
