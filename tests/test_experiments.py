@@ -44,8 +44,8 @@ def load_driver() -> ModuleType:
     return module
 
 
-def run_driver(tmp: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HMOE_DS_CACHE": str(tmp / "cache")}
+def run_driver(tmp: Path, *args: str, timeout: float = 300, **env_extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HMOE_DS_CACHE": str(tmp / "cache"), **env_extra}
     cmd = [sys.executable, str(SCRIPT), "--scale", "0.5", "--steps", str(STEPS), "--arms", ",".join(ARMS),
            "--seeds", str(len(SEEDS)), "--out", str(tmp / "out"),
            "--set", "data.max_chars=150000", "data.vocab_size=512", *args]
@@ -219,6 +219,14 @@ def test_zero_shot_results_flops_and_seed_layout(tmp_path: Path) -> None:
     zs = driver.read_zero_shot(path)
     assert zs["acc"] == pytest.approx(0.5) and zs["acc_norm"] == pytest.approx(0.5) and set(zs["tasks"]) == {"piqa",
                                                                                                          "arc_easy"}
+    # run/zero_shot.py's own summary: per-task rows with examples; the group's aggregate row has none
+    path.write_text(json.dumps({"model": "x", "tasks": {
+        "hmoe_bigbench": {"acc": 0.9, "acc_norm": 0.9},
+        "hmoe_bigbench_winowhy": {"acc": 0.5, "acc_stderr": 0.01, "acc_norm": 0.4, "examples": 10},
+        "hmoe_bigbench_strategyqa": {"acc": 0.7, "acc_stderr": 0.01, "acc_norm": 0.6, "examples": 10}}}))
+    zs = driver.read_zero_shot(path)
+    assert set(zs["tasks"]) == {"hmoe_bigbench_winowhy", "hmoe_bigbench_strategyqa"}
+    assert zs["acc"] == pytest.approx(0.6) and zs["acc_norm"] == pytest.approx(0.5)
     path.write_text(json.dumps({"results": {"piqa": {"alias": "piqa"}}}))
     with pytest.raises(SystemExit, match="no task with an 'acc'"):
         driver.read_zero_shot(path)
@@ -402,3 +410,19 @@ def test_report_only_resume_and_zero_shot_results(comparison: tuple[Path, subpro
     assert resumed.stdout.count("already trained and evaluated, skipped (--resume)") == 4
     refused = run_driver(out.parent)
     assert refused.returncode != 0 and "--resume" in refused.stderr
+    # --zero-shot with --resume: the run without a zero_shot.json gets a real one (run/zero_shot.py, 3 examples
+    # per shipped task), read back from run/zero_shot.py's own format; the others keep theirs.
+    from hmoe_ds.eval_tasks import data_dir, prepare_bigbench
+
+    prepare_bigbench()  # a no-op after run/setup.sh
+    (out / ARMS[0] / f"seed{SEEDS[0]}" / "zero_shot.json").unlink()
+    missing = run_driver(out.parent, "--resume", "--zero-shot", "--zero-shot-limit", "3", timeout=600,
+                         HMOE_EVAL_DATA=str(data_dir()))
+    assert missing.returncode == 0, missing.stdout[-3000:] + missing.stderr[-3000:]
+    assert missing.stdout.count("zero-shot in") == 1 and "over 5 tasks" in missing.stdout, missing.stdout
+    written = json.loads((out / ARMS[0] / f"seed{SEEDS[0]}" / "zero_shot.json").read_text())
+    assert {row["examples"] for name, row in written["tasks"].items() if "examples" in row} == {3}
+    accuracies = [float(r["zero_shot_acc"]) for r in _rows(out)]
+    assert 0 <= accuracies[0] <= 1 and accuracies[1:] == pytest.approx([0.51, 0.52, 0.53])
+    no_data = run_driver(out.parent, "--resume", "--zero-shot", HMOE_EVAL_DATA=str(out / "nowhere"))
+    assert no_data.returncode != 0 and "--zero-shot:" in no_data.stderr and "--prepare_data" in no_data.stderr

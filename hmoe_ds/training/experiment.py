@@ -540,6 +540,31 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+#: ``zero_optimization`` keys whose ``"auto"`` is filled from the model's hidden size d, with the values the
+#: Hugging Face Trainer's DeepSpeed integration uses, so a JSON written for it means the same here.
+#: DeepSpeed's own defaults are fixed element counts (reduce bucket 5e8, prefetch 5e7, persistence
+#: 1e5) whatever the model: the reduce bucket alone is then a ~0.9 GB fp32 buffer on every rank for a
+#: 200M-parameter model (its gradients fill it), which does not shrink as ranks are added.
+HIDDEN_SIZE_AUTO: dict[str, Callable[[int], int]] = {
+    "reduce_bucket_size": lambda d: d * d,
+    "stage3_prefetch_bucket_size": lambda d: int(0.9 * d * d),
+    "stage3_param_persistence_threshold": lambda d: 10 * d,
+}
+
+
+def fill_hidden_size_autos(ds: dict[str, Any], hidden_size: int) -> list[str]:
+    """Replace ``"auto"`` in :data:`HIDDEN_SIZE_AUTO`'s keys of ``ds["zero_optimization"]`` in place; the keys filled."""
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return []
+    filled = []
+    for key, rule in HIDDEN_SIZE_AUTO.items():
+        if zero.get(key) == "auto":
+            zero[key] = rule(int(hidden_size))
+            filled.append(key)
+    return filled
+
+
 def _find_auto(node: Any, prefix: str = "") -> str | None:
     if isinstance(node, dict):
         for key, value in node.items():
@@ -607,20 +632,24 @@ def effective_ds_config(
 ) -> tuple[dict[str, Any], list[str]]:
     """Check the DeepSpeed JSON against the experiment and the world; return (config to use, warnings).
 
-    The returned copy has the batch triple spelled out and a TensorBoard section
+    The returned copy has the batch triple spelled out, ``"auto"`` bucket sizes
+    filled from the model's hidden size (:data:`HIDDEN_SIZE_AUTO`), and a TensorBoard section
     (``<output_dir>/tensorboard``, job ``run_name``) when the JSON had none, so a
     run always has its curves; it is saved as ``<output_dir>/ds_config.json``.
     """
     where = str(ds_path)
     warnings: list[str] = []
-    auto = _find_auto(ds)
-    if auto:
-        raise ExperimentError(
-            f"{where}: {auto}=\"auto\": 'auto' is only understood by the HF Trainer integration; give a number"
-        )
     cfg = copy.deepcopy(ds)
+    fill_hidden_size_autos(cfg, int(exp.model["hidden_size"]))
+    auto = _find_auto(cfg)
+    if auto:
+        accepted = ", ".join(f"zero_optimization.{k}" for k in HIDDEN_SIZE_AUTO)
+        raise ExperimentError(
+            f"{where}: {auto}=\"auto\": hmoe-ds fills 'auto' only in {accepted} (from model.hidden_size); "
+            "give a number"
+        )
     cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = (
-        resolve_batch_sizes(ds, world_size, where)
+        resolve_batch_sizes(cfg, world_size, where)
     )
 
     zero = cfg.get("zero_optimization") or {}

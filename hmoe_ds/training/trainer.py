@@ -360,9 +360,11 @@ def run_training(args: argparse.Namespace) -> int:
     _threads_per_rank()
     from hmoe_ds.distributed_env import init_distributed, shutdown_distributed
 
-    # MPI discovery (mpirun without RANK etc.) would otherwise always pick port 29500 and ignore MASTER_PORT.
-    # init_distributed also unlinks DeepSpeed's /dev/shm segments of this run once every rank mapped them.
-    init_distributed(distributed_port=int(os.environ.get("MASTER_PORT") or 29500))
+    # MPI discovery (mpirun without RANK etc.) would otherwise always pick port 29500 and ignore MASTER_PORT;
+    # a lone process without MASTER_PORT gets a free port. init_distributed also unlinks DeepSpeed's /dev/shm
+    # segments of this run once every rank mapped them.
+    port = os.environ.get("MASTER_PORT")
+    init_distributed(**({"distributed_port": int(port)} if port else {}))
     finished = False
     try:
         code = _train(plan)

@@ -320,6 +320,9 @@ def train_and_eval(arm: Arm, seed: int, args: argparse.Namespace, plan: ScalePla
     timings = _read_json(out / "logs" / f"{name}.timing.json") or {}
     if args.resume and eval_json.is_file():
         log(f"{name}: already trained and evaluated, skipped (--resume)")
+        if args.zero_shot and not (directory / ZERO_SHOT_NAME).is_file():
+            timings["zero_shot_wall_s"] = round(zero_shot(name, directory, args, out, env), 1)
+            (out / "logs" / f"{name}.timing.json").write_text(json.dumps(timings) + "\n", encoding="utf-8")
         return timings
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--num_accelerators", str(plan.num_ranks), "--master_port", str(free_port()),
@@ -336,8 +339,38 @@ def train_and_eval(arm: Arm, seed: int, args: argparse.Namespace, plan: ScalePla
     log(f"{name}: trained in {train_s:.0f} s ({train_s / plan.steps:.2f} s/step incl. start-up and "
         f"evaluations), evaluated in {eval_s:.0f} s: val loss {result.get('loss', float('nan')):.4f}")
     timings = {"train_wall_s": round(train_s, 1), "eval_wall_s": round(eval_s, 1)}
+    if args.zero_shot:
+        timings["zero_shot_wall_s"] = round(zero_shot(name, directory, args, out, env), 1)
     (out / "logs" / f"{name}.timing.json").write_text(json.dumps(timings) + "\n", encoding="utf-8")
     return timings
+
+
+def check_zero_shot_ready() -> None:
+    """Before the first run: ``--zero-shot`` needs lm-evaluation-harness and the prepared task data."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise SystemExit("--zero-shot: lm-evaluation-harness is not installed; `pip install -e .[eval]` "
+                         "(run/setup.sh does it)")
+    from hmoe_ds.eval_tasks import BIGBENCH_TASKS, EvalDataMissing, task_file
+
+    try:
+        for task in BIGBENCH_TASKS:
+            task_file(task)
+    except EvalDataMissing as exc:
+        raise SystemExit(f"--zero-shot: {exc}") from None
+
+
+def zero_shot(name: str, directory: Path, args: argparse.Namespace, out: Path, env: dict[str, str]) -> float:
+    """``run/zero_shot.py`` on the run's final checkpoint (the shipped BIG-bench tasks) into ``<run>/zero_shot.json``."""
+    cmd = [sys.executable, "run/zero_shot.py", str(directory), "--output", str(directory / ZERO_SHOT_NAME)]
+    if args.zero_shot_limit is not None:
+        cmd += ["--limit", str(args.zero_shot_limit)]
+    seconds = run_logged(cmd, out / "logs" / f"{name}.zero_shot.log", env, None, 0)
+    found = read_zero_shot(directory / ZERO_SHOT_NAME) or {}
+    log(f"{name}: zero-shot in {seconds:.0f} s: mean acc {found.get('acc', float('nan')):.4f} over "
+        f"{len(found.get('tasks', {}))} tasks")
+    return seconds
 
 
 def _read_json(path: Path) -> Any:
@@ -350,7 +383,9 @@ def _read_json(path: Path) -> Any:
 def read_zero_shot(path: Path) -> dict[str, Any] | None:
     """Zero-shot accuracies of a run from ``<run dir>/zero_shot.json``, or ``None`` when there is none.
 
-    The file is lm-evaluation-harness's results layout, ``{"results": {task: {"acc,none": ...,
+    The file is what ``run/zero_shot.py`` writes (``{"tasks": {task: {"acc": ..., "acc_norm": ...,
+    "examples": ...}}}``; a group's aggregate row, without ``examples``, is skipped) or
+    lm-evaluation-harness's results layout, ``{"results": {task: {"acc,none": ...,
     "acc_norm,none": ..., ...}}}`` (keys without the ``,none`` filter suffix, or the task table at the top
     level, are accepted too). Tasks without an ``acc`` are skipped (e.g. a group's aggregate). Returns the
     per-task values and their unweighted means over tasks, as the paper's average column.
@@ -358,10 +393,13 @@ def read_zero_shot(path: Path) -> dict[str, Any] | None:
     raw = _read_json(path)
     if raw is None:
         return None
-    table = raw.get("results", raw) if isinstance(raw, dict) else None
+    ours = isinstance(raw, dict) and isinstance(raw.get("tasks"), dict)  # run/zero_shot.py's summary
+    table = (raw["tasks"] if ours else raw.get("results", raw)) if isinstance(raw, dict) else None
     tasks: dict[str, dict[str, float]] = {}
     for task, metrics in (table or {}).items():
         if not isinstance(metrics, dict):
+            continue
+        if ours and "examples" not in metrics:  # a group's aggregate (it has no examples of its own)
             continue
         found = {}
         for metric in ("acc", "acc_norm"):
@@ -946,6 +984,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds-config", default=str(DS_JSON), help="base DeepSpeed JSON (batch and lr are filled in)")
     p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="extra run/train.py overrides for every arm, e.g. --set data.max_chars=200000")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="also evaluate every run zero-shot (run/zero_shot.py, the shipped BIG-bench tasks; needs "
+                        "the eval extra) into <run>/zero_shot.json; with --resume, runs without one get one")
+    p.add_argument("--zero-shot-limit", type=int, default=None, metavar="N",
+                   help="examples per zero-shot task (default: all, ~9,600 over the five tasks)")
     p.add_argument("--resume", action="store_true",
                    help="keep runs (arm x seed) already evaluated in --out, train the others")
     p.add_argument("--report-only", action="store_true",
@@ -971,6 +1014,8 @@ def main() -> int:
     if out.exists() and any(out.iterdir()) and not (args.resume or args.report_only):
         raise SystemExit(f"--out {out} is not empty; pass --resume to keep its finished arms, "
                          "--report-only to redo the table, or choose another --out")
+    if args.zero_shot and not args.report_only:
+        check_zero_shot_ready()
     (out / "logs").mkdir(parents=True, exist_ok=True)
 
     sizes = {arm.name: arm.expert_sizes(plan) for arm in arms}
