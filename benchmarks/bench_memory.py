@@ -6,9 +6,12 @@
     .venv/bin/python -m benchmarks.run_all --only memory
 
 For every DeepSpeed configuration (``zero1``; ``zero3``; ``zero3_offload``:
-ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on the CPU; on request
-``zero3_reuse0`` and ``zero3_offload_reuse0``: the same with
-``stage3_max_reuse_distance: 0``, see :func:`ds_config`) and rank count N,
+ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on the CPU; both ZeRO-3
+ones with the shipped JSONs' ``"auto"`` bucket sizes, filled from the hidden size;
+on request ``zero3_reuse0`` and ``zero3_offload_reuse0``: the same with
+``stage3_max_reuse_distance: 0``, and ``zero3_ds_buckets`` and
+``zero3_offload_ds_buckets``: with DeepSpeed's fixed default bucket sizes, see
+:func:`ds_config`) and rank count N,
 and for two models (the measured one and a tiny one, whose peaks are the
 model-independent baseline), it runs what a user runs:
 
@@ -77,8 +80,12 @@ OUT_DIR = REPO / "outputs" / "benchmarks"
 MIB = 1024.0 * 1024.0
 
 CONFIG_NAMES = ("zero3", "zero3_offload", "zero1")  # the targets first: a run cut short still has them
-#: Not in the default grid: ZeRO-3 that releases every gathered parameter after its module has run.
-EXTRA_CONFIG_NAMES = ("zero3_reuse0", "zero3_offload_reuse0")
+#: Not in the default grid: ZeRO-3 that releases every gathered parameter after its module has run, and ZeRO-3
+#: with DeepSpeed's fixed default bucket sizes instead of the shipped JSONs' hidden-size "auto" ones.
+EXTRA_CONFIG_NAMES = ("zero3_reuse0", "zero3_offload_reuse0", "zero3_ds_buckets", "zero3_offload_ds_buckets")
+#: The bucket keys ds_configs/zero3*.json set to "auto" (filled from the hidden size by the trainer).
+AUTO_BUCKETS = {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto"}
 TRAIN_STEPS = 2  # run 1: build, 2 steps, save at step 2; run 2 resumes for 1 more step and saves again
 TARGET_RATIO = 1.3
 
@@ -122,14 +129,15 @@ def experiment(model: dict[str, Any], out_dir: Path, cache: Path) -> dict[str, A
 def ds_config(name: str) -> dict[str, Any]:
     """The DeepSpeed JSON of configuration ``name``: fp32, micro-batch 1, AdamW, no TensorBoard."""
     zero: dict[str, Any]
-    base = name.removesuffix("_reuse0")
+    base = name.removesuffix("_reuse0").removesuffix("_ds_buckets")
+    buckets = {} if name.endswith("_ds_buckets") else dict(AUTO_BUCKETS)  # as ds_configs/zero3.json
     if name == "zero1":
         zero = {"stage": 1}
     elif base == "zero3":
-        zero = {"stage": 3}
+        zero = {"stage": 3, **buckets}
     elif base == "zero3_offload":
         zero = {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": False},
-                "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+                "offload_optimizer": {"device": "cpu", "pin_memory": False}, **buckets}
     else:
         raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIG_NAMES + EXTRA_CONFIG_NAMES)}")
     if name.endswith("_reuse0"):

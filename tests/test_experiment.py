@@ -190,7 +190,10 @@ def test_batch_size_contradiction_names_all_three(tmp_path: Path) -> None:
         ({"zero_optimization": {"stage": 4}}, r"stage=4: allowed values are 0, 1, 2, 3"),
         ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3"),
         ({"zero_optimization": {"stage": 4}}, "allowed values are 0, 1, 2"),
-        ({"train_micro_batch_size_per_gpu": "auto"}, "'auto' is only understood"),
+        ({"train_micro_batch_size_per_gpu": "auto"}, 'train_micro_batch_size_per_gpu="auto": hmoe-ds fills \'auto\' '
+                                                     "only in zero_optimization.reduce_bucket_size"),
+        ({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}},
+         'zero_optimization.allgather_bucket_size="auto"'),
         ({"optimizer": None}, 'no "optimizer" section'),
         ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "enable at most one"),
         ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu=0"),
@@ -200,6 +203,23 @@ def test_deepspeed_config_errors(tmp_path: Path, patch: dict[str, Any], expected
     exp = load_experiment(tiny(tmp_path))
     cfg = {k: v for k, v in {**DS, **patch}.items() if v is not None}
     assert expected in error_of(effective_ds_config, cfg, "ds.json", exp, world_size=2)
+
+
+def test_bucket_sizes_auto_follow_the_hidden_size_as_in_hf(tmp_path: Path) -> None:
+    """"auto" in the three hidden-size keys: d^2, 0.9 d^2, 10 d (the HF Trainer's rule); numbers stay as given."""
+    exp = load_experiment(tiny(tmp_path))
+    d = exp.model["hidden_size"]
+    zero = {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": 123}
+    cfg, _ = effective_ds_config({**DS, "zero_optimization": zero}, "ds.json", exp, world_size=2)
+    assert cfg["zero_optimization"] == {"stage": 3, "reduce_bucket_size": d * d,
+                                        "stage3_prefetch_bucket_size": int(0.9 * d * d),
+                                        "stage3_param_persistence_threshold": 123}
+    assert zero["reduce_bucket_size"] == "auto"  # the input is not modified
+    for shipped in ("zero3.json", "zero3_bf16.json"):  # what users launch with
+        raw = json.loads((REPO / "ds_configs" / shipped).read_text())
+        cfg, _ = effective_ds_config(raw, shipped, exp, world_size=2)
+        assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * d, shipped
 
 
 def test_fp16_without_accelerator_support(tmp_path: Path) -> None:
