@@ -63,6 +63,24 @@ def test_digest_sees_bytes_changed_in_place(tmp_path: Path) -> None:
     assert file_digest(path, "sha256").startswith("sha256:")
 
 
+def test_digest_maps_the_file_one_window_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows of mmap's granularity over a file that is not a multiple of it: the digest of the whole bytes."""
+    import mmap
+
+    import xxhash
+
+    from hmoe_ds import integrity
+
+    assert integrity.DIGEST_WINDOW % mmap.ALLOCATIONGRANULARITY == 0  # mmap offsets must be multiples of it
+    monkeypatch.setattr(integrity, "DIGEST_WINDOW", mmap.ALLOCATIONGRANULARITY)
+    path = tmp_path / "f.bin"
+    data = os.urandom(3 * mmap.ALLOCATIONGRANULARITY + 123)
+    path.write_bytes(data)
+    assert file_digest(path) == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
+    path.write_bytes(b"")
+    assert file_digest(path) == "xxh3_128:" + xxhash.xxh3_128(b"").hexdigest()
+
+
 def test_marker_records_size_and_checksum_of_every_file(tmp_path: Path) -> None:
     tag_dir = make_checkpoint(tmp_path / "checkpoints", 5)
     files = json.loads((tag_dir / MARKER).read_text())["files"]
