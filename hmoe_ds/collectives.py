@@ -35,6 +35,7 @@ __all__ = [
     "on_rank0",
     "rank",
     "rank0_first",
+    "release_gathered_parameters",
     "world_size",
 ]
 
@@ -161,3 +162,17 @@ def rank0_first(fn: Callable[[], T]) -> T:
         return held["result"]
     on_rank0(lambda: None)
     return fn()
+
+
+def release_gathered_parameters(engine: Any) -> None:
+    """Under ZeRO-3, free the full parameters that forwards outside training left gathered on this rank.
+
+    Measured with ``bench_memory`` (214M parameters, 2 ranks): after an
+    evaluation every rank kept the whole fp32 model resident (~850 MiB, the
+    same at any rank count) until the next checkpoint save, whose DeepSpeed
+    code releases them. ``engine.empty_partition_cache()`` is DeepSpeed's call
+    for that; it is a no-op for ZeRO 0-2 and for a plain module.
+    """
+    release = getattr(engine, "empty_partition_cache", None)
+    if callable(release):
+        release()

@@ -73,3 +73,25 @@ def test_num_batches_limits_each_rank_alone() -> None:
     model = _model(ep_size=1)
     result = evaluate(model, EvalBatchIterator(_examples(5), MICRO), num_batches=2)
     assert result.batches == 2 and result.tokens == 4 * 15
+
+
+def test_evaluation_releases_what_zero3_gathered() -> None:
+    """After the forwards, ``engine.empty_partition_cache()`` (ZeRO-3 keeps the gathered model otherwise)."""
+
+    class Engine(torch.nn.Module):  # the two things evaluate uses of a DeepSpeed engine, plus the release
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = _model(ep_size=1)
+            self.released = 0
+
+        def forward(self, **batch: torch.Tensor):
+            assert self.released == 0  # released after the last forward, not before
+            return self.module(**batch)
+
+        def empty_partition_cache(self) -> None:
+            self.released += 1
+
+    engine = Engine()
+    batches = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 512, (3, 2, 16))]
+    evaluate(engine, batches, num_batches=3)
+    assert engine.released == 1

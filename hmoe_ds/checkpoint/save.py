@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import collectives
-from ..collectives import on_rank0
+from ..collectives import on_rank0, release_gathered_parameters
 from ..naming import moe_layer_records
 from ..shards import write_rank_shard
 from .atomic_io import atomic_safetensors
@@ -49,6 +49,7 @@ def probe_logits(engine: Any, input_ids: torch.Tensor) -> torch.Tensor:
     finally:
         if was_training:
             engine.train()
+        release_gathered_parameters(engine)
     return out.logits.detach().float().cpu()
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from hmoe_ds.collectives import all_reduce_max, all_reduce_sum
+from hmoe_ds.collectives import all_reduce_max, all_reduce_sum, release_gathered_parameters
 
 from .metrics import LayerLoad, RoutingAccumulator, routing_scalars
 
@@ -119,6 +119,7 @@ def evaluate(
     finally:
         if was_training:
             getattr(model, "train")()
+        release_gathered_parameters(model)
     sums = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64)]))
     total_tokens = int(sums[1].item())
     loss = float(sums[0].item()) / total_tokens if total_tokens else float("nan")
