@@ -3,13 +3,14 @@
 
     .venv/bin/python run/experiments/paper_comparison.py [--scale S] [--steps N] [--out DIR] [--seeds N]
         [--arms moe_topk,moe_topp,hmoe_topk,hmoe_topp,hmoe_topp_matched | all] [--num-ranks R]
-        [--set KEY=VALUE ...] [--resume | --report-only]
+        [--set KEY=VALUE ...] [--zero-shot [--zero-shot-limit N]] [--resume | --report-only]
 
 Trains every arm of ``configs/arms.yaml`` (default: homogeneous MoE Top-K/Top-P, HMoE Top-K/Top-P and
 HMoE Top-P at the activated parameters of MoE Top-K) with ``run/train.py`` through the deepspeed
 launcher, one run after the other, once per seed (``--seeds N``: seeds base, base+1, ..., base+N-1),
 on the same tokenised data, batch and token budget and with equal total parameters; evaluates each
-final checkpoint on the whole validation split with ``run/eval.py``; then writes to ``--out``:
+final checkpoint on the whole validation split with ``run/eval.py`` (and, with ``--zero-shot``, zero-shot
+with ``run/zero_shot.py``); then writes to ``--out``:
 
     results.md                the tables: per arm (mean +- std over seeds), HMoE-vs-MoE differences with
                               95% confidence intervals, and every run
@@ -20,8 +21,8 @@ final checkpoint on the whole validation split with ``run/eval.py``; then writes
     expert_share.png          share of routed (token, expert) pairs per expert vs its size, per arm
     summary.json              everything above plus the set-up (data cache, seeds, commands, timings)
     <arm>/                    the run (one seed), or <arm>/seed<S>/ per seed (two or more seeds): metrics.jsonl,
-                              TensorBoard, checkpoint, eval_final.json, and zero_shot.json when a zero-shot
-                              evaluation was written there (read, never run, by this script)
+                              TensorBoard, checkpoint, eval_final.json, and zero_shot.json (``--zero-shot``,
+                              or an lm-evaluation-harness result put there by hand)
     logs/<run>.{train,eval}.log
 
 What a seed changes: ``run.seed``, i.e. the initial weights and the order of the training batches (and
