@@ -85,7 +85,7 @@ CONFIG_NAMES = ("zero3", "zero3_offload", "zero1")  # the targets first: a run c
 EXTRA_CONFIG_NAMES = ("zero3_reuse0", "zero3_offload_reuse0", "zero3_ds_buckets", "zero3_offload_ds_buckets")
 #: The bucket keys ds_configs/zero3*.json set to "auto" (filled from the hidden size by the trainer).
 AUTO_BUCKETS = {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                "stage3_param_persistence_threshold": "auto", "stage3_max_reuse_distance": "auto"}
+                "stage3_param_persistence_threshold": "auto"}
 TRAIN_STEPS = 2  # run 1: build, 2 steps, save at step 2; run 2 resumes for 1 more step and saves again
 TARGET_RATIO = 1.3
 

@@ -540,21 +540,15 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-#: ``zero_optimization`` keys whose ``"auto"`` is filled from the model's hidden size d. The first three
-#: take the values the Hugging Face Trainer's DeepSpeed integration uses, so a JSON written for it means
-#: the same here; ``stage3_max_reuse_distance`` (which HF leaves at DeepSpeed's default) is hmoe-ds's.
+#: ``zero_optimization`` keys whose ``"auto"`` is filled from the model's hidden size d, with the values the
+#: Hugging Face Trainer's DeepSpeed integration uses, so a JSON written for it means the same here.
 #: DeepSpeed's own defaults are fixed element counts (reduce bucket 5e8, prefetch 5e7, persistence
-#: 1e5, reuse distance 1e9) whatever the model. Measured with ``bench_memory`` (214M parameters, d=1024):
-#: the reduce bucket is a ~0.9 GB fp32 buffer on every rank (the gradients fill it), and a reuse
-#: distance above the model's size keeps every parameter the forward gathered until the backward has
-#: used it again, i.e. the whole model on every rank from the second step on; neither shrinks as
-#: ranks are added. 10 d^2 keeps a parameter gathered only when it is used again within about a fifth
-#: of an HMoE layer (a layer holds 4 d^2 of attention plus 3 d x its experts' total width).
+#: 1e5) whatever the model: the reduce bucket alone is then a ~0.9 GB fp32 buffer on every rank for a
+#: 200M-parameter model (its gradients fill it), which does not shrink as ranks are added.
 HIDDEN_SIZE_AUTO: dict[str, Callable[[int], int]] = {
     "reduce_bucket_size": lambda d: d * d,
     "stage3_prefetch_bucket_size": lambda d: int(0.9 * d * d),
     "stage3_param_persistence_threshold": lambda d: 10 * d,
-    "stage3_max_reuse_distance": lambda d: 10 * d * d,
 }
 
 
