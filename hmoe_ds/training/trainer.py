@@ -520,8 +520,9 @@ def set_up(plan: TrainPlan) -> TrainState:
     tags = [layer_tags(layer.config, run.per_expert_metrics) for layer in moe_layers]
     placements = [layer.placement for layer in moe_layers]  # per-EP-rank load tags
     writer.write_layout([layer.config.expert_sizes for layer in moe_layers], tags)
-    writer.write_text("run/constants", constant_facts([layer.config for layer in moe_layers], tags, placements,
-                                                      [layer.moe_core.expert_params for layer in moe_layers]))
+    if moe_layers:  # a dense model has no routing constants
+        writer.write_text("run/constants", constant_facts([layer.config for layer in moe_layers], tags, placements,
+                                                          [layer.moe_core.expert_params for layer in moe_layers]))
     if rank == 0:
         model_cfg.to_json_file(str(exp.output_dir / "model_config.json"))
         data.tokenizer.save_pretrained(str(exp.output_dir / "tokenizer"))
