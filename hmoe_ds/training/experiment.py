@@ -47,6 +47,12 @@ __all__ = [
 SECTIONS = ("model", "data", "run")
 
 
+#: ``run.per_expert_metrics: auto`` writes per-expert TensorBoard tags for layers with at most this many experts.
+PER_EXPERT_AUTO_LIMIT = 16
+#: The values ``run.per_expert_metrics`` accepts (:func:`hmoe_ds.training.metrics.layer_tags`).
+PER_EXPERT_CHOICES = ("auto", "always", "never")
+
+
 @dataclass
 class RunConfig:
     """The ``run:`` section: what the loop does, not how it optimises.
@@ -78,7 +84,8 @@ class RunConfig:
             counted as ``train/skipped_nonfinite_steps``.
         per_expert_metrics: write each expert's token fraction as its own TensorBoard tag
             (``moe/layer_<i>/expert_<e>_token_fraction``, and the Custom Scalars chart of
-            them): ``auto`` for layers of at most 16 experts, ``always``, or ``never``. The
+            them): ``auto`` for layers of at most :data:`PER_EXPERT_AUTO_LIMIT` (16) experts,
+            ``always``, or ``never``. The
             per-layer spread statistics and histogram are written either way.
     """
 
@@ -110,9 +117,10 @@ class RunConfig:
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite={self.on_nonfinite!r}: allowed values are 'stop' (default: end the run "
                              "at a non-finite loss or gradient norm) and 'skip' (drop such steps)")
-        if self.per_expert_metrics not in ("auto", "always", "never"):
+        if self.per_expert_metrics not in PER_EXPERT_CHOICES:
             raise ValueError(f"per_expert_metrics={self.per_expert_metrics!r}: allowed values are 'auto' (default: "
-                             "per-expert tags for layers of at most 16 experts), 'always' and 'never'")
+                             f"per-expert tags for layers of at most {PER_EXPERT_AUTO_LIMIT} experts), 'always' "
+                             "and 'never'")
         for name in ("output_dir", "run_name", "init_from"):
             if getattr(self, name) is not None and not str(getattr(self, name)).strip():
                 raise ValueError(f"{name}: must not be empty")

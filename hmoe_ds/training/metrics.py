@@ -72,6 +72,8 @@ import torch
 
 from hmoe_ds.collectives import all_reduce_sum
 
+from .experiment import PER_EXPERT_AUTO_LIMIT, PER_EXPERT_CHOICES
+
 __all__ = [
     "PER_EXPERT_AUTO_LIMIT",
     "PER_EXPERT_CHOICES",
@@ -98,12 +100,6 @@ class _Monitor(Protocol):
     def write_events(self, event_list: list[tuple[str, float, int]]) -> None: ...
 
 
-#: ``run.per_expert_metrics: auto`` writes per-expert tags for layers with at most this many experts.
-PER_EXPERT_AUTO_LIMIT = 16
-#: The values ``run.per_expert_metrics`` accepts.
-PER_EXPERT_CHOICES = ("auto", "always", "never")
-
-
 @dataclass(frozen=True)
 class LayerTags:
     """Which of one MoE layer's scalar tags a run writes (the module docstring's [brackets]).
@@ -128,7 +124,7 @@ def layer_tags(config: Any, per_expert_metrics: str = "auto") -> LayerTags:
         raise ValueError(f"per_expert_metrics={per_expert_metrics!r}: allowed values are {PER_EXPERT_CHOICES}")
     sizes = list(config.expert_sizes)
     can_drop = config.capacity_factor is not None
-    fixed_count = str(getattr(config.routing, "value", config.routing)) == "top_k" and not can_drop
+    fixed_count = config.routing == "top_k" and not can_drop  # a RoutingMethod (StrEnum) compares to its value
     per_expert = {"always": True, "never": False}.get(per_expert_metrics, len(sizes) <= PER_EXPERT_AUTO_LIMIT)
     return LayerTags(
         per_expert=per_expert,
@@ -374,8 +370,8 @@ def constant_facts(
     lines = ["| MoE layer | expert sizes | routing | constant per token | EP ranks: expert params (max/mean) |",
              "|---|---|---|---|---|"]
     for i, (config, wanted, placement, params) in enumerate(zip(configs, tags, placements, expert_params)):
-        routing = str(getattr(config.routing, "value", config.routing))
-        routing += f" (k={config.top_k})" if routing == "top_k" else f" (p={config.top_p})"
+        routing = f"{config.routing} (k={config.top_k})" if config.routing == "top_k" else \
+            f"{config.routing} (p={config.top_p})"
         constant = []
         if not wanted.experts_per_token:
             constant.append(f"{config.top_k} experts")
@@ -491,11 +487,13 @@ def ep_load_scalars(
             sum(2.0 * load.expert_params[e] * load.tokens_per_expert[e] for e in rank) / (max(steps, 1) * replicas)
             for rank in placement.rank_experts
         ]
+        static = tags is None  # with a run's tags, the placement's fixed parameter counts are left out
         for r in range(ep_size):
-            if tags is None:
+            if static:
                 scalars[f"{prefix}/layer_{i}/ep_rank_{r}_expert_params"] = params[r]
             scalars[f"{prefix}/layer_{i}/ep_rank_{r}_expert_flops_per_step"] = flops[r]
-        for name, values in ((("params", params),) if tags is None else ()) + (("flops", flops),):
+        per_rank = {"params": params, "flops": flops} if static else {"flops": flops}
+        for name, values in per_rank.items():
             ratio = _imbalance(values)
             if ratio is not None:
                 scalars[f"{prefix}/layer_{i}/ep_{name}_imbalance"] = ratio
