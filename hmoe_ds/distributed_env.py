@@ -134,13 +134,15 @@ def _single_process_environment(port: int | None) -> None:
     """
     if all(k in os.environ for k in _TORCH_ENV) or any(k in os.environ for k in MPI_LAUNCHER_VARS):
         return
-    if port is None:
+    if port is None and "MASTER_PORT" not in os.environ:  # a given MASTER_PORT is kept (setdefault below)
         import socket
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    if port is not None:
+        defaults["MASTER_PORT"] = str(port)
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
 
