@@ -130,16 +130,16 @@ def run(cfg: LayerConfig, threads: int, repeats: int = 5) -> list[Table]:
     scale = calibrate_router_scale(cfg.experts, cfg.d_model)
     base = dict(tokens=cfg.tokens, experts=cfg.experts, d_model=cfg.d_model, router_scale=scale)
     x, g = make_inputs(cfg.tokens, cfg.d_model, device, dtype)
-    # The per-expert loop path (expert_compute="loop"): the phases and prototypes below dissect it;
-    # "HMoE grouped" is the layer with its default (grouped) expert path, for comparison.
-    layer = build_module(dict(base, kind="hmoe", variant="hmoe-loop")).to(device, dtype)
-    grouped = build_module(dict(base, kind="hmoe", variant="hmoe")).to(device, dtype)
+    # The layer as built by default (expert_compute="auto": the per-expert loop on CPU, grouped GEMMs on
+    # accelerators): the phases and prototypes below dissect it; "HMoE grouped" forces the grouped path.
+    layer = build_module(dict(base, kind="hmoe", variant="hmoe")).to(device, dtype)
+    grouped = build_module(dict(base, kind="hmoe", variant="hmoe-grouped")).to(device, dtype)
     from hmoe_ds import collect_routing_stats
     with torch.no_grad(), collect_routing_stats() as stats:
         layer(x)
     hidden = round(stats[0].activated_expert_params_per_token / (3 * cfg.d_model))
     floor = build_module(dict(base, kind="floor", hidden=hidden)).to(device, dtype)
-    routing = build_module(dict(base, kind="hmoe", variant="hmoe-loop")).to(device, dtype)
+    routing = build_module(dict(base, kind="hmoe", variant="hmoe")).to(device, dtype)
     routing.deepspeed_moe.experts.forward = lambda x_RD, counts: x_RD  # identity experts
 
     chunked_floor = _TokenChunked(floor, cfg.experts)

@@ -446,12 +446,7 @@ class _GroupedPlan:
         return [w for triple in weights for w in triple if w is not None]
 
     def unflatten(self, flat: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        step = 3 if self.gated else 2
-        out = []
-        for i in range(len(self.sizes)):
-            chunk = flat[step * i: step * (i + 1)]
-            out.append((chunk[0], chunk[1], chunk[2] if self.gated else None))
-        return out
+        return _unflatten(flat, self.gated)
 
     def stack(self, weights, bucket: WidthBucket, index: torch.Tensor | None, which: int) -> torch.Tensor:
         """Padded copy of one bucket's ``w1`` (``which=0``, ``[G, H, D]``), ``w2`` (1, ``[G, D, H]``) or ``w3`` (2)."""
@@ -487,12 +482,98 @@ def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weig
     return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), *plan.flatten(weights))
 
 
+class _ExpertLoopFFN(torch.autograd.Function):
+    """Every local expert's FFN, one GEMM chain per expert, as one autograd node (the ``loop`` path).
+
+    Expert j reads rows ``spans[j]`` of the grouped input and writes the same
+    rows of a preallocated output, so no per-expert output is concatenated.
+    The math per expert is :class:`_GroupedFFN`'s with G = 1 (same saved
+    tensors: the input view and the pre-activations ``w1 x`` and ``w3 x``; the
+    activation is recomputed in backward, and each expert's pair is released
+    as soon as its backward is done). An expert without rows still returns a
+    zero gradient (an ``[h, 0] x [0, D]`` product), so ZeRO's hooks fire.
+    """
+
+    @staticmethod
+    def forward(ctx, x_RD: torch.Tensor, spans: list[tuple[int, int]], activation: ExpertActivation,  # type: ignore[override]
+                *flat_weights: torch.Tensor) -> torch.Tensor:
+        gated = activation.gated
+        weights = _unflatten(flat_weights, gated)
+        x_RD = x_RD.contiguous()
+        y_RD = x_RD.new_empty(x_RD.shape)
+        saved: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        for (start, end), (w1, w2, w3) in zip(spans, weights):
+            x_nD = x_RD[start:end]
+            a1 = torch.mm(x_nD, w1.t())
+            z = _act_forward(a1, activation)
+            a3 = None
+            if gated:
+                a3 = torch.mm(x_nD, w3.t())
+                z = z.mul_(a3)
+            torch.mm(z, w2.t(), out=y_RD[start:end])
+            saved.append((a1, a3))
+        ctx.spans, ctx.activation = spans, activation
+        ctx.save_for_backward(x_RD, *flat_weights)
+        ctx.activations = saved  # intermediates on ctx, so backward can drop each expert's pair early
+        return y_RD
+
+    @staticmethod
+    def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
+        activation: ExpertActivation = ctx.activation
+        gated = activation.gated
+        x_RD, *flat_weights = ctx.saved_tensors
+        saved = ctx.activations
+        ctx.activations = None
+        grad_RD = grad_RD.contiguous()
+        grad_x = torch.empty_like(x_RD) if ctx.needs_input_grad[0] else None
+        flat_grads: list[torch.Tensor] = []
+        for j, ((start, end), (w1, w2, w3)) in enumerate(zip(ctx.spans, _unflatten(flat_weights, gated))):
+            a1, a3 = saved[j]
+            saved[j] = None
+            x_nD, dy = x_RD[start:end], grad_RD[start:end]
+            act = _act_forward(a1, activation)
+            dw2 = torch.mm(dy.t(), act * a3 if gated else act)  # [D, h]
+            dz = torch.mm(dy, w2)  # [n, h]
+            da3 = dw3 = None
+            if gated:
+                da3 = dz * act
+                dw3 = torch.mm(da3.t(), x_nD)
+                dz = dz.mul_(a3)
+            del act
+            da1 = _act_backward(dz, a1, activation)
+            del dz, a1, a3
+            dw1 = torch.mm(da1.t(), x_nD)
+            if grad_x is not None:
+                dx = grad_x[start:end]
+                torch.mm(da1, w1, out=dx)
+                if gated:
+                    dx.addmm_(da3, w3)
+            flat_grads += [dw1, dw2] + ([dw3] if gated else [])
+        return (grad_x, None, None, *flat_grads)
+
+
+def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    step = 3 if gated else 2
+    return [(flat[i], flat[i + 1], flat[i + 2] if gated else None) for i in range(0, len(flat), step)]
+
+
 def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights,
                      activation: ExpertActivation | str) -> torch.Tensor:
-    """The reference path: expert j on rows ``[sum(counts[:j]), sum(counts[:j+1]))``, one after the other."""
-    chunks = torch.split(x_RD, list(counts), dim=0)
-    outputs = [ffn_forward(chunk, w1, w2, w3, activation) for chunk, (w1, w2, w3) in zip(chunks, weights)]
-    return torch.cat(outputs, dim=0)
+    """Apply expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``, one GEMM chain per expert.
+
+    One autograd node for all experts (:class:`_ExpertLoopFFN`); the operator
+    count grows with the number of experts, the bytes moved do not exceed the
+    GEMMs' own.
+    """
+    if sum(int(c) for c in counts) != x_RD.shape[0]:
+        raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
+    activation = ExpertActivation(activation)
+    spans, row = [], 0
+    for count in counts:
+        spans.append((row, row + int(count)))
+        row += int(count)
+    flat = [w for triple in weights for w in triple if w is not None]
+    return _ExpertLoopFFN.apply(x_RD, spans, activation, *flat)
 
 
 class _ExpertComputeMixin:
@@ -500,10 +581,12 @@ class _ExpertComputeMixin:
 
     activation: ExpertActivation
     expert_compute: ExpertCompute
+    _requested_compute: ExpertCompute
     _plan: _GroupedPlan | None
 
     def _init_compute(self, hidden_size: int, sizes: Sequence[int], mode: ExpertCompute | str,
                       max_buckets: int) -> None:
+        self._requested_compute = ExpertCompute(mode)
         self.expert_compute = resolve_expert_compute(mode, hidden_size, sizes)
         self._plan = (_GroupedPlan(sizes, self.activation, max_buckets)
                       if self.expert_compute is ExpertCompute.GROUPED else None)
@@ -520,11 +603,25 @@ class _ExpertComputeMixin:
         """The grouped path's buckets (empty for the loop path)."""
         return [] if self._plan is None else list(self._plan.buckets)
 
+    def runs_grouped(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
+        """Whether a call on ``device``/``dtype`` runs the grouped GEMMs (else the per-expert loop).
+
+        ``grouped`` forced: wherever ``grouped_mm`` has a kernel for the dtype.
+        ``auto``: the same, except on CPU, where the loop runs (in the grouped
+        row order): :func:`resolve_expert_compute` explains the measurement.
+        """
+        if self._plan is None or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        return self._requested_compute is ExpertCompute.GROUPED or torch.device(device).type != "cpu"
+
     def compute_path(self) -> str:
         """How these experts are computed, for reprs and logs: ``grouped (n width buckets)`` or ``loop``."""
         if self._plan is None:
             return "loop"
-        return f"grouped ({len(self._plan.buckets)} width buckets)"
+        grouped = f"grouped ({len(self._plan.buckets)} width buckets)"
+        if self._requested_compute is ExpertCompute.GROUPED:
+            return grouped
+        return f"{grouped} on accelerators, loop on CPU"
 
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         raise NotImplementedError
@@ -535,9 +632,8 @@ class _ExpertComputeMixin:
             raise ValueError(f"got {len(counts)} token counts for {len(weights)} local experts")
         if self._plan is None:
             return loop_ffn_forward(x_RD, counts, weights, self.activation)
-        if x_RD.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            # grouped_mm has no kernel for other dtypes (e.g. a layer converted to float64): same math, one loop,
-            # rows still in the grouped path's compute order.
+        if not self.runs_grouped(x_RD.device, x_RD.dtype):
+            # Same math, rows still in the grouped path's compute order (fixed at construction for dispatch).
             return loop_ffn_forward(x_RD, counts, [weights[j] for j in self._plan.compute_order], self.activation)
         return grouped_ffn_forward(x_RD, counts, weights, self._plan)
 

@@ -34,7 +34,7 @@ def test_quick_benchmarks_print_tables_with_finite_ratios(tmp_path: Path) -> Non
         i = layer["headers"].index(name)
         for row in layer["rows"]:
             assert isinstance(row[i], float) and math.isfinite(row[i]) and (row[i] > 0 or "MiB" in name), (name, row)
-    for name in ("ops HMoE", "ops loop", "ops plain"):
+    for name in ("ops HMoE", "ops grouped", "ops plain"):
         i = layer["headers"].index(name)
         assert all(isinstance(row[i], int) and row[i] > 0 for row in layer["rows"]), name
     # The printed table carries the same ratios.

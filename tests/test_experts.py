@@ -64,11 +64,15 @@ def _run(experts, x_RD, counts, upstream):
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
 @pytest.mark.parametrize("max_buckets", [8, 2, 1])
 @pytest.mark.parametrize("pattern", list(COUNT_PATTERNS))
-def test_grouped_equals_reference_and_loop_in_output_and_every_gradient(storage, activation, max_buckets, pattern):
-    grouped = _make(storage, activation, "grouped", max_buckets)
+@pytest.mark.parametrize("compute", ["grouped", "auto"])
+def test_grouped_equals_reference_and_loop_in_output_and_every_gradient(storage, activation, max_buckets, pattern,
+                                                                        compute):
+    """``grouped`` forced runs ``grouped_mm`` here; ``auto`` on CPU runs the loop kernel in the grouped row order."""
+    grouped = _make(storage, activation, compute, max_buckets)
     loop = _make(storage, activation, "loop")
     _copy_weights(grouped, loop)
     assert grouped.expert_compute is ExpertCompute.GROUPED and loop.expert_compute is ExpertCompute.LOOP
+    assert grouped.runs_grouped("cpu") is (compute == "grouped")
     assert len(grouped.width_buckets) <= max_buckets
     slot_counts = COUNT_PATTERNS[pattern]
     order = grouped.compute_order
@@ -283,6 +287,26 @@ def test_expert_parallel_grouped_path_matches_single_process():
     results = run_distributed(_ep_cases, world_size=2)
     for name, value in results[0].items():
         assert value["compute"] == name.split()[0], name
+
+
+@pytest.mark.parametrize("compute, expect_grouped_mm", [("grouped", True), ("auto", False), ("loop", False)])
+def test_the_path_that_runs_on_cpu(compute, expect_grouped_mm):
+    """The kernels a CPU call really runs: ``auto`` takes the loop here, ``grouped`` forced takes ``grouped_mm``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    experts = _make("module", "swiglu", compute)
+    counts = [COUNT_PATTERNS["random"][s] for s in experts.compute_order]
+    x = torch.randn(sum(counts), D, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        experts(x, counts).sum().backward()
+    names = {event.name for event in prof.events()}
+    assert ("aten::_grouped_mm" in names) is expect_grouped_mm
+    if not expect_grouped_mm:
+        assert "aten::cat" not in names  # the loop writes each expert's rows in place (a padded bucket may cat)
+    expected_path = {"grouped": "grouped (", "auto": "on accelerators, loop on CPU", "loop": "loop path"}[compute]
+    assert expected_path in repr(experts)
+    assert experts.runs_grouped("cuda") is (compute != "loop")
+    assert experts.runs_grouped("cuda", torch.float64) is False  # grouped_mm has no float64 kernel
 
 
 def test_buckets_adjacent_in_memory_are_views_not_copies():
