@@ -73,8 +73,9 @@ class ExpertCompute(StrEnum):
     ``grouped``: one grouped GEMM (``torch.nn.functional.grouped_mm``) per
     width bucket for each projection, so the operator count per layer is
     bounded by the number of buckets, not the number of experts. ``loop``:
-    one ``F.linear`` chain per expert (the reference path). ``auto``: the
-    rule in :func:`hmoe_ds.experts.resolve_expert_compute`.
+    one GEMM chain per expert, in one autograd node. ``auto``: grouped on
+    accelerators, the loop on CPU (measured faster there); the rule is in
+    :func:`hmoe_ds.experts.resolve_expert_compute`.
     """
 
     AUTO = "auto"

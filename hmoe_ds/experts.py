@@ -6,13 +6,17 @@ a bucket.
 
 An HMoE expert is a LLaMA-style FFN whose hidden width h_i differs per expert
 (HMoE paper, Sec. 3.1). This module is the one place that computes experts.
-Two paths give the same numbers (fp32 round-off):
+Two paths give the same numbers (fp32 round-off; both are tested against a
+per-row reference in ``tests/reference.py``):
 
-``loop`` (the reference): one ``F.linear`` chain per expert on contiguous
-slices of the grouped token buffer; 3 matmuls forward and 6 backward *per
-expert*, so the operator count grows with the number of experts.
+``loop``: one GEMM chain per expert on contiguous slices of the grouped token
+buffer, 3 matmuls forward and 6 backward *per expert*, all experts in one
+autograd node (:class:`_ExpertLoopFFN`) that writes each expert's rows of the
+output in place and keeps only the two pre-activations per expert. Its
+operator count grows with the number of experts; its GEMMs are exactly the
+experts' own, with no padding and no weight copy.
 
-``grouped`` (default where it applies): experts are put in *width buckets*;
+``grouped``: experts are put in *width buckets*;
 each bucket is computed with one ``torch.nn.functional.grouped_mm`` per
 projection, whose jagged dimension is the bucket's token rows (``offs``), by
 one custom autograd function for all buckets (:class:`_GroupedFFN`).
@@ -29,7 +33,13 @@ number of experts; :attr:`WidthBucket.padding` reports the waste (none up to 8
 distinct widths; for the arithmetic sizes of ``solve_expert_sizes`` at E=32/64,
 0.8% of the expert FLOPs at d=256 (9 widths) and 3.5% at d=512 (17 widths)).
 
-Why this design (README, "Expert computation"): the alternatives were (a)
+Which path runs (:func:`resolve_expert_compute`): ``auto`` builds the grouped
+plan (its row order) wherever ``grouped_mm`` can run and uses it on
+accelerators, where one grouped-GEMM kernel per bucket replaces E small ones,
+but runs the loop on CPU, where ``grouped_mm`` is itself a loop of GEMMs and
+padded buckets add weight copies (measured in the README, "Benchmarks").
+
+Why buckets (README, "Expert computation"): the alternatives were (a)
 splitting every expert into equal blocks of width g and repeating each token
 once per block of its expert, exact but it multiplies the gathered input by
 h/g (4-24x for arithmetic sizes at g=64: memory-bound and over the plain
@@ -195,23 +205,24 @@ def plan_width_buckets(sizes: Sequence[int], max_buckets: int = MAX_WIDTH_BUCKET
 
 
 def resolve_expert_compute(mode: ExpertCompute | str, hidden_size: int, sizes: Sequence[int]) -> ExpertCompute:
-    """The expert path a layer uses: ``grouped`` or ``loop``.
+    """The expert path a layer is built for: ``grouped`` (its plan and row order) or ``loop``.
 
-    ``auto`` picks ``grouped`` whenever it can run: ``hidden_size`` a multiple
-    of 8 (``grouped_mm``'s 16-byte stride rule, bf16 included) and a
-    ``grouped_mm`` in this torch. There is no size threshold because the
-    grouped path runs the same per-expert GEMMs as the loop (plus at most the
-    bucket padding: none up to 8 distinct widths, 3.5% of the FLOPs for 17
-    arithmetic widths), copies no weights for equal-width buckets, keeps fewer
-    activations (two ``[R, H]`` per bucket instead of four per expert) and
-    needs a bounded number of operators (measured: 228-250 per forward+backward
-    at E = 8-64, against 197-1,037 for the loop; README, "Benchmarks"). At
-    E = 8 with 8 distinct widths both paths run the same GEMMs one expert at a
-    time. CPU timings on a contended 2-core machine were mixed (grouped faster
-    at E = 64 and at E = 32 with 8k tokens, slower at E = 8 and at E = 32 with
-    2k tokens), so the rule rests on operator count, memory and the GPU kernel,
-    not on CPU speed; force ``loop`` where it measures faster. Forcing ``grouped`` where it cannot run is a ``ValueError`` naming
-    the fix.
+    ``auto`` resolves to ``grouped`` whenever the grouped path can run:
+    ``hidden_size`` a multiple of 8 (``grouped_mm``'s 16-byte stride rule,
+    bf16 included) and a ``grouped_mm`` in this torch. Which kernel a call
+    then runs depends on the device (``runs_grouped`` of the experts module):
+    with ``auto``, grouped GEMMs on accelerators and the per-expert loop on
+    CPU. The CPU rule is measured (README, "Benchmarks": layer forward+backward
+    on a quiet 2-core machine): ``grouped_mm``'s CPU kernel runs the groups'
+    GEMMs one after another, so it saves nothing there, while padded buckets
+    cost a weight copy per projection in forward and backward; the loop was
+    faster in every row with padded buckets (E=32/64; for example 1.20x against
+    1.51x the dense floor at E=32, d=512, 8,192 tokens) and equal within noise
+    at E=8, where both run the same GEMMs. On a GPU the grouped path launches one
+    kernel per bucket and projection instead of one per expert, which is where
+    the per-expert loop loses at 32-64 experts. Forcing ``grouped`` runs
+    ``grouped_mm`` on every device (for tests and measurements); forcing it
+    where it cannot run is a ``ValueError`` naming the fix.
     """
     mode = ExpertCompute(mode)
     if mode is ExpertCompute.LOOP:
