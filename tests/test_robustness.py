@@ -95,6 +95,10 @@ def copy_run(base: Path, tmp: Path) -> Path:
 # --------------------------------------------------------------------------- runs in the background
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Background:
     """A ``deepspeed`` run in its own session, output to files; :meth:`kill` ends every process of it."""
 
@@ -107,8 +111,12 @@ class Background:
                f"run.output_dir={self.out}", *extra]
         self.log = tmp / f"log.{time.monotonic_ns()}.txt"
         with open(self.log, "w") as handle:
+            # SIGINT back to its default in the runner: a shell starts background jobs (`cmd &`, nohup) with
+            # SIGINT ignored, and Python keeps an ignored SIGINT ignored, so a suite started that way would
+            # give the runner a disposition no interactive user's runner has.
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=environment(cache), stdout=handle,
-                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                         stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                         preexec_fn=_default_sigint)
         self.pgid = self.proc.pid
 
     def text(self) -> str:
