@@ -174,5 +174,15 @@ def release_gathered_parameters(engine: Any) -> None:
     for that; it is a no-op for ZeRO 0-2 and for a plain module.
     """
     release = getattr(engine, "empty_partition_cache", None)
-    if callable(release):
-        release()
+    if not callable(release):
+        return
+    release()
+    # That partitions every parameter, the persistent ones too (those below
+    # stage3_param_persistence_threshold, which ZeRO-3 keeps gathered on every rank). DeepSpeed
+    # gathers them again after its own checkpoint save and after every optimizer step, but not
+    # here; a training step that then starts with them partitioned breaks ZeRO-3's prefetch trace
+    # ("tracing error ... expected the next 1 parameters in the parameter fetch queue", seen in
+    # the first step after a save in a resumed run). So gather them again, as DeepSpeed does.
+    persistent = getattr(getattr(engine, "optimizer", None), "persistent_parameters", None)
+    if persistent:
+        persistent[0].all_gather(persistent)
