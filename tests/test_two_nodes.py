@@ -4,7 +4,7 @@ The ``deepspeed`` runner, given a hostfile of N nodes, runs
 ``deepspeed.launcher.launch --world_info ... --node_rank i --master_addr ...`` on
 every node. Here both run on this machine, 2 ranks each (world 4, global
 ranks 2-3 on "node 1" have local ranks 0-1), with EP 4 spanning both nodes,
-ZeRO-3, and each node building its own data cache (no shared file system for
+under ZeRO-3 and under ZeRO-2 with CPU offload, and each node building its own data cache (no shared file system for
 data; the checkpoints go to one shared directory). Checked:
 
 * every process of node 1 SIGKILLed during step 3 (after the step-2
@@ -19,9 +19,9 @@ DeepSpeed's "tracing error": releasing the parameters an evaluation forward had
 gathered also partitioned ZeRO-3's persistent parameters;
 ``hmoe_ds.collectives.release_gathered_parameters``).
 
-Not covered yet: ZeRO-2 with CPU offload, and node-local checkpoint storage
-(DeepSpeed's ``checkpoint.use_node_local_storage``): on one machine both
-"nodes" see the same directory.
+Not covered yet: node-local checkpoint storage (DeepSpeed's
+``checkpoint.use_node_local_storage``): on one machine both "nodes" see the
+same directory.
 """
 
 from __future__ import annotations
@@ -54,17 +54,27 @@ def _experiment() -> dict:
     return exp
 
 
-def _ds() -> dict:
+#: The two ZeRO set-ups multi-node users run: ZeRO-3, and ZeRO-2 with the optimizer offloaded to CPU (DeepSpeed's
+#: CPU Adam, so the offload path is the real one).
+ZERO: dict[str, dict] = {
+    "zero3": {"stage": 3},
+    "zero2_offload": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+}
+
+
+def _ds(zero: str) -> dict:
     ds = copy.deepcopy(L.DS_CONFIG)
-    ds["zero_optimization"] = {"stage": 3}
+    ds["zero_optimization"] = copy.deepcopy(ZERO[zero])
     ds["gradient_accumulation_steps"] = 1
+    if zero == "zero2_offload":
+        ds["optimizer"]["params"].pop("torch_adam", None)
     return ds
 
 
-def _start_nodes(tmp: Path, run_dir: Path, *extra: str, env_for: dict[int, dict[str, str]] | None = None,
+def _start_nodes(tmp: Path, run_dir: Path, zero: str, *extra: str, env_for: dict[int, dict[str, str]] | None = None,
                  ) -> list[subprocess.Popen]:
     """One per-node launcher per node, each in its own session, output to ``tmp/node<i>.log``."""
-    exp_file, ds_file = L.write_configs(tmp, _experiment(), _ds())
+    exp_file, ds_file = L.write_configs(tmp, _experiment(), _ds(zero))
     world_info = base64.urlsafe_b64encode(
         json.dumps({f"node{n}": list(range(PER_NODE)) for n in range(NODES)}).encode()).decode()
     port = free_port()
@@ -102,8 +112,9 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["train/lm_loss"] for r in L.read_metrics(out) if "train/lm_loss" in r}
 
 
-def test_two_nodes_survive_a_lost_node_and_train_like_one(tmp_path: Path) -> None:
-    reference = L.train(tmp_path / "one_node", experiment=_experiment(), ds=_ds(), ranks=4,
+@pytest.mark.parametrize("zero", list(ZERO))
+def test_two_nodes_survive_a_lost_node_and_train_like_one(tmp_path: Path, zero: str) -> None:
+    reference = L.train(tmp_path / "one_node", experiment=_experiment(), ds=_ds(zero), ranks=4,
                         cache=tmp_path / "cache_one_node", timeout=600)
     assert reference.returncode == 0, L.output(reference)
     expected = _losses(tmp_path / "one_node" / "out")
@@ -111,7 +122,7 @@ def test_two_nodes_survive_a_lost_node_and_train_like_one(tmp_path: Path) -> Non
 
     # Node 1 lost during step 3: its rank 2 is SIGKILLed by the test hook, then every process of node 1.
     lost = tmp_path / "lost"
-    procs = _start_nodes(lost, lost / "out", env_for={1: {"HMOE_DS_TEST_KILL_DURING_STEP": "3",
+    procs = _start_nodes(lost, lost / "out", zero, env_for={1: {"HMOE_DS_TEST_KILL_DURING_STEP": "3",
                                                           "HMOE_DS_TEST_KILL_RANK": "2"}})
     deadline = time.monotonic() + 600
     while "[hmoe_ds test hook]" not in (lost / "node1.log").read_text():
@@ -131,7 +142,7 @@ def test_two_nodes_survive_a_lost_node_and_train_like_one(tmp_path: Path) -> Non
     assert "another rank of this run ended" in node0 or "Connection closed by peer" in node0, node0[-3000:]
 
     # Resume on both nodes from the last checkpoint (step 2): the run continues exactly.
-    codes = _wait(_start_nodes(lost, lost / "out", "--resume"), timeout=600)
+    codes = _wait(_start_nodes(lost, lost / "out", zero, "--resume"), timeout=600)
     assert codes == [0, 0], (lost / "node0.log").read_text()[-3000:] + (lost / "node1.log").read_text()[-3000:]
     # Steps 1-2 from before the loss, 3-6 after the resume: all equal the one-node run's.
     resumed = _losses(lost / "out")
