@@ -487,8 +487,6 @@ class _GroupedPlan:
 
 def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights, plan: _GroupedPlan) -> torch.Tensor:
     """Apply every local expert to its rows (grouped in ``plan.compute_order``) with grouped GEMMs."""
-    if sum(int(c) for c in counts) != x_RD.shape[0]:
-        raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
     plan = plan.on(x_RD.device)
     return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), *plan.flatten(weights))
 
@@ -576,8 +574,6 @@ def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights
     count grows with the number of experts, the bytes moved do not exceed the
     GEMMs' own.
     """
-    if sum(int(c) for c in counts) != x_RD.shape[0]:
-        raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
     activation = ExpertActivation(activation)
     spans, row = [], 0
     for count in counts:
@@ -641,6 +637,8 @@ class _ExpertComputeMixin:
         weights = self.per_expert_weights()
         if len(counts) != len(weights):
             raise ValueError(f"got {len(counts)} token counts for {len(weights)} local experts")
+        if sum(int(c) for c in counts) != x_RD.shape[0]:
+            raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
         if self._plan is None:
             return loop_ffn_forward(x_RD, counts, weights, self.activation)
         if not self.runs_grouped(x_RD.device, x_RD.dtype):

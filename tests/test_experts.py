@@ -309,6 +309,16 @@ def test_the_path_that_runs_on_cpu(compute, expect_grouped_mm):
     assert experts.runs_grouped("cuda", torch.float64) is False  # grouped_mm has no float64 kernel
 
 
+@pytest.mark.parametrize("storage", ["module", "packed"])
+@pytest.mark.parametrize("compute", ["grouped", "auto", "loop"])
+def test_token_counts_that_do_not_match_are_named(storage, compute):
+    experts = _make(storage, "swiglu", compute)
+    with pytest.raises(ValueError, match=r"got 3 token counts for 8 local experts"):
+        experts(torch.randn(6, D), [2, 2, 2])
+    with pytest.raises(ValueError, match=r"token counts \[1, 1, 1, 1, 1, 1, 1, 1\] do not add up to the 9 rows"):
+        experts(torch.randn(9, D), [1] * 8)
+
+
 def test_buckets_adjacent_in_memory_are_views_not_copies():
     """Packed storage with neighbouring equal widths, and one-expert buckets, cost no weight copy."""
     packed = PackedHeteroExperts(D, [32, 32, 48, 48], "swiglu", "grouped")
