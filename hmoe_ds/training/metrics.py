@@ -370,8 +370,8 @@ def constant_facts(
     lines = ["| MoE layer | expert sizes | routing | constant per token | EP ranks: expert params (max/mean) |",
              "|---|---|---|---|---|"]
     for i, (config, wanted, placement, params) in enumerate(zip(configs, tags, placements, expert_params)):
-        routing = f"{config.routing} (k={config.top_k})" if config.routing == "top_k" else \
-            f"{config.routing} (p={config.top_p})"
+        threshold = f"k={config.top_k}" if config.routing == "top_k" else f"p={config.top_p}"
+        routing = f"{config.routing} ({threshold})"
         constant = []
         if not wanted.experts_per_token:
             constant.append(f"{config.top_k} experts")
