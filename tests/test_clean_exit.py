@@ -115,3 +115,26 @@ def test_a_lone_process_starts_no_mpi_and_leaves_no_openmpi_segment(tmp_path: Pa
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(mpi_segment_users()) <= before
+
+
+def test_exit_process_keeps_what_a_normal_exit_does(tmp_path: Path) -> None:
+    """``exit_process`` skips interpreter teardown, not the exit's work: non-daemon threads finish, ``atexit``
+    handlers run, buffered stdout is written, and the code is the one given."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, pathlib, sys, threading, time\n"
+            "from hmoe_ds.distributed_env import exit_process\n"
+            f"out = pathlib.Path({str(tmp_path)!r})\n"
+            "def late():\n"
+            "    time.sleep(0.5)\n"
+            "    (out / 'thread').write_text('done')\n"
+            "threading.Thread(target=late).start()\n"
+            "atexit.register(lambda: (out / 'atexit').write_text('ran'))\n"
+            "sys.stdout.write('buffered, no newline')\n"
+            "exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stdout == "buffered, no newline"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
