@@ -23,7 +23,8 @@ the tests' multi-process helper) goes through this module:
   collection, so the groups' gloo threads are joined while Python is alive.
 * :func:`exit_process` is the entry points' last call: it finishes what a
   normal exit would (joins the process's non-daemon Python threads, runs the
-  ``atexit`` handlers, flushes stdout/stderr) and then ends the process
+  ``atexit`` handlers, finalises MPI where it was initialised, flushes
+  stdout/stderr) and then ends the process
   without interpreter teardown (``os._exit``). Two reasons, both measured.
   Under ZeRO-3 the process groups outlive all of the above: DeepSpeed's
   engine stays alive after ``engine.destroy()`` (the engine and the model
@@ -221,8 +222,9 @@ def _release_zero3_module_stack() -> None:
 def exit_process(code: int) -> NoReturn:
     """Exit with ``code``: what a normal exit does, minus interpreter teardown (see the module docstring).
 
-    Non-daemon threads are joined and the ``atexit`` handlers run, and
-    stdout/stderr are flushed, so nothing a normal exit would write is lost.
+    Non-daemon threads are joined, the ``atexit`` handlers run, MPI is
+    finalised where this process initialised it (an ``mpirun`` job), and
+    stdout/stderr are flushed, so nothing a normal exit would do is lost.
     """
     import threading
 
@@ -230,9 +232,22 @@ def exit_process(code: int) -> NoReturn:
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()  # a normal exit waits for these too (threading._shutdown)
     atexit._run_exitfuncs()  # what the interpreter would run next (logging, TensorBoard writers, temp dirs, ...)
+    _finalize_mpi()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
             pass
     os._exit(code)
+
+
+def _finalize_mpi() -> None:
+    """``MPI_Finalize`` if this process initialised MPI (DeepSpeed's discovery under ``mpirun``).
+
+    mpi4py finalises at interpreter teardown (a C-level exit hook, not
+    ``atexit``); without it ``mpirun`` reports every rank as an abnormal
+    termination and exits 1.
+    """
+    mpi4py = sys.modules.get("mpi4py.MPI")
+    if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized():
+        mpi4py.Finalize()

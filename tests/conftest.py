@@ -45,6 +45,21 @@ def zero3_ep2_run(tmp_path_factory: pytest.TempPathFactory, data_cache):
     return reference_run(tmp_path_factory.mktemp("zero3_ep2"), "zero3", data_cache)
 
 
+@pytest.fixture(scope="session")
+def zero2_export(zero2_ep2_run, tmp_path_factory: pytest.TempPathFactory):
+    """``run/export.py`` of the ZeRO-2 EP 2 reference run's latest checkpoint; read-only for tests (copy to change)."""
+    import sys
+
+    from .launcher import environment, output, run
+
+    target = tmp_path_factory.mktemp("export") / "hf"
+    proc = run([sys.executable, "run/export.py", str(zero2_ep2_run.out), str(target)],
+               environment(zero2_ep2_run.cache))
+    assert proc.returncode == 0, output(proc)
+    assert "logits match the training engine" in proc.stdout
+    return target
+
+
 # --------------------------------------------------------------------------- /dev/shm hygiene of multi-rank tests
 
 

@@ -36,15 +36,6 @@ def export_cli(source: Path, target: Path, cache: Path, *extra: str) -> subproce
     return run([sys.executable, "run/export.py", str(source), str(target), *extra], environment(cache))
 
 
-@pytest.fixture(scope="module")
-def zero2_export(zero2_ep2_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    target = tmp_path_factory.mktemp("export") / "hf"
-    proc = export_cli(zero2_ep2_run.out, target, zero2_ep2_run.cache)
-    assert proc.returncode == 0, output(proc)
-    assert "logits match the training engine" in proc.stdout
-    return target
-
-
 def probe(run: Run) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

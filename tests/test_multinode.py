@@ -49,9 +49,9 @@ def write_run(tmp: Path, placement: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One data cache (corpus slice, BPE tokenizer, packed dataset) for both runs."""
-    return tmp_path_factory.mktemp("cache")
+def cache(data_cache: Path) -> Path:
+    """The session's data cache (corpus slice, BPE tokenizer, packed dataset): the same tiny experiment's."""
+    return data_cache
 
 
 def environment(cache: Path, **extra: str) -> dict[str, str]:

@@ -9,20 +9,22 @@ command once per "node" with ``SLURM_NODEID`` set (as ``srun
 node's ``run/slurm_node.sh`` then starts DeepSpeed's per-node launcher with
 ``--world_info``/``--node_rank``/``--master_addr``, one rank per node, each node
 with its own data cache (no shared file system for data): world 2, EP 2 across
-the two "nodes", local rank 0 on both. The step losses must equal the same run
-started by the ``deepspeed`` runner on one node.
+the two "nodes", local rank 0 on both, ZeRO-3. The step losses must equal the same
+run started by the ``deepspeed`` runner on one node (the session's ZeRO-3 EP 2
+reference run, ``tests/checkpoint_runs.py``).
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
+from . import checkpoint_runs
 from . import launcher as L
+from .checkpoint_runs import Run
 from .distributed import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -53,21 +55,18 @@ def _executable(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def test_sbatch_script_starts_one_per_node_launcher_per_node(tmp_path: Path, data_cache: Path) -> None:
-    exp = copy.deepcopy(L.EXPERIMENT)
-    exp["model"]["moe"].update(ep_size=2, placement="balanced")
-    exp["run"].update(train_steps=4, log_every=1, eval_every=0, eval_at_start=False)
-
-    reference = L.train(tmp_path / "one_node", experiment=exp, ranks=2, cache=data_cache)
-    assert reference.returncode == 0, L.output(reference)
+def test_sbatch_script_starts_one_per_node_launcher_per_node(tmp_path: Path, zero3_ep2_run: Run) -> None:
+    # The session's ZeRO-3 EP 2 reference run, started by the deepspeed runner on one node, for its first 4 steps.
+    exp = checkpoint_runs.experiment()
+    exp["run"].update(train_steps=4, save_every=0)
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "srun", FAKE_SRUN)
     _executable(bin_dir / "scontrol", FAKE_SCONTROL)
-    exp_file, ds_file = L.write_configs(tmp_path / "slurm", exp, L.DS_CONFIG)
+    exp_file, ds_file = L.write_configs(tmp_path / "slurm", exp, zero3_ep2_run.ds)
     log = tmp_path / "slurm.log"
-    env = L.environment(data_cache)
+    env = L.environment(zero3_ep2_run.cache)
     env.pop("HMOE_DS_CACHE")
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", SLURM_SUBMIT_DIR=str(L.REPO), SLURM_JOB_ID="4242",
                SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", RANKS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
@@ -88,7 +87,7 @@ def test_sbatch_script_starts_one_per_node_launcher_per_node(tmp_path: Path, dat
     def losses(out: Path) -> dict[int, float]:
         return {r["step"]: r["train/lm_loss"] for r in L.read_metrics(out) if "train/lm_loss" in r}
 
-    expected, got = losses(tmp_path / "one_node" / "out"), losses(tmp_path / "slurm" / "out")
+    expected, got = losses(zero3_ep2_run.out), losses(tmp_path / "slurm" / "out")
     assert sorted(got) == [1, 2, 3, 4]
-    for step, value in expected.items():
-        assert got[step] == pytest.approx(value, rel=1e-6), (step, got, expected)
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), (step, got, expected)

@@ -113,16 +113,16 @@ def perturbed_copy(export: Path, target: Path) -> None:
     save_file(noisy, str(target / "model.safetensors"), metadata={"format": "pt"})
 
 
-def export_run(run_: Run, target: Path) -> Path:
-    proc = run([sys.executable, "run/export.py", str(run_.out), str(target)], environment(run_.cache))
-    assert proc.returncode == 0, output(proc)
+def export_copy(export: Path, target: Path) -> Path:
+    """A copy of the session's export (``tests/conftest.py``): zero-shot writes its results next to the model."""
+    shutil.copytree(export, target)
     return target
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2_run: Run, eval_data: Path,
-                                                                       tmp_path: Path) -> None:
+def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2_run: Run, zero2_export: Path,
+                                                                       eval_data: Path, tmp_path: Path) -> None:
     """2 ranks on the checkpoint (rank 0 exports it to a temporary directory), 1 on its export (run/export.py):
     the same accuracies, in [0, 1]; a copy of the export with perturbed weights: other accuracies."""
     scratch = tmp_path / "scratch"  # TMPDIR of the checkpoint run: its temporary export must be gone after
@@ -139,7 +139,7 @@ def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2
         assert name in proc.stdout
 
     env = environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data))
-    export = export_run(zero2_ep2_run, tmp_path / "export")
+    export = export_copy(zero2_export, tmp_path / "export")
     proc = zero_shot([str(export), *common], env)
     assert proc.returncode == 0, output(proc)
     one = read(export / "zero_shot.json")  # default output: next to the export
@@ -161,9 +161,9 @@ def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2
 
 
 @pytest.mark.slow
-def test_unknown_task_and_missing_data_are_one_line_errors(zero2_ep2_run: Run, eval_data: Path,
+def test_unknown_task_and_missing_data_are_one_line_errors(zero2_ep2_run: Run, zero2_export: Path, eval_data: Path,
                                                            tmp_path: Path) -> None:
-    export = export_run(zero2_ep2_run, tmp_path / "export")
+    export = zero2_export
     proc = zero_shot([str(export), "--tasks", "no_such_task", "--limit", "2"],
                      environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data)))
     assert proc.returncode == 2 and "error: " in proc.stderr and "no_such_task" in proc.stderr, output(proc)
