@@ -205,10 +205,21 @@ class HMoE(MoE):
             raise ValueError("pass either config=HMoELayerConfig(...) or expert/expert_sizes/options, not both")
         check_deepspeed_version()
         config.validate()
-        if config.frontend is not MoEFrontend.MOE:
+        user_experts = template is not None or factory is not None
+        if config.frontend is not MoEFrontend.MOE or _building_for_zero3():
+            where = (f"frontend={str(config.frontend)!r}" if config.frontend is not MoEFrontend.MOE
+                     else "inside deepspeed.zero.Init (ZeRO stage 3)")
+            if user_experts:
+                raise ValueError(
+                    f"HMoE with the user's own expert modules was asked for {where}, but user experts run on the "
+                    "ZeRO 0-2 front-end only: DeepSpeed 0.19.8 refuses deepspeed.moe.layer.MoE (HMoE included) under "
+                    "ZeRO-3, and the ZeRO-3 front-end (HMoEAutoEP) partitions HMoE's packed built-in experts, whose "
+                    "shapes it pads equal on every EP rank. Train this layer with ZeRO stage 1 or 2, or use the "
+                    "built-in experts (expert_sizes=[...]) with build_moe_layer(hidden_size, "
+                    "HMoELayerConfig(..., frontend='autoep')) for ZeRO-3")
             raise ValueError(
-                f"HMoE is the frontend='moe' layer; got frontend={str(config.frontend)!r}: "
-                "use hmoe_ds.build_moe_layer(hidden_size, config) to get the matching class"
+                f"HMoE is the frontend='moe' layer (ZeRO 0-2); got {where}: use "
+                "hmoe_ds.build_moe_layer(hidden_size, HMoELayerConfig(..., frontend='autoep')) for ZeRO-3"
             )
         super().__init__(
             hidden_size,
@@ -325,6 +336,13 @@ class HMoE(MoE):
         if self.mlp is not None:
             output = mix_dense_branch(hidden_states, output, self.mlp, self.coefficient)
         return output, l_aux, exp_counts
+
+
+def _building_for_zero3() -> bool:
+    """Whether modules are being built inside ``deepspeed.zero.Init`` (ZeRO-3 partitions them on creation)."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    return partition_parameters.zero_init_context > 0
 
 
 def _checked_expert(factory: Callable[[int], nn.Module], ffn_size: int) -> nn.Module:
