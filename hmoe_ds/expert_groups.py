@@ -7,16 +7,23 @@ they are built, and hand the group to the core's token exchange.
 
 from __future__ import annotations
 
+from typing import Any
+
 from deepspeed.utils import groups
 
 from . import collectives
 
 
-def expert_parallel_rank(ep_size: int, group_name: str) -> int:
+def expert_parallel_rank(ep_size: int, group_name: str, tensor_parallel_mpu: Any = None) -> int:
     """This process's rank in its expert-parallel group, creating DeepSpeed's groups if needed.
 
     Needed at construction time because each rank builds only the experts the
-    placement gives it, and those differ in size.
+    placement gives it, and those differ in size. With ``tensor_parallel_mpu``
+    (expert tensor parallelism) the groups are DeepSpeed's
+    ``_create_expert_data_and_model_parallel`` ones, as ``MoE`` makes them
+    with ``enable_expert_tensor_parallelism``: expert-parallel groups pair
+    ranks of equal TP rank, and ``groups._get_expert_model_parallel_world_size()``
+    is the TP size. Otherwise ``_create_expert_and_data_parallel`` (no TP).
     """
     if not collectives.is_distributed():
         raise ValueError(
@@ -27,7 +34,10 @@ def expert_parallel_rank(ep_size: int, group_name: str) -> int:
     if world % ep_size != 0:
         raise ValueError(f"ep_size={ep_size} must divide the world size ({world}); choose a divisor of {world}")
     if group_name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
+        if tensor_parallel_mpu is not None:
+            groups._create_expert_data_and_model_parallel(ep_size, mpu=tensor_parallel_mpu)
+        else:
+            groups._create_expert_and_data_parallel(ep_size)
     return groups._get_expert_parallel_rank(group_name)
 
 

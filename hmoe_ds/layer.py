@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
 from torch import nn
 
 from .compat import check_deepspeed_version
@@ -30,6 +31,7 @@ from .experts import HeteroExperts, ModuleExperts
 from .layer_autoep import HMoEAutoEP
 from .moe_core import MoECore, Router, RoutingStats, build_dense_branch, mix_dense_branch, parameter_count
 from .placement import ExpertPlacement, make_placement
+from .tensor_parallel import TensorParallel, check_divisible
 
 
 class HMoEBlock(MoECore, nn.Module):
@@ -48,15 +50,18 @@ class HMoEBlock(MoECore, nn.Module):
         expert_group_name: str,
         expert_modules: Sequence[nn.Module] | None = None,
         expert_params: Sequence[int] | None = None,
+        sliced_experts: TensorParallel | None = None,
     ) -> None:
         nn.Module.__init__(self)
         if expert_modules is None:
-            local_sizes = [config.expert_sizes[e] for e in placement.local_experts(ep_rank)]
+            part = 1 if sliced_experts is None else sliced_experts.size  # expert TP: this rank's hidden slice
+            local_sizes = [config.expert_sizes[e] // part for e in placement.local_experts(ep_rank)]
             experts: nn.Module = HeteroExperts(hidden_size, local_sizes, config.activation, expert_group_name,
                                                config.expert_compute)
         else:
             experts = ModuleExperts(expert_modules, expert_group_name)
-        MoECore.__init__(self, hidden_size, config, placement, ep_rank, experts, expert_params=expert_params)
+        MoECore.__init__(self, hidden_size, config, placement, ep_rank, experts, expert_params=expert_params,
+                         sliced_experts=sliced_experts)
 
     def forward(self, x: torch.Tensor, used_token: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,9 +128,25 @@ class HMoE(MoE):
             DeepSpeed's balance loss); otherwise HMoE's (Top-P, dropless,
             P-Penalty). ``use_tutel`` is accepted and changes nothing (a
             kernel choice; HMoE's dispatch is already sparse).
-        enable_expert_tensor_parallelism: not supported yet (raises).
+        enable_expert_tensor_parallelism: as in DeepSpeed, with a Megatron-style
+            ``mpu`` (``deepspeed.initialize(mpu=...)``, or ``mpu=`` here):
+            the expert groups are DeepSpeed's ``_create_expert_data_and_model_parallel``
+            ones (expert TP size = TP size, expert-parallel groups of equal TP
+            rank) and every TP rank computes every token. The user's expert
+            modules do their own TP, as in DeepSpeed (the factory gets the whole
+            FFN size). HMoE's built-in SwiGLU experts are split by HMoE: each
+            TP rank holds 1/tp of every expert's hidden units (exact: hidden
+            units are independent; sizes must be multiples of the TP size) and
+            the partial outputs are summed over the TP group
+            (:mod:`hmoe_ds.tensor_parallel`); the mpu must then be known when
+            the layer is built. Statistics and the P-Penalty count whole experts.
+            Without it, a TP > 1 mpu makes each TP rank compute only its share
+            of the duplicated tokens, as DeepSpeed's ``drop_tokens`` does.
         expert_sizes: FFN hidden size of each expert (HMoE paper, Sec. 3.1).
         config: a full :class:`HMoELayerConfig` instead of keyword options.
+        mpu: a Megatron-style model-parallel unit, as given to
+            ``deepspeed.initialize(mpu=...)``; registered as
+            ``deepspeed.utils.groups.mpu`` if none is. Default: the registered one.
         **options: any other :class:`HMoELayerConfig` field (``routing``,
             ``top_p``, loss coefficients, ``placement``,
             ``shared_expert_size``, ...).
@@ -155,13 +176,14 @@ class HMoE(MoE):
         *,
         expert_sizes: Sequence[int] | None = None,
         config: HMoELayerConfig | None = None,
+        mpu: Any = None,
         **options: Any,
     ) -> None:
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size={hidden_size!r}: must be a positive int")
-        if enable_expert_tensor_parallelism:
-            raise ValueError("enable_expert_tensor_parallelism=True is not supported by HMoE yet; "
-                             "train experts with expert parallelism (ep_size) instead")
+        if not isinstance(enable_expert_tensor_parallelism, bool):
+            raise ValueError(f"enable_expert_tensor_parallelism={enable_expert_tensor_parallelism!r}: must be True "
+                             "or False")
         if isinstance(expert, Sequence) and not isinstance(expert, (str, bytes)):
             if expert_sizes is not None:
                 raise ValueError("expert_sizes given twice: as the second positional argument and as expert_sizes=")
@@ -183,10 +205,21 @@ class HMoE(MoE):
             raise ValueError("pass either config=HMoELayerConfig(...) or expert/expert_sizes/options, not both")
         check_deepspeed_version()
         config.validate()
-        if config.frontend is not MoEFrontend.MOE:
+        user_experts = template is not None or factory is not None
+        if config.frontend is not MoEFrontend.MOE or _building_for_zero3():
+            where = (f"frontend={str(config.frontend)!r}" if config.frontend is not MoEFrontend.MOE
+                     else "inside deepspeed.zero.Init (ZeRO stage 3)")
+            if user_experts:
+                raise ValueError(
+                    f"HMoE with the user's own expert modules was asked for {where}, but user experts run on the "
+                    "ZeRO 0-2 front-end only: DeepSpeed 0.19.8 refuses deepspeed.moe.layer.MoE (HMoE included) under "
+                    "ZeRO-3, and the ZeRO-3 front-end (HMoEAutoEP) partitions HMoE's packed built-in experts, whose "
+                    "shapes it pads equal on every EP rank. Train this layer with ZeRO stage 1 or 2, or use the "
+                    "built-in experts (expert_sizes=[...]) with build_moe_layer(hidden_size, "
+                    "HMoELayerConfig(..., frontend='autoep')) for ZeRO-3")
             raise ValueError(
-                f"HMoE is the frontend='moe' layer; got frontend={str(config.frontend)!r}: "
-                "use hmoe_ds.build_moe_layer(hidden_size, config) to get the matching class"
+                f"HMoE is the frontend='moe' layer (ZeRO 0-2); got {where}: use "
+                "hmoe_ds.build_moe_layer(hidden_size, HMoELayerConfig(..., frontend='autoep')) for ZeRO-3"
             )
         super().__init__(
             hidden_size,
@@ -201,7 +234,33 @@ class HMoE(MoE):
         self.hidden_size = hidden_size
         self.use_tutel = use_tutel
         self.use_residual = config.use_residual
-        ep_rank = expert_parallel_rank(config.ep_size, self.expert_group_name) if config.ep_size > 1 else 0
+        self.enable_expert_tensor_parallelism = enable_expert_tensor_parallelism
+        if mpu is not None and groups.mpu is None:
+            groups.mpu = mpu  # as deepspeed.initialize(mpu=...) does; DeepSpeed's group helpers read it there
+        mpu = mpu if mpu is not None else groups.mpu
+        tp = TensorParallel.from_mpu(mpu)
+        sliced = None
+        if enable_expert_tensor_parallelism and template is None and factory is None:
+            if mpu is None:
+                raise ValueError(
+                    "enable_expert_tensor_parallelism=True with HMoE's built-in experts splits each expert over the "
+                    "tensor-parallel group, which must be known when the layer is built: pass mpu=<your mpu> (or set "
+                    "deepspeed.utils.groups.mpu) before building it, and the same mpu to deepspeed.initialize")
+            if tp is not None:
+                check_divisible(config.expert_sizes, tp.size)
+                sliced = tp
+        # Which experts a rank holds depends on its EP rank; copies of one template do not, so for them
+        # (as in DeepSpeed) the groups may wait for set_deepspeed_parallelism, when the mpu is registered.
+        self._ep_rank_deferred = (config.ep_size > 1 and enable_expert_tensor_parallelism and mpu is None)
+        if self._ep_rank_deferred and template is None:
+            raise ValueError(
+                "enable_expert_tensor_parallelism=True with ep_size > 1 and experts of unequal sizes (a factory) "
+                "needs the expert groups, hence the mpu, when the layer is built: pass mpu=<your mpu> (or set "
+                "deepspeed.utils.groups.mpu) first")
+        ep_rank = 0
+        if config.ep_size > 1 and not self._ep_rank_deferred:
+            ep_rank = expert_parallel_rank(config.ep_size, self.expert_group_name,
+                                           tensor_parallel_mpu=mpu if enable_expert_tensor_parallelism else None)
         placement = make_placement(config.placement, config.expert_sizes, config.ep_size)
         local = placement.local_experts(ep_rank)
         expert_modules, expert_params = None, None
@@ -213,9 +272,11 @@ class HMoE(MoE):
             with torch.device("meta"):
                 expert_params = [parameter_count(_checked_expert(factory, h)) for h in config.expert_sizes]
         self.deepspeed_moe = HMoEBlock(hidden_size, config, placement, ep_rank, self.expert_group_name,
-                                       expert_modules=expert_modules, expert_params=expert_params)
-        if config.ep_size > 1:
+                                       expert_modules=expert_modules, expert_params=expert_params,
+                                       sliced_experts=sliced)
+        if config.ep_size > 1 and not self._ep_rank_deferred:
             self.deepspeed_moe._set_ep_group(expert_parallel_group(self.expert_group_name))
+        self.deepspeed_moe.configure_tensor_parallel(tp, enable_expert_tensor_parallelism)
         # The dense branch sits where DeepSpeed's Residual MoE keeps it (``mlp``, ``coefficient``).
         dense = None
         if template is not None and config.use_residual and not config.shared_expert_size:
@@ -230,6 +291,23 @@ class HMoE(MoE):
     def moe_core(self) -> MoECore:
         """The router, local experts and placement (:class:`~hmoe_ds.moe_core.MoELayer` protocol)."""
         return self.deepspeed_moe
+
+    def _create_process_groups(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's group creation (``set_deepspeed_parallelism`` calls it), then HMoE's tensor parallelism.
+
+        DeepSpeed creates the expert groups here if they do not exist yet, with
+        ``_create_expert_data_and_model_parallel`` when an ``mpu`` is registered
+        and ``enable_expert_tensor_parallelism`` is set, and binds the
+        expert-parallel group. HMoE then takes its EP rank if the groups waited
+        for this call (template experts under expert TP) and binds the
+        registered mpu's TP group to its token exchange.
+        """
+        super()._create_process_groups(use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        if self._ep_rank_deferred:
+            self.deepspeed_moe._bind_ep_rank(groups._get_expert_parallel_rank(self.expert_group_name))
+            self._ep_rank_deferred = False
+        self.deepspeed_moe.configure_tensor_parallel(TensorParallel.from_mpu(groups.mpu),
+                                                     self.enable_expert_tensor_parallelism)
 
     @property
     def expert_sizes(self) -> list[int]:
@@ -258,6 +336,13 @@ class HMoE(MoE):
         if self.mlp is not None:
             output = mix_dense_branch(hidden_states, output, self.mlp, self.coefficient)
         return output, l_aux, exp_counts
+
+
+def _building_for_zero3() -> bool:
+    """Whether modules are being built inside ``deepspeed.zero.Init`` (ZeRO-3 partitions them on creation)."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    return partition_parameters.zero_init_context > 0
 
 
 def _checked_expert(factory: Callable[[int], nn.Module], ffn_size: int) -> nn.Module:

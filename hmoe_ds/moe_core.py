@@ -36,6 +36,7 @@ from .partitioned import write_full
 from .placement import ExpertPlacement
 from .routing import RouterOutput, multiplicative_jitter, route, route_deepspeed
 from .sizes import expert_param_count
+from .tensor_parallel import DuplicateTokenExchange, ExpertTensorParallelExchange, TensorParallel, all_gather_hidden
 
 
 @dataclass
@@ -187,6 +188,7 @@ class MoECore:
         ep_rank: int,
         experts: nn.Module,
         expert_params: Sequence[int] | None = None,
+        sliced_experts: TensorParallel | None = None,
     ) -> None:
         if not isinstance(self, nn.Module) or "_modules" not in self.__dict__:
             raise TypeError("MoECore is a mixin: the host must be an nn.Module whose nn.Module.__init__ already ran")
@@ -199,7 +201,10 @@ class MoECore:
         # ``experts`` is called as a module (``experts(x, counts)``), never through
         # a method: ZeRO-3 gathers a module's parameters in its forward hooks.
         self.experts = experts
-        own = [config.expert_sizes[e] for e in self.local_expert_ids]
+        # Expert tensor parallelism of the built-in experts: each holds 1/tp of its hidden units
+        # (fixed at construction; see hmoe_ds.tensor_parallel).
+        self.sliced_experts = sliced_experts
+        own = [self.computed_size(config.expert_sizes[e]) for e in self.local_expert_ids]
         if list(experts.compute_order) != expert_compute_order(config.expert_compute, hidden_size, own):
             raise ValueError("the experts module's compute order differs from the layer's dispatch order")
         # Small constants built lazily on the compute device from Python data, not
@@ -214,7 +219,10 @@ class MoECore:
         )
         self.always_active_params = 0
         self.ep_group: Any = None
+        self.tensor_parallel: TensorParallel | None = sliced_experts
+        self.expert_tensor_parallel = sliced_experts is not None
         self.exchange: TokenExchange = LocalExchange()
+        self._install_exchange()
         self.l_aux: torch.Tensor | None = None
         self.exp_counts: torch.Tensor | None = None
         self._last_stats: RoutingStats | None = None
@@ -237,18 +245,28 @@ class MoECore:
 
         Detached copies, in ``nn.Linear`` layout whatever the front-end's storage
         (module list or packed). Under ZeRO-3 gather the parameters first
-        (``deepspeed.zero.GatheredParameters``).
+        (``deepspeed.zero.GatheredParameters``). Under expert tensor parallelism
+        the whole experts are all-gathered from the TP group's hidden slices (a
+        collective: every rank of the TP group must call it).
         """
         self._require_builtin_experts("local_expert_weights")
         out = {}
+        tp = self.sliced_experts
         for logical, (w1, w2, w3) in zip(self.local_expert_ids, self.experts.per_expert_weights()):
+            if tp is not None:
+                w1, w2 = all_gather_hidden(w1.detach(), tp, 0), all_gather_hidden(w2.detach(), tp, 1)
+                w3 = all_gather_hidden(w3.detach(), tp, 0) if w3 is not None else None
             out[logical] = {"w1": w1.detach().clone(), "w2": w2.detach().clone()}
             if w3 is not None:
                 out[logical]["w3"] = w3.detach().clone()
         return out
 
+    def computed_size(self, ffn_size: int) -> int:
+        """Hidden units of an expert of FFN size ``ffn_size`` that this rank computes (1/tp of them under expert TP)."""
+        return ffn_size if self.sliced_experts is None else ffn_size // self.sliced_experts.size
+
     def expert_weight_shapes(self, logical: int) -> dict[str, tuple[int, ...]]:
-        """``{"w1": [h, D], "w2": [D, h], ("w3": [h, D])}`` of logical expert ``logical``."""
+        """``{"w1": [h, D], "w2": [D, h], ("w3": [h, D])}`` of logical expert ``logical`` (whole, also under expert TP)."""
         h, d = self.config.expert_sizes[logical], self.hidden_size
         shapes = {"w1": (h, d), "w2": (d, h)}
         if self.config.activation.gated:
@@ -283,7 +301,9 @@ class MoECore:
         ``weights`` may hold every logical expert; only the local ones are read.
         Shapes are checked so a checkpoint of other expert sizes fails loudly.
         ZeRO-3-partitioned experts are written partition by partition
-        (:func:`hmoe_ds.partitioned.write_full`), never gathered.
+        (:func:`hmoe_ds.partitioned.write_full`), never gathered. Under expert
+        tensor parallelism the weights are whole experts and each rank keeps its
+        hidden slice, so runs with and without TP start from the same experts.
         """
         self._require_builtin_experts("load_local_expert_weights")
         per_expert = []
@@ -299,6 +319,10 @@ class MoECore:
                         f"layer's {shape} (expert_sizes {self.config.expert_sizes}, hidden {self.hidden_size})"
                     )
                 values.append(source)
+            if self.sliced_experts is not None:
+                rows = self.sliced_experts.hidden_slice(self.config.expert_sizes[logical])
+                values = [v[:, rows] if name == "w2" else v[rows]
+                          for name, v in zip(self.expert_weight_shapes(logical), values)]
             per_expert.append((values[0], values[1], values[2] if len(values) > 2 else None))
         for param, value in self.experts.full_values(per_expert):
             write_full(param, value)
@@ -336,15 +360,55 @@ class MoECore:
         order = []
         for rank in range(self.placement.ep_size):
             local = self.placement.local_experts(rank)
-            sizes = [cfg.expert_sizes[e] for e in local]
+            sizes = [self.computed_size(cfg.expert_sizes[e]) for e in local]
             order += [local[j] for j in expert_compute_order(cfg.expert_compute, self.hidden_size, sizes)]
         return order
 
     def _set_ep_group(self, ep_group: Any) -> None:
         """Bind the expert-parallel process group (DeepSpeed calls this on set-up)."""
         self.ep_group = ep_group
-        if self.placement.ep_size > 1:
-            self.exchange = AllToAllExchange(ep_group, self.placement.ep_size, self.placement.num_local_experts)
+        self._install_exchange()
+
+    def _bind_ep_rank(self, ep_rank: int) -> None:
+        """Hold the experts of EP rank ``ep_rank``: for layers whose experts do not depend on it (copies of one
+        template) and whose expert groups DeepSpeed creates only in ``set_deepspeed_parallelism``."""
+        local = self.placement.local_experts(ep_rank)
+        if len(local) != len(self.local_expert_ids):
+            raise ValueError(f"EP rank {ep_rank} holds {len(local)} experts, this layer was built with "
+                             f"{len(self.local_expert_ids)}")
+        self.moe_ep_rank = ep_rank
+        self.local_expert_ids = local
+
+    def configure_tensor_parallel(self, tp: TensorParallel | None, expert_tensor_parallel: bool) -> None:
+        """Bind the tensor-parallel group (``None`` for TP 1) and DeepSpeed's ``enable_expert_tensor_parallelism``.
+
+        What the exchange then does is in :mod:`hmoe_ds.tensor_parallel`:
+        sliced built-in experts sum their partial outputs over the TP group;
+        the user's modules under expert TP see every token (they do their own
+        TP, as in DeepSpeed); whole experts under TP > 1 compute each
+        duplicated token once per TP group.
+        """
+        sliced = self.sliced_experts
+        if sliced is not None and (tp is None or (tp.size, tp.rank) != (sliced.size, sliced.rank)
+                                   or not expert_tensor_parallel):
+            now = "no tensor parallelism" if tp is None else f"TP size {tp.size}, rank {tp.rank}"
+            raise ValueError(f"this layer's experts were built as hidden slices for TP size {sliced.size}, rank "
+                             f"{sliced.rank}, but the registered mpu now gives {now}: register the same mpu before "
+                             "building the layer and in deepspeed.initialize(mpu=...)")
+        self.tensor_parallel = tp
+        self.expert_tensor_parallel = expert_tensor_parallel
+        self._install_exchange()
+
+    def _install_exchange(self) -> None:
+        base: TokenExchange = LocalExchange()
+        if self.placement.ep_size > 1 and self.ep_group is not None:
+            base = AllToAllExchange(self.ep_group, self.placement.ep_size, self.placement.num_local_experts)
+        tp = self.tensor_parallel
+        if tp is not None and self.sliced_experts is not None:
+            base = ExpertTensorParallelExchange(base, tp)
+        elif tp is not None and not self.expert_tensor_parallel:
+            base = DuplicateTokenExchange(base, tp)
+        self.exchange = base
 
     # ------------------------------------------------------------------ the forward math
 
@@ -427,6 +491,9 @@ class MoECore:
         tokens marked 1; the others get a zero MoE output and count nowhere.
         """
         self._check_input(x)
+        if self.placement.ep_size > 1 and self.ep_group is None:
+            raise RuntimeError(f"this layer has ep_size={self.placement.ep_size} but no expert-parallel group yet: "
+                               "call layer.set_deepspeed_parallelism() (deepspeed.initialize does) before the forward")
         cfg = self.config
         x_TD = x.reshape(-1, self.hidden_size)
         num_tokens = x_TD.shape[0]

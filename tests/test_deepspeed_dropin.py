@@ -147,9 +147,12 @@ def test_earlier_call_styles_keep_hmoe_semantics():
     (dict(expert=None), "expert_sizes"),
     (dict(expert=lambda h: user_expert(h)), "factory expert needs expert_sizes"),
     (dict(expert=lambda h: "not a module", expert_sizes=[8]), "must return an nn.Module"),
-    (dict(expert=user_expert(), num_experts=4, enable_expert_tensor_parallelism=True), "not supported"),
+    (dict(expert_sizes=[8, 16], enable_expert_tensor_parallelism=True), "must be known when the layer is built"),
+    (dict(expert=user_expert(), num_experts=4, enable_expert_tensor_parallelism=1), "must be True or False"),
     (dict(expert=user_expert(), num_experts=4, noisy_gate_policy="Loud"), "noisy_gate_policy='Loud'"),
     (dict(expert_sizes=[8, 16], num_experts=3), "num_experts=3 but expert_sizes has 2"),
+    (dict(expert=user_expert(), num_experts=4, frontend="autoep"), "user experts run on the ZeRO 0-2 front-end only"),
+    (dict(expert_sizes=[8, 16], frontend="autoep"), "frontend='autoep'"),
     (dict(expert=user_expert(), num_experts=4, k=2, top_k=2), "not both"),
     (dict(expert_sizes=[8, 16], use_rts=True, routing="top_p"), "deepspeed"),
     (dict(expert_sizes=[8, 16], use_residual=True), "use_residual=True needs a dense expert: set shared_expert_size"),
@@ -211,3 +214,15 @@ def test_used_token_in_hmoe_style_layers_routes_only_marked_tokens():
     torch.testing.assert_close(out[used == 1], full[used == 1])
     with pytest.raises(ValueError, match="used_token has 3 entries for 40 tokens"):
         layer(x, torch.ones(3))
+
+
+def test_user_experts_under_zero3_fail_early_with_the_way_out(monkeypatch):
+    """DeepSpeed refuses MoE subclasses under ZeRO-3 at deepspeed.initialize; built inside zero.Init, HMoE says so
+    when it is built, and what to use instead."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    monkeypatch.setattr(partition_parameters, "zero_init_context", 1)  # as inside deepspeed.zero.Init()
+    with pytest.raises(ValueError, match="ZeRO stage 1 or 2, or use the built-in experts"):
+        HMoE(D, lambda h: user_expert(h), expert_sizes=[8, 16])
+    with pytest.raises(ValueError, match="frontend='autoep'"):
+        HMoE(D, expert_sizes=[8, 16])
