@@ -25,8 +25,9 @@ there (model/optimizer shards, one file per expert under ZeRO 0-2) with
                                checkpoint directory is self-contained.
 ``hmoe_complete.json``         the completion marker, written last by rank 0 after a barrier: step,
                                world size, ZeRO stage, the expert placement of every MoE layer, the
-                               training and logical model configs and every file with its size and
-                               content checksum (XXH3-128, :mod:`hmoe_ds.integrity`).
+                               training and logical model configs, the storage mode (node-local: which
+                               node and whose files) and every file with its size and content checksum
+                               (XXH3-128, :mod:`hmoe_ds.integrity`).
 
 With node-local storage (DeepSpeed's ``checkpoint.use_node_local_storage``) each
 node has its own ``step_<n>/`` holding its ranks' files, written and marked by
