@@ -20,22 +20,21 @@ node, agreed by a collective, never one that a node lacks.
 
 What node-local checkpoints cannot do is read one node's files on another:
 elastic resume (another world size or layout) and export need every rank's
-shard in one directory (:func:`hmoe_ds.checkpoint.marker.check_node_local_fit`), and are refused with the
-fix (copy every node's ``step_<n>/`` into one shared directory; the file names
-do not collide) until they have it.
+shard in one directory, and are refused with the fix (copy every node's
+``step_<n>/`` into one shared directory; the file names do not collide) until
+they have it (:func:`hmoe_ds.checkpoint.marker.check_node_local_fit`).
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from .. import collectives
 from ..collectives import NodeLayout
-from .layout import NODE_LOCAL, SHARED, CheckpointError
+from .layout import NODE_LOCAL, SHARED, CheckpointError  # the marker's storage modes
 from .marker import node_local_fix, verify_checkpoint
 from .rundir import checkpoint_dir_names, checkpoint_info, marked_checkpoints
 
