@@ -39,11 +39,14 @@ import torch
 from .checkpoint import (
     MARKER,
     MODEL_FILE,
+    NODE_LOCAL,
     PROBE_FILE,
     TOKENIZER_DIR,
     CheckpointError,
     checkpoint_info,
     find_resume_checkpoint,
+    missing_rank_files,
+    node_local_fix,
     verify_checkpoint,
 )
 from .naming import (
@@ -128,6 +131,16 @@ def _from_tag_dir(tag_dir: Path) -> WeightsSource:
     if "logical_config" not in marker or (weights == tag_dir and not any(tag_dir.glob(SHARD_GLOB))):
         raise CheckpointError(f"{tag_dir}: neither logical shards ({SHARD_GLOB}) nor {MODEL_FILE}; the checkpoint "
                               "was written by an older hmoe-ds. Resume it for one save_every interval to write one")
+    storage = marker.get("storage") or {}
+    if storage.get("mode") == NODE_LOCAL and weights == tag_dir:
+        # One node's part of a node-local checkpoint: the other ranks' shards are on the other nodes.
+        missing = missing_rank_files(tag_dir, int(marker["world_size"]))
+        if missing:
+            raise CheckpointError(
+                f"{tag_dir}: saved with checkpoint.use_node_local_storage, and this directory holds node "
+                f"{storage.get('node')}'s part only (the files of ranks {storage.get('ranks')}; those of ranks "
+                f"{missing} are on the other nodes). Export and evaluation read every rank's shard: "
+                + node_local_fix(tag_dir.name))
     run_dir = tag_dir.parent.parent
     tokenizer = next((d for d in (tag_dir / TOKENIZER_DIR, run_dir / TOKENIZER_DIR) if (d / "tokenizer.json").is_file()),
                      None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..errors import CheckpointError  # re-exported: the old import path keeps working
 
-__all__ = ["EXPERIMENT_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MARKER", "MODEL_FILE", "PROBE_FILE", "PROBE_TOKENS",
-           "SET_ASIDE", "TAG_PREFIX", "TOKENIZER_DIR", "CheckpointError", "rank_file", "tag_for"]
+__all__ = ["EXPERIMENT_FILE", "FORMAT", "FORMAT_VERSION", "LATEST", "MARKER", "MODEL_FILE", "NODE_LOCAL", "PROBE_FILE",
+           "PROBE_TOKENS", "SET_ASIDE", "SHARED", "TAG_PREFIX", "TOKENIZER_DIR", "CheckpointError", "rank_file", "tag_for"]
 
 FORMAT = "hmoe-ds-checkpoint"
 # 2: per-rank logical shards replace the consolidated hmoe_model.safetensors, and ``files`` maps each file to
@@ -21,6 +21,10 @@ LATEST = "latest"
 SET_ASIDE = "checkpoints_set_aside"
 TAG_PREFIX = "step_"
 PROBE_TOKENS = 32
+# The marker's ``storage.mode``: one directory for every rank, or one per node (DeepSpeed's
+# ``checkpoint.use_node_local_storage``; :mod:`.storage`). A marker without ``storage`` is shared.
+SHARED = "shared"
+NODE_LOCAL = "node_local"
 
 
 def tag_for(step: int) -> str:

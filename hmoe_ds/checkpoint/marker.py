@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..naming import STRUCTURE_FIELDS, expected_moe_layer_records
+from ..shards import shard_file
 from .atomic_io import atomic_write_text, fsync_dir, fsync_file
-from .layout import FORMAT, FORMAT_VERSION, MARKER, CheckpointError
+from .layout import FORMAT, FORMAT_VERSION, MARKER, NODE_LOCAL, SHARED, CheckpointError, rank_file
 
 def _file_names(tag_dir: Path) -> list[str]:
     """Every file of the checkpoint (listed now, so whatever files a save writes are covered), marker excluded."""
@@ -82,8 +83,55 @@ def verify_checkpoint(tag_dir: Path, notes: list[str] | None = None) -> dict[str
     return marker
 
 
+def node_local_fix(step_dir_name: str = "step_<n>") -> str:
+    """The one remedy for everything node-local checkpoints cannot do, worded once."""
+    return (f"copy the {step_dir_name}/ directory of every node into one directory on a shared path (the files of "
+            "different nodes have different names), then use that directory (for a run: set run.output_dir to a "
+            "shared path holding checkpoints/ and checkpoint.use_node_local_storage to false)")
+
+
+def missing_rank_files(tag_dir: Path, world_size: int) -> list[int]:
+    """The ranks (of a checkpoint saved by ``world_size`` ranks) whose state file or logical shard is not in ``tag_dir``."""
+    tag_dir = Path(tag_dir)
+    return [rank for rank in range(world_size)
+            if not (tag_dir / rank_file(rank)).is_file() or not (tag_dir / shard_file(rank)).is_file()]
+
+
+def check_node_local_fit(marker: Mapping[str, Any], tag_dir: Path, storage: Mapping[str, Any] | None,
+                         elastic_changes: Sequence[str]) -> list[str]:
+    """Why a checkpoint saved with node-local storage cannot be loaded by this run here (empty: it can).
+
+    A directory holding every rank's files (the nodes' directories copied into
+    one) loads like a shared one. Otherwise it is one node's part: it loads only
+    into the same ranks of a node-local run with the same layout, so elastic
+    resume, a shared-storage run or a changed node layout are refused.
+    """
+    saved = marker.get("storage") or {"mode": SHARED}
+    if saved.get("mode") != NODE_LOCAL:
+        return []
+    world = int(marker.get("world_size", 0))
+    missing = missing_rank_files(tag_dir, world)
+    if not missing:
+        return []
+    held = f"node {saved.get('node')} of {saved.get('nodes')}, the files of ranks {saved.get('ranks')} of {world}"
+    if elastic_changes:
+        return [f"elastic resume ({'; '.join(elastic_changes)}) reads every rank's logical shard, but this "
+                f"checkpoint was saved with checkpoint.use_node_local_storage and this directory holds only {held}: "
+                + node_local_fix(Path(tag_dir).name)]
+    now = storage or {"mode": SHARED}
+    if now.get("mode") != NODE_LOCAL:
+        return [f"saved with checkpoint.use_node_local_storage, this directory holds only {held}, and this run "
+                "reads one shared directory: set checkpoint.use_node_local_storage to true and launch on the same "
+                "nodes, or " + node_local_fix(Path(tag_dir).name)]
+    if (now.get("node"), now.get("ranks")) != (saved.get("node"), saved.get("ranks")):
+        return [f"this node's directory holds {held}, but this node is now node {now.get('node')} with ranks "
+                f"{now.get('ranks')}: node-local checkpoints resume with the same ranks on each node; launch as "
+                "they were saved, or " + node_local_fix(Path(tag_dir).name)]
+    return []
+
+
 def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int, model_config: Any,
-                     zero_stage: int | None = None) -> list[str]:
+                     zero_stage: int | None = None, storage: Mapping[str, Any] | None = None) -> list[str]:
     """Refuse a checkpoint that cannot be loaded into this run; name every mismatch. Returns layout changes.
 
     Checked before the engine is built, so a wrong checkpoint costs seconds and
@@ -93,7 +141,10 @@ def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int,
     size, ZeRO stage, EP size, placement, front-end) is returned as a list of
     changes: the run then resumes elastically from the logical shards
     (:func:`hmoe_ds.shards.load_sharded_state`, optimizer state included); a
-    format-1 checkpoint, which has no shards, is refused instead.
+    format-1 checkpoint, which has no shards, is refused instead. A checkpoint
+    saved with node-local storage must also fit this run's ``storage`` (the
+    :meth:`~hmoe_ds.checkpoint.storage.CheckpointStorage.describe` of it;
+    :func:`check_node_local_fit`).
     """
     problems, changes = [], []
     if int(marker.get("world_size", world_size)) != world_size:
@@ -126,6 +177,8 @@ def check_compatible(marker: Mapping[str, Any], where: Path, *, world_size: int,
                                f"-> {now['placement']['rank_experts']}")
     if changes and not marker.get("shards"):
         problems += [f"{c} (this checkpoint predates elastic resume; launch it as it was saved)" for c in changes]
+    elif not problems:
+        problems += check_node_local_fit(marker, Path(where), storage, changes)
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise CheckpointError(

@@ -115,7 +115,7 @@ def checkpoint_info(checkpoint_dir: Path, tag: str) -> CheckpointInfo:
     try:
         marker = verify_checkpoint(path)
     except CheckpointError as exc:
-        older = [info for info in _marked(checkpoint_dir) if info.tag != tag]
+        older = [info for info in marked_checkpoints(checkpoint_dir) if info.tag != tag]
         offer = ""
         for info in sorted(older, key=lambda info: (info.step, info.tag), reverse=True):
             try:
@@ -128,7 +128,8 @@ def checkpoint_info(checkpoint_dir: Path, tag: str) -> CheckpointInfo:
     return CheckpointInfo(tag, path, int(marker["step"]), marker)
 
 
-def _marked(checkpoint_dir: Path) -> list[CheckpointInfo]:
+def marked_checkpoints(checkpoint_dir: Path) -> list[CheckpointInfo]:
+    """Every checkpoint directory with a readable marker (not verified: that reads every file)."""
     out = []
     for path in _tag_dirs(Path(checkpoint_dir)):
         try:

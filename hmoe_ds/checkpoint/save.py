@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .. import collectives
-from ..collectives import on_rank0, release_gathered_parameters
+from ..collectives import release_gathered_parameters
 from ..naming import moe_layer_records
 from ..shards import write_rank_shard
 from .atomic_io import atomic_safetensors
@@ -27,6 +27,7 @@ from .layout import EXPERIMENT_FILE, PROBE_FILE, TOKENIZER_DIR, tag_for
 from .marker import write_marker
 from .rank_state import save_rank_state
 from .rundir import prepare_tag_dir, write_latest
+from .storage import CheckpointStorage, checkpoint_storage
 
 KILL_DURING_SAVE_ENV = "HMOE_DS_TEST_KILL_DURING_SAVE"
 KILL_DURING_STEP_ENV = "HMOE_DS_TEST_KILL_DURING_STEP"
@@ -122,15 +123,20 @@ def _versions() -> dict[str, str]:
 
 def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, rank_state: dict[str, Any],
                              experiment: dict[str, Any], tokenizer: Any | None = None,
-                             probe_ids: torch.Tensor | None = None) -> tuple[Path, list[str]]:
+                             probe_ids: torch.Tensor | None = None,
+                             storage: CheckpointStorage | None = None) -> tuple[Path, list[str]]:
     """Write ``checkpoint_dir/step_<step>`` crash-safely; every rank calls it. Returns (directory, notes).
 
     Order (each stage starts only when every rank finished the previous one):
     remove a stale same-tag directory -> DeepSpeed's files (``save_latest=False``)
-    + this rank's state file + this rank's logical shard -> probe, experiment, tokenizer (rank 0)
+    + this rank's state file + this rank's logical shard -> probe, experiment, tokenizer (the writers)
     -> barrier -> marker -> ``latest``. A kill anywhere before the marker leaves
     a directory that resume skips; ``latest`` never names it. A failure in one of
-    rank 0's sections raises on every rank (:func:`hmoe_ds.collectives.on_rank0`).
+    the writers' sections raises on every rank (:func:`hmoe_ds.collectives.on_rank0`).
+
+    The writers are rank 0 for shared ``storage`` (the default), and each node's
+    local rank 0 for node-local storage, each writing its node's directory and
+    marker (:mod:`.storage`); ``tokenizer`` is needed on the writers only.
     """
     from ..modeling import logical_config  # lazily: it imports DeepSpeed
 
@@ -138,6 +144,7 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
 
     checkpoint_dir = Path(checkpoint_dir)
     rank, world = collectives.rank(), collectives.world_size()
+    storage = storage or checkpoint_storage(node_local=False)
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
 
@@ -146,7 +153,7 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
         note = prepare_tag_dir(tag_dir)
         return [note] if note else []
 
-    notes = on_rank0(prepare)
+    notes = [note for node_notes in storage.on_writers(prepare) for note in node_notes]
     arm_kill_during_save(engine, step, rank)
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step, "experiment": experiment},
                            save_latest=False)
@@ -176,16 +183,19 @@ def save_training_checkpoint(engine: Any, checkpoint_dir: Path, step: int, *, ra
             "logical_config": json.loads(logical_config(cfg).to_json_string(use_diff=False)),
             "moe_layers": moe_layer_records(engine.module),
             "shards": world,
+            "storage": storage.describe(),  # node-local: which node, and the ranks whose files this directory holds
             "versions": _versions(),
         }
         write_marker(tag_dir, meta)
         write_latest(checkpoint_dir, tag)
 
     maybe_kill_before_marker(step, rank)
-    # A failure in a rank-0 section (a full disk) stops every rank at once, without a marker, instead of
+    # A failure in a writer's section (a full disk) stops every rank at once, without a marker, instead of
     # leaving the others waiting in a barrier.
-    on_rank0(write_files)
-    collectives.barrier()  # every rank's own files are complete before the marker says so
-    on_rank0(commit)
+    storage.on_writers(write_files)
+    collectives.barrier()  # every rank's own files are complete before a marker says so
+    # Node-local: each node commits its own marker. A node lost from here on leaves the tag marked on some nodes
+    # only, which no resume takes (storage.agree_on_checkpoint: complete on every node).
+    storage.on_writers(commit)
     return tag_dir, notes
 

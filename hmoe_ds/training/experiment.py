@@ -39,6 +39,7 @@ __all__ = [
     "effective_ds_config",
     "load_ds_config",
     "load_experiment",
+    "node_local_checkpoints",
     "resolve_batch_sizes",
     "tensorboard_dir",
     "zero_stage",
@@ -635,6 +636,19 @@ def zero_stage(ds_config: Mapping[str, Any], where: str = "DeepSpeed config") ->
     return int(stage)
 
 
+def node_local_checkpoints(ds_config: Mapping[str, Any], where: str = "DeepSpeed config") -> bool:
+    """Whether checkpoints go to node-local storage (``checkpoint.use_node_local_storage``); the one place it is read.
+
+    Anything but a JSON boolean is an :class:`ExperimentError` naming ``where``
+    (DeepSpeed would take the string ``"false"`` as true).
+    """
+    section = ds_config.get("checkpoint") or {}
+    value = section.get("use_node_local_storage", False) if isinstance(section, dict) else False
+    if not isinstance(value, bool):
+        raise ExperimentError(f"{where}: checkpoint.use_node_local_storage={value!r}: must be true or false")
+    return value
+
+
 def effective_ds_config(
     ds: dict[str, Any], ds_path: str | Path, exp: Experiment, world_size: int, fp16_supported: bool = True
 ) -> tuple[dict[str, Any], list[str]]:
@@ -676,6 +690,16 @@ def effective_ds_config(
     _check_optimizer_and_scheduler(cfg, where)
     if isinstance(zero, dict):
         _check_offload(zero, stage, where)
+    moe_every = exp.model.get("moe_layer_frequency", model_default("moe_layer_frequency"))
+    if node_local_checkpoints(cfg, where) and stage < 3 and moe_every:
+        # DeepSpeed 0.19's MoE save writes the dense model states (mp_rank_00_model_states.pt) on data-parallel
+        # rank 0 only and each expert's file on its expert-data-parallel rank 0, whatever use_node_local_storage
+        # says, so the other nodes' directories could never be loaded. ZeRO-3 writes every file per rank.
+        raise ExperimentError(
+            f"{where}: checkpoint.use_node_local_storage needs ZeRO stage 3 for an MoE model (stage is {stage}): "
+            "under stages 0-2 DeepSpeed writes the dense model states and the expert files of an MoE model on one "
+            "rank for all nodes, so the other nodes' checkpoint directories could not be resumed. Set "
+            "zero_optimization.stage to 3, or put the checkpoints on a shared path (use_node_local_storage false)")
     fp16 = bool((cfg.get("fp16") or {}).get("enabled", False))
     bf16 = bool((cfg.get("bf16") or cfg.get("bfloat16") or {}).get("enabled", False))
     if fp16 and bf16:

@@ -1,5 +1,8 @@
 """One run per output directory: an exclusive ``flock`` held by rank 0 for the run's whole life.
 
+With node-local checkpoints (``checkpoint.use_node_local_storage``) every node
+has its own output directory, and each node's local rank 0 holds that one's lock.
+
 Two runs writing into one ``run.output_dir`` interleave checkpoints, metrics and
 ``latest``; nothing else in the directory would notice. Rank 0 takes the lock
 before it writes anything, and the error names the other run's pid, host and

@@ -45,9 +45,13 @@ import yaml
 from hmoe_ds import collectives
 from hmoe_ds.checkpoint import (
     PROBE_TOKENS,
+    CheckpointStorage,
+    agree_on_checkpoint,
     atomic_write_text,
+    check_storage_is_node_local,
     checkpoint_dir_names,
     checkpoint_info,
+    checkpoint_storage,
     find_resume_checkpoint,
     maybe_kill_during_step,
     read_latest,
@@ -65,6 +69,7 @@ from .experiment import (
     effective_ds_config,
     load_ds_config,
     load_experiment,
+    node_local_checkpoints,
     tensorboard_dir,
     zero_stage,
 )
@@ -137,8 +142,8 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return latest_checkpoint_tag(output_dir)
 
 
-def check_output_dir(exp: Experiment, resume: str | bool | None,
-                     world_size: int | None = None) -> tuple[str | None, list[str]]:
+def check_output_dir(exp: Experiment, resume: str | bool | None, world_size: int | None = None, *,
+                     choose_checkpoint: bool = True) -> tuple[str | None, list[str]]:
     """Decide what the output directory allows: (checkpoint tag to resume from, notes). Writes nothing.
 
     ``resume``: ``None``/``False`` = a new run; ``"auto"``/``True`` = the newest
@@ -148,7 +153,9 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
     an error unless resuming; so is a non-empty directory that is no run.
     ``world_size`` is deprecated and ignored (the output directory does not
     depend on it; whether a checkpoint fits this world is
-    :func:`hmoe_ds.checkpoint.check_compatible`'s call).
+    :func:`hmoe_ds.checkpoint.check_compatible`'s call). ``choose_checkpoint=False``
+    vets the directory only and returns no tag: with node-local checkpoints the
+    nodes choose together (:func:`hmoe_ds.checkpoint.agree_on_checkpoint`).
     """
     from .rundir_lock import HOLDER_FILE
 
@@ -197,14 +204,16 @@ def check_output_dir(exp: Experiment, resume: str | bool | None,
             f"{exp.source}: run.output_dir={out} already holds checkpoint '{name}' of this run. Pass --resume to "
             "continue from it, or choose another run.output_dir"
         )
-    if resume == "auto":
+    if not choose_checkpoint:
+        info = None
+    elif resume == "auto":
         info, skipped = find_resume_checkpoint(checkpoints)
         notes.extend(f"--resume: {note}" for note in skipped)
     else:
         info = checkpoint_info(checkpoints, resume) if resume else None
     if changed:
         notes.append(f"--resume with changed settings: {', '.join(changed)}")
-    if resume and not info:
+    if resume and not info and choose_checkpoint:
         notes.append(f"--resume: no complete checkpoint in {checkpoints}; starting from scratch")
     return (info.tag if info else None), notes
 
@@ -431,7 +440,8 @@ class TrainState:
     accumulator: Any  # hmoe_ds.training.metrics.TrainAccumulator: the log window's loss, routing, throughput
     guard: Any  # hmoe_ds.training.guard.StepGuard: NaN/Inf checks, and the per-step stop all-reduce
     watch: Any  # hmoe_ds.training.signals.StopWatch: SIGTERM / runner exit -> stop at the next step
-    lock: Any  # hmoe_ds.training.rundir_lock.RunDirLock: held by rank 0 for the run's life
+    lock: Any  # hmoe_ds.training.rundir_lock.RunDirLock: held by the checkpoint writers for the run's life
+    storage: CheckpointStorage  # shared or node-local checkpoints, and who writes each directory
     start_step: int  # 0, or the step of the checkpoint resumed
     rank: int
     world_size: int
@@ -481,10 +491,14 @@ def set_up(plan: TrainPlan) -> TrainState:
 
     exp, run = plan.exp, plan.exp.run
     rank, world = collectives.rank(), collectives.world_size()
-    lock = RunDirLock(exp.output_dir)  # rank 0 holds it until the process ends, before anything is written
-    on_rank0(lambda: _take_lock(lock))
+    # Shared checkpoints: rank 0 owns the output directory. Node-local: each node's local rank 0 owns its node's
+    # (lock, vetting, set-asides, the common checkpoint files), after checking that no other node sees it.
+    storage = checkpoint_storage(node_local_checkpoints(plan.ds_config, str(plan.ds_path)))
+    check_storage_is_node_local(storage, exp.output_dir)
+    lock = RunDirLock(exp.output_dir)  # held until the process ends, before anything is written
+    storage.on_writers(lambda: _take_lock(lock))
     watch = StopWatch().start()  # SIGTERM, or the deepspeed runner exiting: stop at the next step boundary
-    tag = on_rank0(lambda: _vet_output_dir(plan))
+    tag = _vet_output_dirs(plan, storage)
     # placement: measured: re-place experts from the load logged up to that checkpoint (hmoe_ds.training.replacement)
     exp = plan.exp = on_rank0(lambda: measured_placement_experiment(plan.exp, tag, CHECKPOINTS))
     run = exp.run
@@ -498,7 +512,8 @@ def set_up(plan: TrainPlan) -> TrainState:
     except ValueError as exc:
         raise ExperimentError(f"{plan.ds_path}: train_micro_batch_size_per_gpu={micro} on {world} ranks: {exc}") \
             from None
-    start = on_rank0(lambda: _prepare_start(plan, len(data.tokenizer), tag))
+    # Every directory's writer checks and claims it; the decision (same everywhere) is node 0's.
+    start = storage.on_writers(lambda: _prepare_start(plan, len(data.tokenizer), tag, storage))[0]
     init_weights = None
     if start.init_from is not None:
         from hmoe_ds.export import load_logical_weights, resolve_source
@@ -542,28 +557,50 @@ def set_up(plan: TrainPlan) -> TrainState:
         plan=plan, engine=engine, model_config=model_cfg, data=data, train_iter=train_iter, micro_batch=micro,
         writer=writer, accumulator=TrainAccumulator(),
         guard=StepGuard(run.on_nonfinite, engine.device, lambda: _last_checkpoint_path(exp.output_dir)),
-        watch=watch, lock=lock, start_step=step, rank=rank, world_size=world,
+        watch=watch, lock=lock, storage=storage, start_step=step, rank=rank, world_size=world,
         non_expert_params=int(summary["non_expert_params"]), placements=placements, layer_tags=tags,
         tb_dir=tb_dir, probe_ids=probe_ids)
 
 
-def _vet_output_dir(plan: TrainPlan) -> str | None:
-    """Rank 0: what the output directory allows (the checkpoint tag to resume from); prints the notes. Writes nothing."""
+def _vet_output_dirs(plan: TrainPlan, storage: CheckpointStorage) -> str | None:
+    """Every rank: the checkpoint tag to resume from (``None``: a fresh start), once each output directory is vetted.
+
+    Shared: rank 0 vets the directory and chooses. Node-local: each node's
+    local rank 0 vets its own, then the nodes agree on the newest checkpoint
+    complete on all of them (:func:`hmoe_ds.checkpoint.agree_on_checkpoint`). Writes nothing.
+    """
+    if not storage.node_local:
+        return on_rank0(lambda: _vet_output_dir(plan))
+    storage.on_writers(lambda: _vet_output_dir(plan, choose_checkpoint=False))
+    resume = "auto" if plan.resume is True else plan.resume
+    tag, notes = agree_on_checkpoint(storage, plan.exp.output_dir / CHECKPOINTS, resume)
+    if collectives.rank() == 0:
+        for line in notes:
+            print(f"warning: --resume: {line}", file=sys.stderr, flush=True)
+    return tag
+
+
+def _vet_output_dir(plan: TrainPlan, choose_checkpoint: bool = True) -> str | None:
+    """Rank 0 (each node's local rank 0 when node-local): what the output directory allows; prints the notes.
+
+    Returns the checkpoint tag to resume from when ``choose_checkpoint``. Writes nothing.
+    """
     from hmoe_ds.runner import check_runner_world
 
     try:  # plain `deepspeed --hostfile missing ...` falls back to local ranks with one warning: refuse that
         runner_note = check_runner_world(plan.world_size)
     except ValueError as exc:  # LaunchError, HostfileError
         raise ExperimentError(str(exc)) from None
-    tag, notes = check_output_dir(plan.exp, plan.resume)
+    tag, notes = check_output_dir(plan.exp, plan.resume, choose_checkpoint=choose_checkpoint)
     notes += [runner_note] if runner_note else []
     for line in plan.warnings + notes:
         print(f"warning: {line}", file=sys.stderr, flush=True)
     return tag
 
 
-def _prepare_start(plan: TrainPlan, vocab_size: int, tag: str | None) -> StartPoint:
-    """Rank 0, before any model exists: check where the run starts, then (only then) make the directory this run's.
+def _prepare_start(plan: TrainPlan, vocab_size: int, tag: str | None, storage: CheckpointStorage) -> StartPoint:
+    """The writer of the output directory (rank 0; each node's local rank 0 when node-local), before any model
+    exists: check where the run starts, then (only then) make the directory this run's.
 
     Checks: is the checkpoint ``tag`` (or ``run.init_from``) usable by this run?
     A checkpoint of another world size, ZeRO stage, EP size or placement resumes
@@ -592,7 +629,7 @@ def _prepare_start(plan: TrainPlan, vocab_size: int, tag: str | None) -> StartPo
     if tag is not None:
         marker = read_marker(checkpoints / tag)
         changes = check_compatible(marker, checkpoints / tag, world_size=plan.world_size, model_config=model_cfg,
-                                   zero_stage=zero_stage(plan.ds_config))
+                                   zero_stage=zero_stage(plan.ds_config), storage=storage.describe())
         if exp.run.init_from:
             print(f"warning: run.init_from={exp.run.init_from} ignored: resuming from {checkpoints / tag}",
                   file=sys.stderr, flush=True)
@@ -809,7 +846,8 @@ def save_checkpoint(s: TrainState, at: int) -> None:
         tag_dir, notes = save_training_checkpoint(
             s.engine, s.checkpoints, at,
             rank_state={"loader": s.train_iter.state_dict(), "rng": rng_state()},
-            experiment=exp.to_dict(), tokenizer=s.data.tokenizer if s.rank == 0 else None, probe_ids=s.probe_ids)
+            experiment=exp.to_dict(), tokenizer=s.data.tokenizer if s.storage.writer else None,
+            probe_ids=s.probe_ids, storage=s.storage)
     except (OSError, RuntimeError) as exc:
         full = disk_full_error(exc, s.checkpoints, at, _last_checkpoint_path(exp.output_dir))
         if full is None:
@@ -836,7 +874,7 @@ def finish(s: TrainState, step: int, stopped_by: str | None) -> int:
     elif s.rank == 0:
         _final_report(exp, s.tb_dir, s.first_val, s.last_val, step)
     s.engine.destroy()
-    if s.rank == 0:
+    if s.lock.held:  # rank 0, or each node's local rank 0 with node-local checkpoints
         s.lock.release()
     return EXIT_CODE if stopped_by is not None else 0
 
