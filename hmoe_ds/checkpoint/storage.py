@@ -43,6 +43,7 @@ __all__ = ["CheckpointStorage", "agree_on_checkpoint", "check_storage_is_node_lo
 
 T = TypeVar("T")
 
+
 @dataclass(frozen=True)
 class CheckpointStorage:
     """The storage mode of this run's checkpoints and which rank writes each directory's common files."""
