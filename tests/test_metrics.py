@@ -101,7 +101,11 @@ def test_writer_writes_jsonl_and_tensorboard(tmp_path: Path, tb_monitor: Any) ->
     assert [r["step"] for r in records] == [10, 20]
     assert records[0]["train/grad_norm"] is None  # NaN has no JSON form
     assert records[1]["val/loss"] == 3.2
-    assert (tmp_path / "expert_load.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "expert_load.png") as png:
+        png_size = png.size
+    assert png_size[0] > 400 and png_size[1] > 200
 
     events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -109,6 +113,8 @@ def test_writer_writes_jsonl_and_tensorboard(tmp_path: Path, tb_monitor: Any) ->
     assert {"train/lm_loss", "val/loss", "moe/layer_1/expert_2_token_fraction"} <= set(tags["scalars"])
     assert [(e.step, e.value) for e in events.Scalars("train/lm_loss")] == [(10, 3.5), (20, 3.0)]
     assert "moe/expert_load" in tags["images"]
+    (image,) = events.Images("moe/expert_load")
+    assert (image.step, image.width, image.height) == (20, *png_size)  # one picture, the file's
 
 
 def test_spread_statistics_of_a_layer() -> None:
