@@ -58,6 +58,7 @@ __all__ = [
     "SHM_PREFIX",
     "exit_process",
     "init_distributed",
+    "leave_the_report_to_rank0",
     "shm_segment_names",
     "shutdown_distributed",
     "unlink_shm_segments",
@@ -217,6 +218,26 @@ def _release_zero3_module_stack() -> None:
     stack = getattr(module, "FWD_MODULE_STACK", None)
     if isinstance(stack, list):
         stack.clear()
+
+
+#: How long a rank other than 0 that met the run's error (which rank 0 reports) waits before exiting.
+REPORT_GRACE_S = 10.0
+
+
+def leave_the_report_to_rank0() -> None:
+    """Wait (at most :data:`REPORT_GRACE_S`) so that rank 0's error message is printed before this rank exits.
+
+    Every rank meets a configuration error, but only rank 0 prints it. The
+    launcher (DeepSpeed's, or ``mpirun``) kills every rank as soon as one exits
+    non-zero; had a silent rank exited first (:func:`exit_process` ends a
+    process in well under a second), rank 0 could be killed before writing the
+    one line that says what is wrong (seen: a batch-size error that never
+    appeared). Rank 0's own non-zero exit ends this wait through the launcher;
+    the bound covers a rank 0 that did not fail.
+    """
+    import time
+
+    time.sleep(REPORT_GRACE_S)
 
 
 def exit_process(code: int) -> NoReturn:

@@ -50,7 +50,7 @@ def main() -> int:
     from hmoe_ds.training.trainer import quiet_deepspeed
 
     quiet_deepspeed()
-    from hmoe_ds.distributed_env import init_distributed, shutdown_distributed
+    from hmoe_ds.distributed_env import init_distributed, leave_the_report_to_rank0, shutdown_distributed
 
     finished = False
     try:
@@ -62,6 +62,8 @@ def main() -> int:
     except ExperimentError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            leave_the_report_to_rank0()
         return 2
     finally:
         # Only a finished evaluation synchronises: after a failure a peer may never arrive.

@@ -20,7 +20,7 @@ from hmoe_ds.distributed_env import SHM_DIR, SHM_PREFIX
 
 from .conftest import shm_names_of_ports
 from .distributed import PORTS
-from .launcher import DS_CONFIG, output, train
+from .launcher import DS_CONFIG, EXPERIMENT, output, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -138,3 +138,35 @@ def test_exit_process_keeps_what_a_normal_exit_does(tmp_path: Path) -> None:
     assert proc.stdout == "buffered, no newline"
     assert (tmp_path / "thread").read_text() == "done"
     assert (tmp_path / "atexit").read_text() == "ran"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_only_rank0_reports_a_plan_error_and_the_others_wait_for_it(
+        rank: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad batch size is every rank's error; rank 0 prints it at once, the others print nothing and wait
+    (``leave_the_report_to_rank0``) so the launcher cannot kill rank 0 before its line is written."""
+    import importlib.util
+    import time
+
+    from hmoe_ds import distributed_env
+    from hmoe_ds.training.trainer import run_training
+
+    from .launcher import REPO, write_configs
+
+    monkeypatch.setattr(distributed_env, "REPORT_GRACE_S", 0.5)
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    exp_file, ds_file = write_configs(tmp_path, EXPERIMENT, {**DS_CONFIG, "train_batch_size": 100})
+    spec = importlib.util.spec_from_file_location("train_entry", REPO / "run" / "train.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    args = entry.build_parser().parse_args(["--config", str(exp_file), "--deepspeed_config", str(ds_file),
+                                            "--set", f"run.output_dir={tmp_path / 'out'}"])
+    start = time.monotonic()
+    assert run_training(args) == 2
+    took = time.monotonic() - start
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert "train_batch_size=100 != train_micro_batch_size_per_gpu (4)" in err
+    else:
+        assert err == "" and took >= 0.5

@@ -59,6 +59,7 @@ from hmoe_ds.checkpoint import (
     save_training_checkpoint,
 )
 from hmoe_ds.collectives import on_rank0
+from hmoe_ds.distributed_env import leave_the_report_to_rank0
 from hmoe_ds.errors import ExperimentError
 
 from . import memlog
@@ -365,6 +366,8 @@ def run_training(args: argparse.Namespace) -> int:
     except ExperimentError as exc:
         if collectives.launch_rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        else:
+            leave_the_report_to_rank0()
         return 2
     _threads_per_rank()
     from hmoe_ds.distributed_env import init_distributed, shutdown_distributed
@@ -384,6 +387,8 @@ def run_training(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         elif getattr(exc, "local", False):  # an error only this rank met (its own write failed)
             print(f"error (rank {collectives.launch_rank()}): {exc}", file=sys.stderr, flush=True)
+        else:
+            leave_the_report_to_rank0()
         return 2
     except RuntimeError as exc:
         if not _peer_lost(exc):
