@@ -7,11 +7,10 @@
 
 For every DeepSpeed configuration (``zero1``; ``zero3``; ``zero3_offload``:
 ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on the CPU; both ZeRO-3
-ones with the shipped JSONs' ``"auto"`` bucket sizes, filled from the hidden size;
-on request ``zero3_reuse0`` and ``zero3_offload_reuse0``: the same with
-``stage3_max_reuse_distance: 0``, and ``zero3_ds_buckets`` and
-``zero3_offload_ds_buckets``: with DeepSpeed's fixed default bucket sizes, see
-:func:`ds_config`) and rank count N,
+ones with the shipped JSONs' ``"auto"`` bucket, prefetch and reuse sizes, filled
+from the model's sizes; on request ``zero3_ds_buckets`` and
+``zero3_offload_ds_buckets``: with DeepSpeed's fixed defaults for those five keys
+instead, see :func:`ds_config`) and rank count N,
 and for two models (the measured one and a tiny one, whose peaks are the
 model-independent baseline), it runs what a user runs:
 
@@ -80,20 +79,23 @@ OUT_DIR = REPO / "outputs" / "benchmarks"
 MIB = 1024.0 * 1024.0
 
 CONFIG_NAMES = ("zero3", "zero3_offload", "zero1")  # the targets first: a run cut short still has them
-#: Not in the default grid: ZeRO-3 that releases every gathered parameter after its module has run, and ZeRO-3
-#: with DeepSpeed's fixed default bucket sizes instead of the shipped JSONs' hidden-size "auto" ones.
-EXTRA_CONFIG_NAMES = ("zero3_reuse0", "zero3_offload_reuse0", "zero3_ds_buckets", "zero3_offload_ds_buckets")
-#: The bucket keys ds_configs/zero3*.json set to "auto" (filled from the hidden size by the trainer).
+#: Not in the default grid: ZeRO-3 with DeepSpeed's fixed defaults (buckets 5e8 / 5e7 / 1e5, live parameters and
+#: reuse distance 1e9) instead of the shipped JSONs' "auto" ones.
+EXTRA_CONFIG_NAMES = ("zero3_ds_buckets", "zero3_offload_ds_buckets")
+#: The keys ds_configs/zero3*.json set to "auto" (filled from the model's sizes by the trainer).
 AUTO_BUCKETS = {"reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                "stage3_param_persistence_threshold": "auto"}
+                "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": "auto",
+                "stage3_max_reuse_distance": "auto"}
 TRAIN_STEPS = 2  # run 1: build, 2 steps, save at step 2; run 2 resumes for 1 more step and saves again
 TARGET_RATIO = 1.3
 
-#: The measured model: hidden 1024, 4 HMoE layers of 8 arithmetic experts (sizes from solve_expert_sizes,
-#: total hidden 8 x 1920): 214M parameters with the default 8192-token tokenizer. Sequences and micro-batch
-#: are tiny (32 tokens x 1) so activations stay negligible against parameters, gradients and optimizer state.
-FULL_MODEL: dict[str, Any] = {"hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 16,
-                              "num_experts": 8, "total_hidden": 8 * 1920}
+#: The measured model: hidden 1024, 12 HMoE layers of 8 arithmetic experts (sizes from solve_expert_sizes,
+#: 272-688, total hidden 8 x 480): 200.4M parameters with the default 8192-token tokenizer, each layer 8% of
+#: them (deep like the models users train; ZeRO-3 gathers and prefetches layer by layer, so with a handful of
+#: layers one layer is a large share of the model). Sequences and micro-batch are tiny (32 tokens x 1) so
+#: activations stay negligible against parameters, gradients and optimizer state.
+FULL_MODEL: dict[str, Any] = {"hidden_size": 1024, "num_hidden_layers": 12, "num_attention_heads": 16,
+                              "num_experts": 8, "total_hidden": 8 * 480}
 #: --quick's "large" model: small enough that the whole grid runs in minutes (a smoke test of the harness).
 QUICK_MODEL: dict[str, Any] = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                                "num_experts": 4, "total_hidden": 4 * 256}
@@ -129,7 +131,7 @@ def experiment(model: dict[str, Any], out_dir: Path, cache: Path) -> dict[str, A
 def ds_config(name: str) -> dict[str, Any]:
     """The DeepSpeed JSON of configuration ``name``: fp32, micro-batch 1, AdamW, no TensorBoard."""
     zero: dict[str, Any]
-    base = name.removesuffix("_reuse0").removesuffix("_ds_buckets")
+    base = name.removesuffix("_ds_buckets")
     buckets = {} if name.endswith("_ds_buckets") else dict(AUTO_BUCKETS)  # as ds_configs/zero3.json
     if name == "zero1":
         zero = {"stage": 1}
@@ -140,12 +142,6 @@ def ds_config(name: str) -> dict[str, Any]:
                 "offload_optimizer": {"device": "cpu", "pin_memory": False}, **buckets}
     else:
         raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIG_NAMES + EXTRA_CONFIG_NAMES)}")
-    if name.endswith("_reuse0"):
-        # DeepSpeed does not release a gathered parameter that its trace says is used again within
-        # stage3_max_reuse_distance parameters (default 1e9, more than a whole 214M model): a suspect for
-        # the model-sized RSS that stays on every rank from the second step on. This variant tests it
-        # (measured: it did not keep 4 ranks of the 214M model under 12 GiB; see README).
-        zero["stage3_max_reuse_distance"] = 0
     # Offloaded optimizer state is stepped by DeepSpeed's CPU Adam; otherwise torch's AdamW (no fused CPU kernel).
     adam = {"lr": 1e-4, "weight_decay": 0.01, "torch_adam": "offload_optimizer" not in zero}
     return {
@@ -523,7 +519,7 @@ def run(quick: bool = False, ranks: Sequence[int] | None = None, configs: Sequen
 
 
 def render(paths: Sequence[Path]) -> list[Table]:
-    """The tables of earlier runs' results files (merged: e.g. the default grid and the ``_reuse0`` variants)."""
+    """The tables of earlier runs' results files (merged: e.g. the default grid and the ``_ds_buckets`` variants)."""
     results: dict[tuple[str, int, str], Measurement] = {}
     configs: list[str] = []
     ranks: set[int] = set()

@@ -313,6 +313,42 @@ def _act_backward(grad: torch.Tensor, h1: torch.Tensor, activation: ExpertActiva
 
 
 @dataclass(frozen=True)
+class _WeightOwners:
+    """How an expert autograd node finds its weights again in backward when they are views.
+
+    The per-expert weights a node computes with may be *views* of larger
+    parameters (the ZeRO-3 packs of :class:`PackedHeteroExperts`). Saving the
+    views for backward would keep the storage of the gathered parameters alive
+    from forward to backward on every rank: ZeRO-3 releases a gathered
+    parameter by swapping its ``.data`` for an empty tensor, which frees the
+    gathered buffer only when nothing else refers to it, so every layer's
+    experts would stay gathered (the whole model, whatever the rank count).
+    DeepSpeed's own ``LinearFunctionForZeroStage3`` saves the ``Parameter``
+    object instead and reads it in backward, after ZeRO-3's pre-backward hook
+    has gathered it again; so do these nodes: the parameters are passed as
+    the first ``count`` tensors (no gradient through them: the gradient flows
+    through the views), and :attr:`views` rebuilds the flat per-expert weights,
+    in the node's order, from them.
+    """
+
+    count: int
+    views: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+
+
+def _split_inputs(owners: "_WeightOwners | None", tensors: Sequence[torch.Tensor]
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(tensors to save, flat weights)`` of a node's trailing tensor inputs."""
+    if owners is None:
+        return list(tensors), list(tensors)
+    return list(tensors[:owners.count]), list(tensors[owners.count:])
+
+
+def _weights_again(owners: "_WeightOwners | None", kept: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The flat weights in backward, from what forward saved."""
+    return list(kept) if owners is None else owners.views(kept)
+
+
+@dataclass(frozen=True)
 class _BucketRuntime:
     """Per-call data of one bucket: its rows and the group offsets (``offs``) of ``grouped_mm``."""
 
@@ -343,7 +379,8 @@ class _GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: torch.Tensor, plan: "_GroupedPlan", runtime: list[_BucketRuntime],  # type: ignore[override]
-                *flat_weights: torch.Tensor) -> torch.Tensor:
+                owners: _WeightOwners | None, *tensors: torch.Tensor) -> torch.Tensor:
+        to_save, flat_weights = _split_inputs(owners, tensors)
         weights = plan.unflatten(flat_weights)
         x_RD = x_RD.contiguous()
         y_RD = x_RD.new_empty(x_RD.shape)
@@ -364,8 +401,8 @@ class _GroupedFFN(torch.autograd.Function):
                                                          offs=rt.offs)
             del z
             saved += [a1, a3 if a3 is not None else x_RD.new_empty(0)]
-        ctx.plan, ctx.runtime = plan, runtime
-        ctx.save_for_backward(x_RD, *flat_weights)
+        ctx.plan, ctx.runtime, ctx.owners = plan, runtime, owners
+        ctx.save_for_backward(x_RD, *to_save)
         # Intermediates (not inputs or outputs) may live on ctx directly; unlike saved tensors,
         # backward can then drop each bucket's pair as soon as it is used, which keeps the peak of
         # backward (all weight gradients + remaining activations) at the per-expert loop's level.
@@ -376,10 +413,10 @@ class _GroupedFFN(torch.autograd.Function):
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         plan: _GroupedPlan = ctx.plan
         runtime: list[_BucketRuntime] = ctx.runtime
-        x_RD, *flat_weights = ctx.saved_tensors
+        x_RD, *kept = ctx.saved_tensors
         saved: list[torch.Tensor | None] = ctx.activations
         ctx.activations = None
-        weights = plan.unflatten(flat_weights)
+        weights = plan.unflatten(_weights_again(ctx.owners, kept))
         grad_RD = grad_RD.contiguous()
         grad_x = x_RD.new_empty(x_RD.shape) if ctx.needs_input_grad[0] else None
         grads: list[list[torch.Tensor | None]] = [[None, None, None] for _ in weights]
@@ -419,7 +456,8 @@ class _GroupedFFN(torch.autograd.Function):
             for g, (slot, h) in enumerate(zip(bucket.slots, bucket.sizes)):
                 grads[slot] = [dw1[g, :h], dw2[g, :, :h], dw3[g, :h] if gated else None]
         flat_grads = [g for slot_grads, w in zip(grads, weights) for g, wt in zip(slot_grads, w) if wt is not None]
-        return (grad_x, None, None, *flat_grads)
+        owner_grads = [None] * (ctx.owners.count if ctx.owners is not None else 0)
+        return (grad_x, None, None, None, *owner_grads, *flat_grads)
 
 
 class _GroupedPlan:
@@ -485,10 +523,15 @@ class _GroupedPlan:
         return out
 
 
-def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights, plan: _GroupedPlan) -> torch.Tensor:
-    """Apply every local expert to its rows (grouped in ``plan.compute_order``) with grouped GEMMs."""
+def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights, plan: _GroupedPlan,
+                        owners: tuple[Sequence[torch.Tensor], _WeightOwners] | None = None) -> torch.Tensor:
+    """Apply every local expert to its rows (grouped in ``plan.compute_order``) with grouped GEMMs.
+
+    ``owners``: the parameters ``weights`` are views of, and how to rebuild them (:class:`_WeightOwners`).
+    """
     plan = plan.on(x_RD.device)
-    return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), *plan.flatten(weights))
+    params, how = owners if owners is not None else ((), None)
+    return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), how, *params, *plan.flatten(weights))
 
 
 class _ExpertLoopFFN(torch.autograd.Function):
@@ -505,7 +548,8 @@ class _ExpertLoopFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: torch.Tensor, spans: list[tuple[int, int]], activation: ExpertActivation,  # type: ignore[override]
-                *flat_weights: torch.Tensor) -> torch.Tensor:
+                owners: _WeightOwners | None, *tensors: torch.Tensor) -> torch.Tensor:
+        to_save, flat_weights = _split_inputs(owners, tensors)
         gated = activation.gated
         weights = _unflatten(flat_weights, gated)
         x_RD = x_RD.contiguous()
@@ -521,8 +565,8 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 z = z.mul_(a3)
             torch.mm(z, w2.t(), out=y_RD[start:end])
             saved.append((a1, a3))
-        ctx.spans, ctx.activation = spans, activation
-        ctx.save_for_backward(x_RD, *flat_weights)
+        ctx.spans, ctx.activation, ctx.owners = spans, activation, owners
+        ctx.save_for_backward(x_RD, *to_save)
         ctx.activations = saved  # intermediates on ctx, so backward can drop each expert's pair early
         return y_RD
 
@@ -530,7 +574,8 @@ class _ExpertLoopFFN(torch.autograd.Function):
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         activation: ExpertActivation = ctx.activation
         gated = activation.gated
-        x_RD, *flat_weights = ctx.saved_tensors
+        x_RD, *kept = ctx.saved_tensors
+        flat_weights = _weights_again(ctx.owners, kept)
         saved = ctx.activations
         ctx.activations = None
         grad_RD = grad_RD.contiguous()
@@ -558,7 +603,8 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 if gated:
                     dx.addmm_(da3, w3)
             flat_grads += [dw1, dw2] + ([dw3] if gated else [])
-        return (grad_x, None, None, *flat_grads)
+        owner_grads = [None] * (ctx.owners.count if ctx.owners is not None else 0)
+        return (grad_x, None, None, None, *owner_grads, *flat_grads)
 
 
 def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -567,12 +613,14 @@ def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Te
 
 
 def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights,
-                     activation: ExpertActivation | str) -> torch.Tensor:
+                     activation: ExpertActivation | str,
+                     owners: tuple[Sequence[torch.Tensor], _WeightOwners] | None = None) -> torch.Tensor:
     """Apply expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``, one GEMM chain per expert.
 
     One autograd node for all experts (:class:`_ExpertLoopFFN`); the operator
     count grows with the number of experts, the bytes moved do not exceed the
-    GEMMs' own.
+    GEMMs' own. ``owners``: the parameters ``weights`` are views of, and how to
+    rebuild them (:class:`_WeightOwners`).
     """
     activation = ExpertActivation(activation)
     spans, row = [], 0
@@ -580,7 +628,8 @@ def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights
         spans.append((row, row + int(count)))
         row += int(count)
     flat = [w for triple in weights for w in triple if w is not None]
-    return _ExpertLoopFFN.apply(x_RD, spans, activation, *flat)
+    params, how = owners if owners is not None else ((), None)
+    return _ExpertLoopFFN.apply(x_RD, spans, activation, how, *params, *flat)
 
 
 class _ExpertComputeMixin:
@@ -640,11 +689,18 @@ class _ExpertComputeMixin:
         if sum(int(c) for c in counts) != x_RD.shape[0]:
             raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
         if self._plan is None:
-            return loop_ffn_forward(x_RD, counts, weights, self.activation)
+            return loop_ffn_forward(x_RD, counts, weights, self.activation, self._weight_owners(None))
         if not self.runs_grouped(x_RD.device, x_RD.dtype):
             # Same math, rows still in the grouped path's compute order (fixed at construction for dispatch).
-            return loop_ffn_forward(x_RD, counts, [weights[j] for j in self._plan.compute_order], self.activation)
-        return grouped_ffn_forward(x_RD, counts, weights, self._plan)
+            order = self._plan.compute_order
+            return loop_ffn_forward(x_RD, counts, [weights[j] for j in order], self.activation,
+                                    self._weight_owners(order))
+        return grouped_ffn_forward(x_RD, counts, weights, self._plan, self._weight_owners(None))
+
+    def _weight_owners(self, order: Sequence[int] | None) -> tuple[Sequence[torch.Tensor], _WeightOwners] | None:
+        """The parameters :meth:`per_expert_weights` are views of, and how to rebuild the flat weights in
+        ``order`` (slot order when None) from them; None when the weights are parameters themselves."""
+        return None
 
 
 class FFNExpert(nn.Module):
@@ -899,11 +955,19 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
 
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Views ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of each local expert."""
-        total = sum(self.expert_sizes)  # rows past it are padding
-        w1s = self.w1[0, :total].split(self.expert_sizes, dim=0)
-        w2s = self.w2[0, :, :total].split(self.expert_sizes, dim=1)
-        w3s = self.w3[0, :total].split(self.expert_sizes, dim=0) if self.w3 is not None else [None] * len(w1s)
-        return list(zip(w1s, w2s, w3s))
+        return _pack_views(self.expert_sizes, self.w1, self.w2, self.w3)
+
+    def _weight_owners(self, order: Sequence[int] | None) -> tuple[Sequence[torch.Tensor], _WeightOwners]:
+        packs = [p for p in (self.w1, self.w2, self.w3) if p is not None]
+        sizes, gated = list(self.expert_sizes), self.w3 is not None
+
+        def views(saved: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            per_expert = _pack_views(sizes, saved[0], saved[1], saved[2] if gated else None)
+            if order is not None:
+                per_expert = [per_expert[j] for j in order]
+            return [w for triple in per_expert for w in triple if w is not None]
+
+        return packs, _WeightOwners(len(packs), views)
 
     def full_values(self, per_expert: Sequence[ExpertWeights]) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """``(parameter, its full packed value)`` for storing ``per_expert`` (one tuple per local expert).
@@ -933,6 +997,17 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
         padding = f", padded to {self.packed_width}" if self.packed_width != sum(self.expert_sizes) else ""
         return (f"experts={self.expert_sizes}{padding}, hidden={self.hidden_size}, {self.activation}, "
                 f"{self.compute_path()} path")
+
+
+def _pack_views(sizes: Sequence[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Each expert's ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` as views of packs ``[1, H_pack, D]``
+    (``w2``: ``[1, D, H_pack]``) whose first ``sum(sizes)`` hidden units are the experts' (the rest padding)."""
+    total = sum(sizes)
+    w1s = w1[0, :total].split(list(sizes), dim=0)
+    w2s = w2[0, :, :total].split(list(sizes), dim=1)
+    w3s = w3[0, :total].split(list(sizes), dim=0) if w3 is not None else [None] * len(w1s)
+    return list(zip(w1s, w2s, w3s))
 
 
 def _checked(per_expert: Sequence[ExpertWeights], expected: int) -> Sequence[ExpertWeights]:

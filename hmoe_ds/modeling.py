@@ -58,6 +58,7 @@ __all__ = [
     "HMoEModelOutput",
     "HMoEPreTrainedModel",
     "debug_config",
+    "largest_layer_params_per_rank",
     "parameter_summary",
 ]
 
@@ -296,6 +297,26 @@ def _uniform_selection_rate(moe: HMoELayerConfig) -> float:
         return moe.top_k / n
     # Top-P keeps the shortest prefix reaching p (Eq. 9): ceil(p * E) experts, 1e-9 absorbs float error.
     return min(n, max(1, math.ceil(moe.top_p * n - 1e-9))) / n
+
+
+def largest_layer_params_per_rank(config: HMoEConfig) -> int:
+    """Parameters of the largest decoder layer as one rank gathers it under ZeRO-3.
+
+    Attention, norms, and the FFN: a dense SwiGLU, or a MoE layer's router,
+    shared expert and its experts divided by ``ep_size`` (each rank gathers only
+    its local experts, over the expert-data-parallel group). The experts' split
+    is the even one (``ceil``); placements put unequal experts on a rank, so
+    this is an estimate within one expert, for sizing ZeRO-3's
+    ``stage3_max_live_parameters`` (:func:`hmoe_ds.training.experiment.fill_model_autos`).
+    """
+    d, moe = config.hidden_size, config.moe_layer_config()
+    kv_dim = config.num_key_value_heads * config.head_dim
+    attention = 2 * d * d + 2 * d * kv_dim + 2 * d
+    experts = sum(expert_param_count(d, h, moe.activation.gated) for h in moe.expert_sizes)
+    moe_layer = (-(-experts // moe.ep_size) + router_param_count(d, moe.num_experts) + _dense_branch_params(d, moe))
+    dense = 3 * d * config.dense_intermediate_size
+    ffns = [moe_layer if config.is_moe_layer(i) else dense for i in range(config.num_hidden_layers)]
+    return attention + max(ffns)
 
 
 def _dense_branch_params(d: int, moe: HMoELayerConfig) -> int:

@@ -220,6 +220,31 @@ def test_bucket_sizes_auto_follow_the_hidden_size_as_in_hf(tmp_path: Path) -> No
         raw = json.loads((REPO / "ds_configs" / shipped).read_text())
         cfg, _ = effective_ds_config(raw, shipped, exp, world_size=2)
         assert cfg["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * d, shipped
+        assert cfg["zero_optimization"]["stage3_max_reuse_distance"] == d * d, shipped
+        assert cfg["zero_optimization"]["stage3_max_live_parameters"] > 0, shipped
+
+
+def test_live_parameters_auto_is_two_of_the_largest_layers_a_rank_gathers(tmp_path: Path) -> None:
+    """``stage3_max_live_parameters: auto`` = 2 x the largest decoder layer one rank gathers, counted by hand."""
+    from hmoe_ds.modeling import largest_layer_params_per_rank
+
+    exp = load_experiment(tiny(tmp_path))
+    config = exp.model_config(tokenizer_vocab_size=1)
+    d, moe = config.hidden_size, config.moe_layer_config()
+    kv = config.num_key_value_heads * config.head_dim
+    attention = 2 * d * d + 2 * d * kv + 2 * d  # q, o; k, v; two RMSNorms
+    experts = sum(3 * d * h for h in moe.expert_sizes)  # SwiGLU: w1, w2, w3
+    moe_layer = -(-experts // moe.ep_size) + d * moe.num_experts  # local experts + router
+    dense = 3 * d * config.dense_intermediate_size
+    expected = attention + max(moe_layer if config.is_moe_layer(i) else dense for i in range(config.num_hidden_layers))
+    assert largest_layer_params_per_rank(config) == expected
+    zero = {"stage": 3, "stage3_max_live_parameters": "auto", "stage3_max_reuse_distance": 7}
+    cfg, _ = effective_ds_config({**DS, "zero_optimization": zero}, "ds.json", exp, world_size=2)
+    assert cfg["zero_optimization"]["stage3_max_live_parameters"] == 2 * expected
+    assert cfg["zero_optimization"]["stage3_max_reuse_distance"] == 7  # a number stays as given
+    msg = error_of(effective_ds_config, {**DS, "zero_optimization": {"stage": 3, "sub_group_size": "auto"}},
+                   "ds.json", exp, world_size=2)
+    assert "sub_group_size" in msg and "stage3_max_live_parameters" in msg
 
 
 def test_fp16_without_accelerator_support(tmp_path: Path) -> None:

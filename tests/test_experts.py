@@ -348,3 +348,42 @@ def test_module_list_buckets_stay_views_after_dtype_conversion_with_the_same_par
         for which in range(3):
             pieces = [weights[s][which] for s in bucket.slots]
             assert len({p.untyped_storage().data_ptr() for p in pieces}) == 1
+
+
+@pytest.mark.parametrize("compute", ["loop", "grouped", "auto"])
+def test_packed_backward_reads_the_regathered_parameters_not_the_forward_buffers(compute):
+    """What ZeRO-3 does to a pack between forward and backward, done by hand.
+
+    After its module's forward, ZeRO-3 releases a gathered parameter by
+    swapping its ``.data`` for an empty tensor, and gathers it again into a
+    *new* buffer before the module's backward. If the autograd node saved
+    views of the forward-time buffer, that buffer stayed alive (every layer's
+    experts gathered at once, whatever the rank count: the ZeRO-3 memory
+    benchmark's non-shrinking part) and backward read it. Here the forward
+    buffers are overwritten with NaN after the swap: backward must still give
+    the reference gradients, so it read the re-gathered parameters.
+    """
+    sizes = [32, 48, 48, 20]
+    counts_by_slot = [5, 0, 7, 3]
+    experts = _make("packed", "swiglu", compute, sizes=sizes)
+    reference = _make("packed", "swiglu", compute, sizes=sizes)
+    _copy_weights(experts, reference)
+    counts = [counts_by_slot[s] for s in experts.compute_order]
+    x = torch.randn(sum(counts), D)
+    upstream = torch.randn(sum(counts), D)
+    out_ref, dx_ref, dw_ref = _run(reference, x, counts, upstream)
+
+    x_in = x.clone().requires_grad_(True)
+    out = experts(x_in, counts)
+    forward_buffers = []
+    for param in experts.parameters():  # released after forward...
+        forward_buffers.append(param.data)
+        param.data = torch.empty(0)
+    for param, buffer in zip(experts.parameters(), forward_buffers):  # ...gathered again into a new buffer
+        param.data = buffer.clone()
+        buffer.fill_(float("nan"))
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(out.detach(), out_ref)
+    torch.testing.assert_close(x_in.grad, dx_ref)
+    for grad, expected in zip([p.grad for p in experts.parameters()], dw_ref):
+        torch.testing.assert_close(grad, expected)

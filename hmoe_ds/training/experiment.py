@@ -561,6 +561,40 @@ HIDDEN_SIZE_AUTO: dict[str, Callable[[int], int]] = {
 }
 
 
+#: ``zero_optimization`` keys whose ``"auto"`` hmoe-ds fills from the model's layers (the HF Trainer leaves
+#: them at DeepSpeed's 1e9-element defaults). ``stage3_max_reuse_distance``: keep a gathered parameter
+#: only when the trace uses it again within d² elements; DeepSpeed's 1e9 keeps every parameter of a
+#: smaller model gathered from its forward to its backward, so each rank holds the whole model.
+#: ``stage3_max_live_parameters``: twice the largest layer a rank gathers
+#: (:func:`hmoe_ds.modeling.largest_layer_params_per_rank`), the layer running and the one prefetched;
+#: the prefetcher stops there. Without that bound DeepSpeed's prefetcher marks every gathered parameter
+#: that its look-ahead passes in the backward part of the trace as "used soon" and keeps it, which at
+#: the forward/backward turn held 5 of 12 layers of the memory benchmark's model on each rank.
+MODEL_AUTO: dict[str, Callable[[int, int], int]] = {
+    "stage3_max_live_parameters": lambda largest_layer, d: 2 * largest_layer,
+    "stage3_max_reuse_distance": lambda largest_layer, d: d * d,
+}
+
+
+def fill_model_autos(ds: dict[str, Any], model_config: Any) -> list[str]:
+    """Replace ``"auto"`` in :data:`MODEL_AUTO`'s keys of ``ds["zero_optimization"]`` in place; the keys filled.
+
+    ``model_config`` is the run's ``HMoEConfig`` (its vocabulary size does not matter here).
+    """
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict) or not any(zero.get(key) == "auto" for key in MODEL_AUTO):
+        return []
+    from hmoe_ds.modeling import largest_layer_params_per_rank
+
+    largest, d = largest_layer_params_per_rank(model_config), int(model_config.hidden_size)
+    filled = []
+    for key, rule in MODEL_AUTO.items():
+        if zero.get(key) == "auto":
+            zero[key] = int(rule(largest, d))
+            filled.append(key)
+    return filled
+
+
 def fill_hidden_size_autos(ds: dict[str, Any], hidden_size: int) -> list[str]:
     """Replace ``"auto"`` in :data:`HIDDEN_SIZE_AUTO`'s keys of ``ds["zero_optimization"]`` in place; the keys filled."""
     zero = ds.get("zero_optimization")
@@ -655,7 +689,8 @@ def effective_ds_config(
     """Check the DeepSpeed JSON against the experiment and the world; return (config to use, warnings).
 
     The returned copy has the batch triple spelled out, ``"auto"`` bucket sizes
-    filled from the model's hidden size (:data:`HIDDEN_SIZE_AUTO`), and a TensorBoard section
+    filled from the model's hidden size (:data:`HIDDEN_SIZE_AUTO`) and layer sizes
+    (:data:`MODEL_AUTO`), and a TensorBoard section
     (``<output_dir>/tensorboard``, job ``run_name``) when the JSON had none, so a
     run always has its curves; it is saved as ``<output_dir>/ds_config.json``.
     """
@@ -663,11 +698,12 @@ def effective_ds_config(
     warnings: list[str] = []
     cfg = copy.deepcopy(ds)
     fill_hidden_size_autos(cfg, int(exp.model["hidden_size"]))
+    fill_model_autos(cfg, exp.model_config(tokenizer_vocab_size=1))  # layer sizes do not depend on the vocabulary
     auto = _find_auto(cfg)
     if auto:
-        accepted = ", ".join(f"zero_optimization.{k}" for k in HIDDEN_SIZE_AUTO)
+        accepted = ", ".join(f"zero_optimization.{k}" for k in (*HIDDEN_SIZE_AUTO, *MODEL_AUTO))
         raise ExperimentError(
-            f"{where}: {auto}=\"auto\": hmoe-ds fills 'auto' only in {accepted} (from model.hidden_size); "
+            f"{where}: {auto}=\"auto\": hmoe-ds fills 'auto' only in {accepted} (from the model's sizes); "
             "give a number"
         )
     cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"] = (
