@@ -284,3 +284,93 @@ def _check_shards_and_elastic(results, spec, steps) -> None:
             assert restored["loss"] == pytest.approx(result["next_loss"], abs=1e-5), (name, rank)
             assert sorted(restored["experts"]) == [0, 1, 2, 3]
             _assert_params(restored["dense"], restored["experts"], ref_dense, ref_experts, f"{name}, rank {rank}")
+
+
+def test_zero2_frontend_user_expert_shards_round_trip_by_the_users_names(tmp_path):
+    """One process, no ZeRO: the ZeRO 0-2 layer's user experts in a shard, by logical id and the user's names."""
+    from types import SimpleNamespace
+
+    from hmoe_ds.shards import ShardReader, load_sharded_state, write_rank_shard
+
+    model = _reference("factory", D)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    model(*_batch(0, 0, D)).backward()
+    optimizer.step()
+    write_rank_shard(SimpleNamespace(module=model, optimizer=optimizer), tmp_path, 0)
+    reader = ShardReader(tmp_path)
+    prefix = "moe.deepspeed_moe.experts.deepspeed_experts"
+    experts = model.moe.moe_core.local_expert_parameters()
+    for e, named in experts.items():
+        for name, value in named.items():
+            assert reader.shapes()[f"{prefix}.{e}.{name}"] == tuple(value.shape)
+            torch.testing.assert_close(reader.get(f"{prefix}.{e}.{name}"), value, rtol=0, atol=0)
+    assert {name for named in experts.values() for name in named} == {"fc_in.weight", "fc_in.bias",
+                                                                      "fc_out.weight", "fc_out.bias"}
+    torch.manual_seed(9)
+    other = Toy("factory", D, 1, zero3=False)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=LR)
+    load_sharded_state(SimpleNamespace(module=other, optimizer=other_optimizer), reader)
+    for (name, a), b in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(other_optimizer.state[b]["exp_avg"], optimizer.state[a]["exp_avg"], msg=name)
+
+
+def _ep2_forward_backward(rank: int, world_size: int) -> dict:
+    """The ZeRO-3 layer with unequal user experts at EP 2 (no engine) against the ZeRO 0-2 layer at EP 1."""
+    from hmoe_ds import HMoELayerConfig, build_moe_layer
+
+    config = HMoELayerConfig(expert_sizes=[8, 16, 24, 32], routing="top_k", top_k=2, p_penalty_coef=0.1)
+    torch.manual_seed(0)
+    full = build_moe_layer(D, config, expert=lambda h: BiasGeluFFN(D, h))
+    ep = build_moe_layer(D, HMoELayerConfig(**{**config.__dict__, "ep_size": world_size, "frontend": "autoep"}),
+                         expert=lambda h: BiasGeluFFN(D, h))
+    ep.moe_core.gate.load_state_dict(full.moe_core.gate.state_dict())
+    ep.moe_core.load_local_expert_parameters(full.moe_core.local_expert_parameters())
+    checks = {}
+    for r in range(world_size):  # every rank's tokens through the full layer; this rank's through the EP layer
+        x = torch.randn(13, D, generator=torch.Generator().manual_seed(100 + r)).requires_grad_(True)
+        out, aux, counts = full(x)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(200 + r))
+        ((out * upstream).sum() + aux).backward()
+        if r == rank:
+            xe = x.detach().clone().requires_grad_(True)
+            oute, auxe, countse = ep(xe)
+            ((oute * upstream).sum() + auxe).backward()
+            checks = {"out": (oute.detach(), out.detach()), "aux": (auxe.detach(), aux.detach()),
+                      "x_grad": (xe.grad, x.grad), "counts": (countse.tolist(), counts.tolist())}
+    grads = ep.experts.expert_parameters([p.grad for p in ep.experts.packs()])
+    reference = {logical: {n: p.grad for n, p in full.moe_core.experts.deepspeed_experts[logical].named_parameters()}
+                 for logical in range(4)}
+    checks["expert_grads"] = [(grads[slot], reference[logical]) for slot, logical in enumerate(ep.moe_core.local_expert_ids)]
+    return checks
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_layer_with_unequal_user_experts_at_ep2_matches_one_process_in_output_and_gradients():
+    for rank, checks in enumerate(run_distributed(_ep2_forward_backward, world_size=2)):
+        torch.testing.assert_close(*checks["out"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(*checks["aux"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(*checks["x_grad"], rtol=1e-5, atol=1e-6)
+        assert checks["counts"][0] == checks["counts"][1]
+        for mine, ref in checks["expert_grads"]:
+            assert mine.keys() == ref.keys()
+            for name in ref:  # every rank's tokens reached the local experts through the all-to-all backward
+                torch.testing.assert_close(mine[name], ref[name], rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")
+
+
+def test_hf_export_refuses_user_experts_and_names_the_alternative(tmp_path):
+    """The HF model has the built-in experts only: a source holding user experts is refused with the way out."""
+    from types import SimpleNamespace
+
+    from hmoe_ds.checkpoint import CheckpointError
+    from hmoe_ds.export import WeightsSource, check_structure
+    from hmoe_ds.modeling import HMoEConfig
+    from hmoe_ds.shards import write_rank_shard
+
+    model = _reference("factory", D)
+    write_rank_shard(SimpleNamespace(module=model, optimizer=torch.optim.AdamW(model.parameters())), tmp_path, 0)
+    source = WeightsSource("checkpoint", tmp_path, tmp_path, {}, None, None)
+    config = HMoEConfig(vocab_size=32, hidden_size=D, num_hidden_layers=1, num_attention_heads=2)
+    with pytest.raises(CheckpointError, match=r"user's own expert modules .*fc_in.*ShardReader"):
+        check_structure(source, config)
