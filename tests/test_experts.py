@@ -17,7 +17,7 @@ import torch
 
 from hmoe_ds import HMoE, HMoELayerConfig
 from hmoe_ds.config import ExpertCompute
-from hmoe_ds.experts import (HeteroExperts, PackedHeteroExperts, WidthBucket, expert_compute_order,
+from hmoe_ds.experts import (HeteroExperts, PackedHeteroExperts, expert_compute_order,
                              plan_width_buckets, resolve_expert_compute)
 
 from .distributed import run_distributed
