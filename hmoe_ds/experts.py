@@ -73,6 +73,7 @@ rank and no reduction waits for an idle expert (DeepSpeed issue 4808).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -888,6 +889,257 @@ class ModuleExperts(_DeepSpeedExpertList, nn.Module):
 
     def extra_repr(self) -> str:
         return f"user expert modules, {self.num_local_experts} local, computed one by one (loop path)"
+
+
+#: The names of the packed parameters of the ZeRO-3 front-end: DeepSpeed 0.19.8's engine reads exactly
+#: these three attributes of an AutoEP layer's ``experts`` when it saves a checkpoint.
+PACK_NAMES = ("w1", "w2", "w3")
+
+
+@dataclass(frozen=True)
+class PackedMember:
+    """Where one parameter of one user expert lies in the packs of :class:`PackedModuleExperts`.
+
+    Attributes:
+        slot: the local expert (slot order of the rank's experts).
+        name: the parameter's name in the user's module (``0.weight``, ``fc1.bias``, ...).
+        pack: which pack holds it: an index into :data:`PACK_NAMES`.
+        offset: its first element in the flattened pack.
+        shape: its shape.
+    """
+
+    slot: int
+    name: str
+    pack: int
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+ExpertShapes = Sequence[Sequence[tuple[str, tuple[int, ...]]]]
+
+
+def plan_user_expert_packs(expert_shapes: ExpertShapes, num_packs: int = len(PACK_NAMES)
+                           ) -> tuple[list[PackedMember], list[int]]:
+    """Lay out the parameters of a rank's user experts over ``num_packs`` flat packs.
+
+    ``expert_shapes[j]`` lists local expert j's ``(name, shape)`` pairs, in
+    ``named_parameters`` order. Each parameter goes whole into one pack
+    (largest first, into the pack with the fewest elements so far; ties to
+    the lower pack, then in slot and name order), so the packs hold about a
+    third each. Returns ``(members, elements per pack)``; depends only on the
+    shapes, so every rank can lay out every other rank's packs.
+    """
+    items = [(slot, name, tuple(int(n) for n in shape)) for slot, shapes in enumerate(expert_shapes)
+             for name, shape in shapes]
+    order = sorted(range(len(items)), key=lambda i: (-math.prod(items[i][2]), i))
+    fill = [0] * num_packs
+    placed: dict[int, PackedMember] = {}
+    for i in order:
+        slot, name, shape = items[i]
+        pack = min(range(num_packs), key=lambda k: (fill[k], k))
+        placed[i] = PackedMember(slot, name, pack, fill[pack], shape)
+        fill[pack] += math.prod(shape)
+    return [placed[i] for i in range(len(items))], fill  # slot order, each expert's in named_parameters order
+
+
+def packed_rows(per_rank_expert_shapes: Sequence[ExpertShapes], hidden_size: int) -> int:
+    """Rows of every pack (``[1, rows, hidden_size]``), the same on every EP rank: the fullest pack of any rank."""
+    most = max((max(plan_user_expert_packs(shapes)[1]) for shapes in per_rank_expert_shapes), default=0)
+    return max(1, -(-most // hidden_size))
+
+
+def _skeleton(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are all ``None`` (their values come from the packs at call time)."""
+    return copy.deepcopy(module, memo={id(p): None for p in module.parameters()})
+
+
+class PackedModuleExperts(nn.Module):
+    """This rank's user expert modules with their parameters packed, for ZeRO-3 (the AutoEP front-end).
+
+    ZeRO-3 (DeepSpeed 0.19.8) partitions expert parameters over the
+    expert-data-parallel group only when they are an AutoEP layer's
+    ``experts.w1/w2/w3`` carrying its placement metadata, and it decides
+    prefetch and persistence from parameter sizes, so every EP rank must hold
+    parameters of the same shapes or the ranks' all-gathers stop matching (a
+    gloo "collective mismatch"). Arbitrary user modules satisfy neither: their
+    parameter names are the user's, and unequal experts (a factory) differ in
+    shape from rank to rank. So, as :class:`PackedHeteroExperts` does for the
+    built-in FFN, the parameters of all local experts live in three flat
+    packs ``w1``, ``w2``, ``w3`` of shape ``[1, rows, D]``, the same on every
+    EP rank (``rows`` from the fullest pack of any rank, :func:`packed_rows`;
+    the leading 1 keeps DeepSpeed's per-expert checkpoint code on its 3-D
+    path). Each user parameter lies whole in one pack
+    (:func:`plan_user_expert_packs`, about a third of the elements each),
+    as a view; elements past the last parameter are padding: never read,
+    hence a zero gradient, and they stay zero (the AdamW step of a zero value
+    with a zero gradient is zero). Equal-size template copies on equal
+    ranks need no padding beyond rounding up to whole rows.
+
+    The modules themselves are kept as parameter-less skeletons (copies whose
+    parameters are ``None``), outside the module tree so that neither ZeRO-3's
+    hooks nor ``named_parameters`` see them, and each is run with
+    :func:`torch.func.functional_call` on views of the packs: the user's own
+    ``forward``, one expert after another (the ``loop`` path; nothing can
+    group arbitrary modules). Modules with buffers are refused (a buffer would
+    be invisible to ``state_dict`` and to ZeRO). :meth:`train`/``eval``
+    reach the skeletons, so dropout behaves as in the user's module.
+
+    Args:
+        hidden_size: model width D (the packs' row length).
+        experts: the local experts, in slot order, with ordinary (not
+            ZeRO-partitioned) parameters: their values initialise the packs.
+        rows: rows of each pack (:func:`packed_rows` over every EP rank).
+        tag_parameter: called on each pack before the constructor returns
+            (under ``deepspeed.zero.Init`` that is when it is partitioned).
+    """
+
+    expert_compute = ExpertCompute.LOOP
+
+    def __init__(self, hidden_size: int, experts: Sequence[nn.Module], rows: int,
+                 tag_parameter: Callable[[nn.Parameter], None] | None = None) -> None:
+        super().__init__()
+        for j, module in enumerate(experts):
+            buffers = [name for name, _ in module.named_buffers()]
+            if buffers:
+                raise ValueError(f"user expert {j} ({type(module).__name__}) has buffers {buffers[:3]}: the ZeRO-3 "
+                                 "front-end packs expert parameters only, so buffers would be neither saved nor "
+                                 "partitioned; make them parameters (requires_grad=False is not supported either) "
+                                 "or train with ZeRO 1/2")
+            frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+            if frozen:
+                raise ValueError(f"user expert {j} has frozen parameters {frozen[:3]}: DeepSpeed 0.19.8 cannot "
+                                 "checkpoint frozen AutoEP expert parameters under ZeRO-3")
+        self.hidden_size = hidden_size
+        self.num_local_experts = len(experts)
+        shapes = [[(name, tuple(p.shape)) for name, p in module.named_parameters()] for module in experts]
+        self.members, fill = plan_user_expert_packs(shapes)
+        if max(fill, default=0) > rows * hidden_size:
+            raise ValueError(f"rows={rows} x {hidden_size} cannot hold a pack of {max(fill)} elements")
+        self.rows = int(rows)
+        self.used = tuple(fill)  # elements of each pack holding parameters; the rest is padding
+        self._skeletons = [_skeleton(module) for module in experts]  # a plain list: not submodules
+        dtype = next((p.dtype for module in experts for p in module.parameters()), torch.get_default_dtype())
+        self.w1 = nn.Parameter(torch.zeros(1, self.rows, hidden_size, dtype=dtype))
+        self.w2 = nn.Parameter(torch.zeros(1, self.rows, hidden_size, dtype=dtype))
+        self.w3 = nn.Parameter(torch.zeros(1, self.rows, hidden_size, dtype=dtype))
+        with torch.no_grad():
+            values = [dict(module.named_parameters()) for module in experts]
+            for member, view in zip(self.members, self._views()):
+                view.copy_(values[member.slot][member.name])
+        if tag_parameter is not None:
+            for param in self.parameters():
+                tag_parameter(param)
+
+    @property
+    def compute_order(self) -> list[int]:
+        return list(range(self.num_local_experts))
+
+    @property
+    def width_buckets(self) -> list[WidthBucket]:
+        return []
+
+    @property
+    def skeletons(self) -> list[nn.Module]:
+        """The user's modules without parameters, in slot order (read-only use: their structure and repr)."""
+        return list(self._skeletons)
+
+    def packs(self) -> list[nn.Parameter]:
+        return [self.w1, self.w2, self.w3]
+
+    def _views(self, packs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Each member's view into ``packs`` (default: the parameters), in :attr:`members` order."""
+        flats = [p.reshape(-1) for p in (packs if packs is not None else self.packs())]
+        return [flats[m.pack].narrow(0, m.offset, m.numel).view(m.shape) for m in self.members]
+
+    def expert_parameters(self, packs: Sequence[torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+        """``{user name: view}`` of each local expert into ``packs`` (default: the packs, gathered under ZeRO-3)."""
+        out: list[dict[str, torch.Tensor]] = [{} for _ in range(self.num_local_experts)]
+        for member, view in zip(self.members, self._views(packs)):
+            out[member.slot][member.name] = view
+        return out
+
+    def full_values(self, per_expert: Sequence[dict[str, torch.Tensor]]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """``(pack, its full value)`` for storing ``per_expert`` (``{user name: tensor}`` per local expert).
+
+        Shapes are checked, so weights of another expert structure fail loudly;
+        the packs are assembled here so that they can be written into ZeRO-3
+        partitions without gathering (:func:`hmoe_ds.partitioned.write_full`).
+        """
+        if len(per_expert) != self.num_local_experts:
+            raise ValueError(f"got weights for {len(per_expert)} experts, this rank holds {self.num_local_experts}")
+        packs = [torch.zeros(1, self.rows, self.hidden_size) for _ in PACK_NAMES]
+        for member, view in zip(self.members, self._views(packs)):
+            expected = {m.name for m in self.members if m.slot == member.slot}
+            got = set(per_expert[member.slot])
+            if got != expected:
+                raise ValueError(f"local expert {member.slot}: got parameters {sorted(got)}, the module has "
+                                 f"{sorted(expected)}")
+            value = per_expert[member.slot][member.name]
+            if tuple(value.shape) != member.shape:
+                raise ValueError(f"local expert {member.slot} {member.name}: shape {tuple(value.shape)}, the module's "
+                                 f"is {member.shape}")
+            view.copy_(value)
+        return list(zip(self.packs(), packs))
+
+    def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+        """Apply local expert j (the user's module) to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
+        if len(counts) != self.num_local_experts:
+            raise ValueError(f"got {len(counts)} token counts for {self.num_local_experts} local experts")
+        params = self.expert_parameters()
+        outputs = []
+        with torch.autograd.graph.saved_tensors_hooks(*self._save_pack_views_by_position()):
+            for chunk, skeleton, named in zip(torch.split(x_RD, list(counts), dim=0), self._skeletons, params):
+                # Every expert runs, also on 0 rows, so the packs always receive a gradient (ZeRO's hooks fire).
+                out = torch.func.functional_call(skeleton, named, (chunk,))
+                outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs, dim=0)
+
+    def _save_pack_views_by_position(self) -> tuple[Callable[[torch.Tensor], object], Callable[[object], torch.Tensor]]:
+        """Saved-tensor hooks: a view of a pack is saved as (pack, offset, shape, strides), not as the view.
+
+        The user's modules save what they like for backward (``F.linear`` saves
+        its weight: here a view of a pack). A saved view would keep the gathered
+        pack's buffer alive from forward to backward, after ZeRO-3 has released
+        the parameter (it swaps ``.data`` for an empty tensor), so every layer's
+        experts would stay gathered (see :class:`_WeightOwners` for the built-in
+        experts). Instead the position is saved, and backward reads the same
+        elements from the pack as ZeRO-3 has gathered it again (same shape,
+        contiguous). Other tensors are saved as usual.
+        """
+        packs = self.packs()
+
+        def pack_hook(tensor: torch.Tensor) -> object:
+            storage = tensor.untyped_storage().data_ptr()
+            for index, pack in enumerate(packs):
+                if pack.numel() and storage == pack.untyped_storage().data_ptr():
+                    return (index, tensor.storage_offset() - pack.storage_offset(), tuple(tensor.shape),
+                            tuple(tensor.stride()))
+            return tensor
+
+        def unpack_hook(saved: object) -> torch.Tensor:
+            if isinstance(saved, torch.Tensor):
+                return saved
+            index, offset, shape, stride = saved  # type: ignore[misc]
+            pack = packs[index].detach()
+            return pack.as_strided(shape, stride, pack.storage_offset() + offset)
+
+        return pack_hook, unpack_hook
+
+    def train(self, mode: bool = True) -> "PackedModuleExperts":
+        super().train(mode)
+        for skeleton in self._skeletons:
+            skeleton.train(mode)
+        return self
+
+    def extra_repr(self) -> str:
+        used = sum(self.used)
+        return (f"user expert modules ({', '.join(type(s).__name__ for s in self._skeletons)}), "
+                f"{self.num_local_experts} local, packed {used} of 3 x {self.rows} x {self.hidden_size} elements, "
+                "computed one by one (loop path)")
 
 
 class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ from .shards import SHARD_GLOB, ShardReader
 __all__ = ["WeightsSource", "export_hf", "load_logical_weights", "main", "resolve_source"]
 
 HF_WEIGHTS = "model.safetensors"
+#: A logical expert parameter that is not one of the built-in FFN's (the user's own expert modules).
+USER_EXPERT_KEY = re.compile(r"\.deepspeed_experts\.\d+\.(?!w[123]\.weight$)")
 EXPORT_INFO = "hmoe_export.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json")
@@ -198,6 +201,14 @@ def check_structure(source: WeightsSource, model_config: Any) -> None:
 
     expected = logical_parameter_shapes(model_config)
     found = source.open().shapes()
+    user = sorted(k for k in found if USER_EXPERT_KEY.search(k))
+    if user:
+        raise CheckpointError(
+            f"{source.describe()} holds the user's own expert modules (e.g. {user[0]}): the Hugging Face model "
+            "(HMoEForCausalLM, its config and its standalone modeling_hmoe.py) has HMoE's built-in FFN experts "
+            "(w1/w2/w3) only, so it cannot represent them. Read them by their own names with "
+            "hmoe_ds.shards.ShardReader(<checkpoint dir>) (logical names <layer>.deepspeed_moe.experts."
+            "deepspeed_experts.<expert id>.<your parameter name>), or restore them with load_sharded_state")
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])

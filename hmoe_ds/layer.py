@@ -17,6 +17,8 @@ DeepSpeed keeps its ``MOELayer`` (``deepspeed_moe``).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -25,10 +27,10 @@ from deepspeed.utils import groups
 from torch import nn
 
 from .compat import check_deepspeed_version
-from .config import HMoELayerConfig, MoEFrontend
+from .config import ExpertCompute, HMoELayerConfig, MoEFrontend
 from .expert_groups import expert_parallel_group, expert_parallel_rank
 from .experts import HeteroExperts, ModuleExperts
-from .layer_autoep import HMoEAutoEP
+from .layer_autoep import HMoEAutoEP, _checked_expert
 from .moe_core import MoECore, Router, RoutingStats, build_dense_branch, mix_dense_branch, parameter_count
 from .placement import ExpertPlacement, make_placement
 from .tensor_parallel import TensorParallel, check_divisible
@@ -156,6 +158,32 @@ class HMoE(MoE):
     gives it, and those differ in size.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Built for ZeRO-3 (inside ``deepspeed.zero.Init``, or with ``frontend="autoep"``), ``HMoE(...)`` is
+        the ZeRO-3 layer, :class:`~hmoe_ds.layer_autoep.HMoEAutoEP`, with the same experts and options.
+
+        DeepSpeed's engine refuses every ``deepspeed.moe.layer.MoE`` instance
+        under ZeRO-3, so that layer cannot be an ``HMoE`` (nor a DeepSpeed
+        ``MoE``): ``isinstance(layer, HMoE)`` is False there, while the
+        forward contract, the routing, the losses and the experts (the
+        user's modules included) are the same. DeepSpeed's own MoE has no
+        ZeRO-3 at all; this is beyond it.
+        """
+        if cls is HMoE and (args or kwargs):
+            try:
+                bound = _INIT_SIGNATURE.bind(None, *args, **kwargs)
+            except TypeError:
+                return super().__new__(cls)  # __init__ reports the bad call
+            bound.apply_defaults()
+            a = dict(bound.arguments)
+            options = dict(a["options"])
+            config = a.get("config")
+            autoep = (str(options.get("frontend", "moe")) == str(MoEFrontend.AUTOEP)
+                      or (isinstance(config, HMoELayerConfig) and config.frontend is MoEFrontend.AUTOEP))
+            if autoep or _building_for_zero3():
+                return _zero3_layer(a, options)
+        return super().__new__(cls)
+
     def __init__(
         self,
         hidden_size: int,
@@ -179,48 +207,22 @@ class HMoE(MoE):
         mpu: Any = None,
         **options: Any,
     ) -> None:
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
-            raise ValueError(f"hidden_size={hidden_size!r}: must be a positive int")
-        if not isinstance(enable_expert_tensor_parallelism, bool):
-            raise ValueError(f"enable_expert_tensor_parallelism={enable_expert_tensor_parallelism!r}: must be True "
-                             "or False")
-        if isinstance(expert, Sequence) and not isinstance(expert, (str, bytes)):
-            if expert_sizes is not None:
-                raise ValueError("expert_sizes given twice: as the second positional argument and as expert_sizes=")
-            expert_sizes, expert = list(expert), None
-        if expert is not None and not callable(expert):
-            raise ValueError(f"expert={expert!r}: pass an nn.Module (copied per expert), a factory "
-                             "h -> nn.Module (with expert_sizes), or None for the built-in SwiGLU experts")
-        deepspeed_args = dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
-                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                              use_residual=use_residual, noisy_gate_policy=noisy_gate_policy,
-                              drop_tokens=drop_tokens, use_rts=use_rts,
-                              top2_2nd_expert_sampling=top2_2nd_expert_sampling)
-        deepspeed_args = {name: value for name, value in deepspeed_args.items() if value is not _UNSET}
-        template = expert if isinstance(expert, nn.Module) else None
-        factory = expert if expert is not None and template is None else None
-        if config is None:
-            config = _config_from_arguments(hidden_size, template, factory, expert_sizes, deepspeed_args, options)
-        elif expert_sizes is not None or options or deepspeed_args or expert is not None:
-            raise ValueError("pass either config=HMoELayerConfig(...) or expert/expert_sizes/options, not both")
-        check_deepspeed_version()
-        config.validate()
-        user_experts = template is not None or factory is not None
+        config, template, factory = _resolve_arguments(
+            hidden_size, expert, dict(num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=capacity_factor,
+                                      eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+                                      use_residual=use_residual, noisy_gate_policy=noisy_gate_policy,
+                                      drop_tokens=drop_tokens, use_rts=use_rts,
+                                      top2_2nd_expert_sampling=top2_2nd_expert_sampling),
+            enable_expert_tensor_parallelism, expert_sizes, config, options)
         if config.frontend is not MoEFrontend.MOE or _building_for_zero3():
             where = (f"frontend={str(config.frontend)!r}" if config.frontend is not MoEFrontend.MOE
                      else "inside deepspeed.zero.Init (ZeRO stage 3)")
-            if user_experts:
-                raise ValueError(
-                    f"HMoE with the user's own expert modules was asked for {where}, but user experts run on the "
-                    "ZeRO 0-2 front-end only: DeepSpeed 0.19.8 refuses deepspeed.moe.layer.MoE (HMoE included) under "
-                    "ZeRO-3, and the ZeRO-3 front-end (HMoEAutoEP) partitions HMoE's packed built-in experts, whose "
-                    "shapes it pads equal on every EP rank. Train this layer with ZeRO stage 1 or 2, or use the "
-                    "built-in experts (expert_sizes=[...]) with build_moe_layer(hidden_size, "
-                    "HMoELayerConfig(..., frontend='autoep')) for ZeRO-3")
+            # HMoE itself returns the ZeRO-3 layer from __new__ in these cases; only subclasses get here.
             raise ValueError(
-                f"HMoE is the frontend='moe' layer (ZeRO 0-2); got {where}: use "
-                "hmoe_ds.build_moe_layer(hidden_size, HMoELayerConfig(..., frontend='autoep')) for ZeRO-3"
-            )
+                f"{type(self).__name__} (a subclass of HMoE, the frontend='moe' layer for ZeRO 0-2) was built {where}: "
+                "DeepSpeed 0.19.8 refuses deepspeed.moe.layer.MoE subclasses under ZeRO-3. Build hmoe_ds.HMoE "
+                "itself (it returns the ZeRO-3 layer there) or hmoe_ds.build_moe_layer(hidden_size, "
+                "HMoELayerConfig(..., frontend='autoep'), expert=...)")
         super().__init__(
             hidden_size,
             expert=_Placeholder(),
@@ -338,6 +340,9 @@ class HMoE(MoE):
         return output, l_aux, exp_counts
 
 
+_INIT_SIGNATURE = inspect.signature(HMoE.__init__)
+
+
 def _building_for_zero3() -> bool:
     """Whether modules are being built inside ``deepspeed.zero.Init`` (ZeRO-3 partitions them on creation)."""
     from deepspeed.runtime.zero import partition_parameters
@@ -345,12 +350,57 @@ def _building_for_zero3() -> bool:
     return partition_parameters.zero_init_context > 0
 
 
-def _checked_expert(factory: Callable[[int], nn.Module], ffn_size: int) -> nn.Module:
-    module = factory(ffn_size)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"the expert factory returned {type(module).__name__} for size {ffn_size}; "
-                        "it must return an nn.Module mapping [tokens, hidden_size] to [tokens, hidden_size]")
-    return module
+def _resolve_arguments(hidden_size: int, expert: Any, deepspeed_args: dict[str, Any],
+                       enable_expert_tensor_parallelism: Any, expert_sizes: Sequence[int] | None,
+                       config: HMoELayerConfig | None, options: dict[str, Any]
+                       ) -> tuple[HMoELayerConfig, nn.Module | None, Callable[[int], nn.Module] | None]:
+    """``(config, template, factory)`` of an :class:`HMoE` constructor call, checked (``config`` validated)."""
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        raise ValueError(f"hidden_size={hidden_size!r}: must be a positive int")
+    if not isinstance(enable_expert_tensor_parallelism, bool):
+        raise ValueError(f"enable_expert_tensor_parallelism={enable_expert_tensor_parallelism!r}: must be True "
+                         "or False")
+    if isinstance(expert, Sequence) and not isinstance(expert, (str, bytes)):
+        if expert_sizes is not None:
+            raise ValueError("expert_sizes given twice: as the second positional argument and as expert_sizes=")
+        expert_sizes, expert = list(expert), None
+    if expert is not None and not callable(expert):
+        raise ValueError(f"expert={expert!r}: pass an nn.Module (copied per expert), a factory "
+                         "h -> nn.Module (with expert_sizes), or None for the built-in SwiGLU experts")
+    deepspeed_args = {name: value for name, value in deepspeed_args.items() if value is not _UNSET}
+    template = expert if isinstance(expert, nn.Module) else None
+    factory = expert if expert is not None and template is None else None
+    if config is None:
+        config = _config_from_arguments(hidden_size, template, factory, expert_sizes, deepspeed_args, dict(options))
+    elif expert_sizes is not None or options or deepspeed_args:
+        raise ValueError("pass either config=HMoELayerConfig(...) or expert_sizes/options, not both")
+    elif expert is not None:  # the user's experts with a full configuration: they run one by one
+        if config.expert_compute is ExpertCompute.GROUPED:
+            raise ValueError("expert_compute='grouped' runs HMoE's built-in FFN experts; the user's own expert "
+                             "modules run one by one: use expert_compute='loop' (or 'auto')")
+        config = dataclasses.replace(config, expert_compute=ExpertCompute.LOOP)
+    check_deepspeed_version()
+    config.validate()
+    return config, template, factory
+
+
+def _zero3_layer(arguments: dict[str, Any], options: dict[str, Any]) -> HMoEAutoEP:
+    """The ZeRO-3 layer an ``HMoE(...)`` call stands for (see :meth:`HMoE.__new__`)."""
+    names = ("num_experts", "ep_size", "k", "capacity_factor", "eval_capacity_factor", "min_capacity",
+             "use_residual", "noisy_gate_policy", "drop_tokens", "use_rts", "top2_2nd_expert_sampling")
+    config, template, factory = _resolve_arguments(
+        arguments["hidden_size"], arguments.get("expert"), {n: arguments.get(n, _UNSET) for n in names},
+        arguments.get("enable_expert_tensor_parallelism", False), arguments.get("expert_sizes"),
+        arguments.get("config"), options)
+    tp = TensorParallel.from_mpu(arguments.get("mpu") if arguments.get("mpu") is not None else groups.mpu)
+    if arguments.get("enable_expert_tensor_parallelism") or tp is not None:
+        raise ValueError("HMoE's ZeRO-3 layer (built inside deepspeed.zero.Init or with frontend='autoep') has no "
+                         "tensor parallelism (DeepSpeed's AutoEP folding is not supported): train tensor-parallel "
+                         "HMoE layers with ZeRO stage 1 or 2")
+    if config.frontend is not MoEFrontend.AUTOEP:
+        config = dataclasses.replace(config, frontend=MoEFrontend.AUTOEP)
+        config.validate()
+    return HMoEAutoEP(arguments["hidden_size"], config=config, expert=template if template is not None else factory)
 
 
 def _config_from_arguments(hidden_size: int, template: nn.Module | None, factory: Callable[[int], nn.Module] | None,
@@ -405,15 +455,22 @@ def _config_from_arguments(hidden_size: int, template: nn.Module | None, factory
     return HMoELayerConfig(expert_sizes=sizes, **values)
 
 
-def build_moe_layer(hidden_size: int, config: HMoELayerConfig) -> nn.Module:
+def build_moe_layer(hidden_size: int, config: HMoELayerConfig,
+                    expert: nn.Module | Callable[[int], nn.Module] | None = None) -> nn.Module:
     """The one place models build MoE layers: picks the DeepSpeed front-end from ``config.frontend``.
 
     Both front-ends return ``(output, l_aux, exp_counts)`` and satisfy
-    :class:`~hmoe_ds.moe_core.MoELayer`.
+    :class:`~hmoe_ds.moe_core.MoELayer`. ``expert`` gives the user's own
+    experts, on either front-end: an ``nn.Module`` template copied once per
+    expert (``len(config.expert_sizes)`` experts), or a factory
+    ``h -> nn.Module`` called with each of ``config.expert_sizes``; ``None``
+    builds HMoE's built-in FFN experts. With user experts the configuration's
+    routing and losses are used as given (no DeepSpeed-style defaults) and the
+    experts run one by one (``expert_compute="loop"``).
     """
     if config.frontend is MoEFrontend.AUTOEP:
-        return HMoEAutoEP(hidden_size, config=config)
-    return HMoE(hidden_size, config=config)
+        return HMoEAutoEP(hidden_size, config=config, expert=expert)
+    return HMoE(hidden_size, expert, config=config)
 
 
 # Router and RoutingStats lived here before the shared core moved to moe_core; the old import path still works.

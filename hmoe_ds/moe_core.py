@@ -32,7 +32,7 @@ from . import losses as L
 from .config import DEEPSPEED_JITTER_EPS, GateConvention, HMoELayerConfig, NoisyGatePolicy
 from .dispatch import LocalExchange, TokenExchange, AllToAllExchange, expert_capacity, plan_dispatch, scatter_to_tokens
 from .experts import FFNExpert, expert_compute_order
-from .partitioned import write_full
+from .partitioned import full_numel, write_full
 from .placement import ExpertPlacement
 from .routing import RouterOutput, multiplicative_jitter, route, route_deepspeed
 from .sizes import expert_param_count
@@ -260,6 +260,57 @@ class MoECore:
             if w3 is not None:
                 out[logical]["w3"] = w3.detach().clone()
         return out
+
+    def local_expert_parameters(self) -> dict[int, dict[str, torch.Tensor]]:
+        """This rank's experts by *logical* id, each as ``{parameter name in the expert module: detached copy}``.
+
+        The names are the logical model's, whatever the storage: ``w1.weight``
+        ... for the built-in FFN, the user's own names (``0.weight``,
+        ``fc1.bias``, ...) for the user's modules, also when the ZeRO-3
+        front-end packs them. Under ZeRO-3 gather the parameters first
+        (``deepspeed.zero.GatheredParameters``).
+        """
+        if self.builtin_experts:
+            return {e: {f"{w}.weight": v for w, v in weights.items()}
+                    for e, weights in self.local_expert_weights().items()}
+        experts = self.experts
+        if hasattr(experts, "expert_parameters"):  # packed (ZeRO-3 front-end)
+            per_slot = experts.expert_parameters()
+        else:  # ModuleExperts
+            per_slot = [dict(module.named_parameters()) for module in experts.deepspeed_experts]
+        return {logical: {name: value.detach().clone() for name, value in named.items()}
+                for logical, named in zip(self.local_expert_ids, per_slot)}
+
+    @torch.no_grad()
+    def load_local_expert_parameters(self, values: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Copy logical experts' parameters (as from :meth:`local_expert_parameters`) into this rank's experts.
+
+        ``values`` may hold every logical expert; only the local ones are read.
+        Names and shapes are checked; ZeRO-3-partitioned storage is written
+        partition by partition, never gathered.
+        """
+        for logical in self.local_expert_ids:
+            if logical not in values:
+                raise KeyError(f"no parameters for logical expert {logical} (have {sorted(values)})")
+        if self.builtin_experts:
+            weights = {}
+            for logical in self.local_expert_ids:
+                names = self.expert_weight_shapes(logical)
+                weights[logical] = {w: values[logical][f"{w}.weight"] for w in names}
+            self.load_local_expert_weights(weights)
+            return
+        experts = self.experts
+        per_slot = [values[logical] for logical in self.local_expert_ids]
+        if hasattr(experts, "expert_parameters"):
+            for param, value in experts.full_values(per_slot):
+                write_full(param, value)
+            return
+        for logical, module, named in zip(self.local_expert_ids, experts.deepspeed_experts, per_slot):
+            own = dict(module.named_parameters())
+            if set(own) != set(named):
+                raise ValueError(f"expert {logical}: got parameters {sorted(named)}, the module has {sorted(own)}")
+            for name, param in own.items():
+                write_full(param, named[name])
 
     def computed_size(self, ffn_size: int) -> int:
         """Hidden units of an expert of FFN size ``ffn_size`` that this rank computes (1/tp of them under expert TP)."""
@@ -535,8 +586,8 @@ class MoECore:
 
 
 def parameter_count(module: nn.Module) -> int:
-    """Number of parameters of ``module`` (an expert, a shared expert)."""
-    return sum(p.numel() for p in module.parameters())
+    """Number of parameters of ``module`` (an expert, a shared expert); whole, also when ZeRO-3 partitioned them."""
+    return sum(full_numel(p) for p in module.parameters())
 
 
 def build_dense_branch(hidden_size: int, config: HMoELayerConfig,

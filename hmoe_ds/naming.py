@@ -30,9 +30,22 @@ MOE_STRUCTURE_FIELDS = ("expert_sizes", "activation")
 
 
 def moe_layers(module: torch.nn.Module) -> list[tuple[int, str, Any]]:
-    """``(layer index, module name, layer)`` of every MoE layer of an ``HMoEForCausalLM``."""
+    """``(layer index, module name, layer)`` of every MoE layer of ``module``.
+
+    An ``HMoEForCausalLM`` lists its own (``moe_layers()``); in any other
+    model, every submodule with a ``moe_core`` (either front-end, the
+    :class:`~hmoe_ds.moe_core.MoELayer` protocol) is one, numbered in module order.
+    """
     names = {id(m): name for name, m in module.named_modules()}
-    return [(i, names[id(layer)], layer) for i, layer in module.moe_layers()]
+    if hasattr(module, "moe_layers"):
+        return [(i, names[id(layer)], layer) for i, layer in module.moe_layers()]
+    found: list[tuple[int, str, Any]] = []
+    for name, sub in module.named_modules():
+        if any(name.startswith(f"{outer}.") for _, outer, _ in found):
+            continue  # HMoE's deepspeed_moe (the core) inside a layer already found
+        if hasattr(sub, "moe_core") and hasattr(sub, "config"):
+            found.append((len(found), name, sub))
+    return found
 
 
 def moe_layer_records(module: torch.nn.Module) -> list[dict[str, Any]]:
@@ -77,7 +90,17 @@ def expected_moe_layer_records(model_config: Any) -> list[dict[str, Any]]:
 
 def logical_expert_key(prefix: str, expert: int, weight: str) -> str:
     """Logical name of expert ``expert``'s ``weight`` (w1/w2/w3) in the MoE layer module ``prefix``."""
-    return f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{expert}.{weight}.weight"
+    return logical_expert_param_key(prefix, expert, f"{weight}.weight")
+
+
+def logical_expert_param_key(prefix: str, expert: int, name: str) -> str:
+    """Logical name of parameter ``name`` of expert ``expert`` in the MoE layer module ``prefix``.
+
+    ``name`` is the parameter's name inside the expert module: ``w1.weight``
+    for the built-in FFN, the user's own name (``0.weight``, ``fc1.bias``)
+    for the user's expert modules, whichever front-end stores them.
+    """
+    return f"{prefix}.deepspeed_moe.experts.deepspeed_experts.{expert}.{name}"
 
 
 def logical_dense_key(name: str, moe_prefixes: list[str]) -> str:

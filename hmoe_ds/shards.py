@@ -11,9 +11,13 @@ elements of which *stored tensor* they are. No rank gathers anything: the
 shards together hold the model and optimizer exactly once.
 
 Stored tensors use logical names (:mod:`hmoe_ds.naming`): a dense parameter
-under its logical name, a module-list expert under its logical expert key,
-and a packed (ZeRO-3) expert pack as ``<layer>.packed.<w>@ep<r>`` with the
-logical experts it holds and their offsets. :class:`ShardReader` streams any
+under its logical name, a module-list expert's parameter under its logical
+expert key (``<layer>.deepspeed_moe.experts.deepspeed_experts.<logical id>.<name>``,
+``<name>`` being ``w1.weight`` ... for the built-in FFN and the user's own
+parameter name for the user's expert modules), and a packed (ZeRO-3) expert
+pack as ``<layer>.packed.<w>@ep<r>`` with what it holds: the built-in
+experts' offsets along the packed width, or each user-expert parameter's
+logical key, flat offset and shape. :class:`ShardReader` streams any
 logical tensor (or its optimizer state) back, one tensor (an expert: one
 pack) at a time, for export, evaluation, re-sharding and elastic resume
 (:func:`load_sharded_state`: the same checkpoint into a run of another world
@@ -30,7 +34,7 @@ from typing import Any, Iterator
 import torch
 
 from . import collectives
-from .naming import logical_dense_key, logical_expert_key, moe_layers
+from .naming import logical_dense_key, logical_expert_key, logical_expert_param_key, moe_layers
 from .partitioned import LocalSlice, full_shape, is_partitioned, local_slice, write_full
 
 __all__ = ["SHARD_GLOB", "ShardReader", "load_sharded_state", "shard_file", "write_rank_shard"]
@@ -56,6 +60,8 @@ class StoredTensor:
     pack_dim: int = 0
     layer_prefix: str = ""
     weight: str = ""
+    #: A pack of user-expert parameters: (logical key, flat offset, shape) of each parameter in it.
+    members: tuple[tuple[str, int, tuple[int, ...]], ...] | None = None
 
 
 def stored_tensors(model: torch.nn.Module) -> Iterator[StoredTensor]:
@@ -66,14 +72,18 @@ def stored_tensors(model: torch.nn.Module) -> Iterator[StoredTensor]:
     for _, prefix, layer in layers:
         host = layer.moe_core
         container = host.experts
-        if hasattr(container, "deepspeed_experts"):  # module list: one nn.Linear weight per expert
+        if hasattr(container, "deepspeed_experts"):  # module list: the built-in FFN or the user's modules
             for slot, expert in enumerate(container.deepspeed_experts):
                 logical = host.local_expert_ids[slot]
-                for weight in ("w1", "w2", "w3"):
-                    linear = getattr(expert, weight)
-                    if linear is not None:
-                        experts[id(linear.weight)] = StoredTensor(logical_expert_key(prefix, logical, weight),
-                                                                  linear.weight)
+                for name, param in expert.named_parameters():
+                    experts[id(param)] = StoredTensor(logical_expert_param_key(prefix, logical, name), param)
+        elif hasattr(container, "members"):  # the user's modules packed flat (ZeRO-3): [1, rows, D] each
+            for index, weight in enumerate(("w1", "w2", "w3")):
+                members = tuple((logical_expert_param_key(prefix, host.local_expert_ids[m.slot], m.name), m.offset,
+                                 m.shape) for m in container.members if m.pack == index)
+                param = getattr(container, weight)
+                experts[id(param)] = StoredTensor(f"{prefix}.packed.{weight}@ep{host.moe_ep_rank}", param,
+                                                  layer_prefix=prefix, weight=weight, members=members)
         else:  # packed: [1, H_pack, D] (w1, w3) or [1, D, H_pack] (w2)
             offsets, offset = [], 0
             for logical, width in zip(host.local_expert_ids, container.expert_sizes):
@@ -182,6 +192,9 @@ def write_rank_shard(engine: Any, tag_dir: Path, rank: int) -> Path:
         if stored.pack is not None:
             entry.update(pack=[list(p) for p in stored.pack], pack_dim=stored.pack_dim,
                          layer=stored.layer_prefix, weight=stored.weight)
+        if stored.members is not None:
+            entry.update(members=[[key, offset, list(shape)] for key, offset, shape in stored.members],
+                         layer=stored.layer_prefix, weight=stored.weight)
         index[stored.key] = entry
     meta = {"format": "pt", "hmoe_index": json.dumps(index), "optimizer_step": json.dumps(optimizer_step(engine))}
     path = Path(tag_dir) / shard_file(rank)
@@ -229,15 +242,21 @@ class ShardReader:
                 self._pieces.setdefault(key, []).append(_Piece(file, int(entry["start"]), int(entry["stop"])))
         # logical expert key -> (pack key, offset, width)
         self._in_pack: dict[str, tuple[str, int, int]] = {}
+        # logical key of a user-expert parameter -> (pack key, flat offset, shape)
+        self._in_flat_pack: dict[str, tuple[str, int, tuple[int, ...]]] = {}
         for key, entry in self._entries.items():
             for logical, offset, width in entry.get("pack", []):
                 expert_key = logical_expert_key(entry["layer"], int(logical), entry["weight"])
                 self._in_pack[expert_key] = (key, int(offset), int(width))
+            for member_key, offset, shape in entry.get("members", []):
+                self._in_flat_pack[member_key] = (key, int(offset), tuple(int(n) for n in shape))
         self._cache: tuple[str, str | None, torch.Tensor] | None = None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """``{logical name: shape}`` of every logical tensor the shards hold."""
-        out = {key: tuple(entry["shape"]) for key, entry in self._entries.items() if "pack" not in entry}
+        out = {key: tuple(entry["shape"]) for key, entry in self._entries.items()
+               if "pack" not in entry and "members" not in entry}
+        out.update({key: shape for key, (_, _, shape) in self._in_flat_pack.items()})
         for logical_key, (pack_key, _, width) in self._in_pack.items():
             shape = self._entries[pack_key]["shape"]  # [1, H_pack, D] or [1, D, H_pack]
             out[logical_key] = (width, shape[2]) if self._entries[pack_key]["weight"] != "w2" else (shape[1], width)
@@ -277,6 +296,12 @@ class ShardReader:
             pack = self._stored(pack_key, state)[0]
             dim = 1 if self._entries[pack_key]["weight"] == "w2" else 0
             return pack.narrow(dim, offset, width).clone()
+        if name in self._in_flat_pack:
+            pack_key, offset, shape = self._in_flat_pack[name]
+            numel = 1
+            for n in shape:
+                numel *= n
+            return self._stored(pack_key, state).reshape(-1).narrow(0, offset, numel).view(shape).clone()
         if name not in self._entries:
             raise KeyError(f"{self.tag_dir}: the shards hold no tensor {name!r}")
         return self._stored(name, state)
@@ -287,6 +312,15 @@ class ShardReader:
 
 def _full_value(stored: StoredTensor, reader: ShardReader, state: str | None) -> torch.Tensor:
     """The full value ``stored`` must take in *this* model's layout, from logical tensors."""
+    if stored.members is not None:
+        flat = torch.zeros(full_shape(stored.param), dtype=torch.float32).reshape(-1)  # padding stays zero
+        for key, offset, shape in stored.members:
+            value = reader.get(key, state)
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"{key}: the shards hold shape {tuple(value.shape)}, this model's expert has "
+                                 f"{tuple(shape)}")
+            flat.narrow(0, offset, value.numel()).copy_(value.reshape(-1))
+        return flat.reshape(full_shape(stored.param))
     if stored.pack is None:
         return reader.get(stored.key, state)
     shape = full_shape(stored.param)

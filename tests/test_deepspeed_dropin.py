@@ -151,8 +151,8 @@ def test_earlier_call_styles_keep_hmoe_semantics():
     (dict(expert=user_expert(), num_experts=4, enable_expert_tensor_parallelism=1), "must be True or False"),
     (dict(expert=user_expert(), num_experts=4, noisy_gate_policy="Loud"), "noisy_gate_policy='Loud'"),
     (dict(expert_sizes=[8, 16], num_experts=3), "num_experts=3 but expert_sizes has 2"),
-    (dict(expert=user_expert(), num_experts=4, frontend="autoep"), "user experts run on the ZeRO 0-2 front-end only"),
-    (dict(expert_sizes=[8, 16], frontend="autoep"), "frontend='autoep'"),
+    (dict(expert=user_expert(), num_experts=4, frontend="autoep", enable_expert_tensor_parallelism=True),
+     "ZeRO-3 layer .* has no tensor parallelism"),
     (dict(expert=user_expert(), num_experts=4, k=2, top_k=2), "not both"),
     (dict(expert_sizes=[8, 16], use_rts=True, routing="top_p"), "deepspeed"),
     (dict(expert_sizes=[8, 16], use_residual=True), "use_residual=True needs a dense expert: set shared_expert_size"),
@@ -216,13 +216,27 @@ def test_used_token_in_hmoe_style_layers_routes_only_marked_tokens():
         layer(x, torch.ones(3))
 
 
-def test_user_experts_under_zero3_fail_early_with_the_way_out(monkeypatch):
-    """DeepSpeed refuses MoE subclasses under ZeRO-3 at deepspeed.initialize; built inside zero.Init, HMoE says so
-    when it is built, and what to use instead."""
+def test_hmoe_built_for_zero3_is_the_zero3_layer(monkeypatch):
+    """DeepSpeed refuses MoE subclasses under ZeRO-3 at deepspeed.initialize; HMoE built inside zero.Init (or with
+    frontend='autoep') returns the ZeRO-3 layer, with the user's experts (tests/test_user_experts_zero3.py trains it)."""
     from deepspeed.runtime.zero import partition_parameters
 
+    from hmoe_ds import layer as layer_module
+
+    built = []
+    monkeypatch.setattr(layer_module, "HMoEAutoEP", lambda hidden, *, config, expert: built.append((config, expert)))
+    assert HMoE(D, user_expert(), 4, k=2, frontend="autoep") is None  # what HMoEAutoEP(...) returned
+    config, expert = built[-1]
+    assert str(config.frontend) == "autoep" and config.top_k == 2 and isinstance(expert, nn.Module)
     monkeypatch.setattr(partition_parameters, "zero_init_context", 1)  # as inside deepspeed.zero.Init()
-    with pytest.raises(ValueError, match="ZeRO stage 1 or 2, or use the built-in experts"):
-        HMoE(D, lambda h: user_expert(h), expert_sizes=[8, 16])
-    with pytest.raises(ValueError, match="frontend='autoep'"):
-        HMoE(D, expert_sizes=[8, 16])
+    factory = lambda h: user_expert(h)  # noqa: E731
+    HMoE(D, factory, expert_sizes=[8, 16])
+    assert built[-1][1] is factory and str(built[-1][0].frontend) == "autoep"
+    HMoE(D, expert_sizes=[8, 16])
+    assert built[-1][1] is None
+
+    class Sub(HMoE):
+        pass
+
+    with pytest.raises(ValueError, match="refuses deepspeed.moe.layer.MoE subclasses under ZeRO-3"):
+        Sub(D, expert_sizes=[8, 16])

@@ -17,7 +17,7 @@ import torch
 
 from hmoe_ds import HMoE, HMoELayerConfig
 from hmoe_ds.config import ExpertCompute
-from hmoe_ds.experts import (HeteroExperts, PackedHeteroExperts, WidthBucket, expert_compute_order,
+from hmoe_ds.experts import (HeteroExperts, PackedHeteroExperts, expert_compute_order,
                              plan_width_buckets, resolve_expert_compute)
 
 from .distributed import run_distributed
@@ -387,3 +387,104 @@ def test_packed_backward_reads_the_regathered_parameters_not_the_forward_buffers
     torch.testing.assert_close(x_in.grad, dx_ref)
     for grad, expected in zip([p.grad for p in experts.parameters()], dw_ref):
         torch.testing.assert_close(grad, expected)
+
+
+# --------------------------------------------------------------------------- the user's modules, packed (ZeRO-3)
+
+
+def _user_ffn(d: int, h: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(d, h), torch.nn.GELU(), torch.nn.Linear(h, d))
+
+
+def test_user_expert_packs_hold_each_parameter_whole_and_pad_equal_on_every_rank():
+    from hmoe_ds.experts import packed_rows, plan_user_expert_packs
+
+    shapes = [[(n, tuple(p.shape)) for n, p in _user_ffn(12, h).named_parameters()] for h in (8, 16, 24)]
+    members, fill = plan_user_expert_packs(shapes)
+    assert [(m.slot, m.name) for m in members] == [(j, n) for j, named in enumerate(shapes) for n, _ in named]
+    for pack in range(3):  # no overlap, no gap, inside the pack
+        spans = sorted((m.offset, m.offset + m.numel) for m in members if m.pack == pack)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] == fill[pack]
+    assert max(fill) - min(fill) <= max(m.numel for m in members)
+    other_rank = shapes[:1]
+    assert packed_rows([shapes, other_rank], 12) == -(-max(fill) // 12)  # the fuller rank sets the rows
+
+
+def test_packed_user_experts_compute_the_users_modules_with_their_gradients():
+    from hmoe_ds.experts import PackedModuleExperts, packed_rows
+
+    d = 12
+    modules = [_user_ffn(d, h) for h in (8, 16, 24)]
+    shapes = [[(n, tuple(p.shape)) for n, p in m.named_parameters()] for m in modules]
+    packed = PackedModuleExperts(d, modules, packed_rows([shapes], d) + 2)  # with padding rows
+    assert "loop path" in repr(packed) and packed.compute_order == [0, 1, 2]
+    assert [n for n, _ in packed.named_parameters()] == ["w1", "w2", "w3"]
+    x = torch.randn(10, d)
+    counts = [3, 0, 7]
+    xp = x.clone().requires_grad_(True)
+    out = packed(xp, counts)
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    ref = torch.cat([m(c) for m, c in zip(modules, torch.split(xr, counts))])
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(xp.grad, xr.grad)
+    grads = packed.expert_parameters([p.grad for p in packed.packs()])
+    for j, module in enumerate(modules):
+        for name, param in module.named_parameters():
+            torch.testing.assert_close(grads[j][name], param.grad, msg=f"{j} {name}")
+    for pack, used in zip(packed.packs(), packed.used):  # padding: zero, and a zero gradient
+        assert pack.detach().reshape(-1)[used:].abs().sum() == 0 and pack.grad.reshape(-1)[used:].abs().sum() == 0
+    # Values in and out by the user's names; train/eval reach the skeletons (dropout).
+    values = [{n: torch.randn(p.shape) for n, p in m.named_parameters()} for m in modules]
+    for pack, full in packed.full_values(values):
+        pack.data.copy_(full)
+    for j, named in enumerate(packed.expert_parameters()):
+        for name, value in named.items():
+            torch.testing.assert_close(value, values[j][name])
+    packed.eval()
+    assert not any(s.training for s in packed.skeletons)
+    with pytest.raises(ValueError, match="shape"):
+        packed.full_values([{**values[0], "0.weight": torch.zeros(1)}, values[1], values[2]])
+
+
+def test_packed_user_experts_backward_reads_the_regathered_packs_not_the_forward_buffers():
+    """As for the built-in packs: ZeRO-3 releases the packs after forward and gathers them again into new
+    buffers before backward; the user's modules' saved weights must come from the new buffers (the old
+    ones, overwritten with NaN here, would otherwise be kept alive, and read)."""
+    from hmoe_ds.experts import PackedModuleExperts, packed_rows
+
+    d = 12
+    modules = [_user_ffn(d, h) for h in (8, 16, 24)]
+    shapes = [[(n, tuple(p.shape)) for n, p in m.named_parameters()] for m in modules]
+    packed = PackedModuleExperts(d, modules, packed_rows([shapes], d))
+    x, counts = torch.randn(10, d), [3, 0, 7]
+    upstream = torch.randn(10, d)
+    xr = x.clone().requires_grad_(True)
+    ref = torch.cat([m(c) for m, c in zip(modules, torch.split(xr, counts))])
+    (ref * upstream).sum().backward()
+
+    xp = x.clone().requires_grad_(True)
+    out = packed(xp, counts)
+    forward_buffers = []
+    for pack in packed.packs():
+        forward_buffers.append(pack.data)
+        pack.data = torch.empty(0)
+    for pack, buffer in zip(packed.packs(), forward_buffers):
+        pack.data = buffer.clone()
+        buffer.fill_(float("nan"))
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(xp.grad, xr.grad)
+    grads = packed.expert_parameters([p.grad for p in packed.packs()])
+    for j, module in enumerate(modules):
+        for name, param in module.named_parameters():
+            torch.testing.assert_close(grads[j][name], param.grad, msg=f"{j} {name}")
+
+
+def test_packed_user_experts_refuse_buffers():
+    from hmoe_ds.experts import PackedModuleExperts
+
+    module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+    with pytest.raises(ValueError, match="has buffers"):
+        PackedModuleExperts(8, [module], 4)
