@@ -76,7 +76,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -1162,6 +1162,18 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
     Each slice is initialised as the matching ``nn.Linear`` would be, so a
     packed layer and a :class:`HeteroExperts` layer are statistically alike.
     The computation reads the weights only through :meth:`per_expert_weights`.
+
+    Non-gated activations (``gelu``, ``relu``) have no up projection, but
+    DeepSpeed 0.19.8's engine reads an AutoEP layer's ``experts.w3`` like
+    ``w1``/``w2`` when it saves a checkpoint (its placement metadata, its
+    ZeRO-3 optimizer shapes, one slice per expert file), and fails on
+    ``None``. So ``w3`` is then a placeholder: a ``[1, 1, D]`` zero parameter
+    (:attr:`w3_is_placeholder`), never read by the computation, tied to the
+    output with a zero gradient (so ZeRO's gradient hooks fire for it as for
+    any trained parameter) and therefore zero forever (AdamW moves a zero
+    value with a zero gradient nowhere). :meth:`per_expert_weights` and
+    :meth:`full_values` leave it out; hmoe-ds's shards store it as a pack
+    holding no expert.
     """
 
     def __init__(
@@ -1185,7 +1197,9 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
         self.packed_width = width
         self.w1 = nn.Parameter(torch.empty(1, width, hidden_size))
         self.w2 = nn.Parameter(torch.empty(1, hidden_size, width))
-        self.w3 = nn.Parameter(torch.empty(1, width, hidden_size)) if self.activation.gated else None
+        #: Non-gated: ``w3`` is a zero placeholder for DeepSpeed's AutoEP checkpoint code (see the class docstring).
+        self.w3_is_placeholder = not self.activation.gated
+        self.w3 = nn.Parameter(torch.empty(1, width if self.activation.gated else 1, hidden_size))
         with _rng_untouched():
             self.reset_parameters()
         self._init_compute(hidden_size, self.expert_sizes, expert_compute, max_buckets)
@@ -1207,11 +1221,15 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
 
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Views ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of each local expert."""
-        return _pack_views(self.expert_sizes, self.w1, self.w2, self.w3)
+        return _pack_views(self.expert_sizes, self.w1, self.w2, self._w3())
+
+    def _w3(self) -> torch.Tensor | None:
+        """The up-projection pack, or None for a non-gated activation (``w3`` is then a placeholder)."""
+        return None if self.w3_is_placeholder else self.w3
 
     def _weight_owners(self, order: Sequence[int] | None) -> tuple[Sequence[torch.Tensor], _WeightOwners]:
-        packs = [p for p in (self.w1, self.w2, self.w3) if p is not None]
-        sizes, gated = list(self.expert_sizes), self.w3 is not None
+        packs = [p for p in (self.w1, self.w2, self._w3()) if p is not None]
+        sizes, gated = list(self.expert_sizes), not self.w3_is_placeholder
 
         def views(saved: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             per_expert = _pack_views(sizes, saved[0], saved[1], saved[2] if gated else None)
@@ -1237,18 +1255,36 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
             return torch.cat(parts, dim=dim).unsqueeze(0)
 
         out = [(self.w1, pack(0, 0)), (self.w2, pack(1, 1))]
-        if self.w3 is not None:
+        if not self.w3_is_placeholder:
             out.append((self.w3, pack(2, 0)))
         return out
 
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
-        return self._compute(x_RD, counts)
+        out = self._compute(x_RD, counts)
+        if self.w3_is_placeholder:
+            out = _ZeroGradientTie.apply(out, self.w3)
+        return out
 
     def extra_repr(self) -> str:
         padding = f", padded to {self.packed_width}" if self.packed_width != sum(self.expert_sizes) else ""
         return (f"experts={self.expert_sizes}{padding}, hidden={self.hidden_size}, {self.activation}, "
                 f"{self.compute_path()} path")
+
+
+class _ZeroGradientTie(torch.autograd.Function):
+    """``out`` unchanged; in backward ``param`` receives a zero gradient (its ZeRO hooks fire, its value stays)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, param: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Its shape, not the tensor: ZeRO-3 may free the data (ds_shape: the full shape of a partitioned one).
+        ctx.param_meta = (tuple(getattr(param, "ds_shape", param.shape)), param.dtype, param.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        shape, dtype, device = ctx.param_meta
+        return grad_out, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _pack_views(sizes: Sequence[int], w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor | None

@@ -92,8 +92,10 @@ def stored_tensors(model: torch.nn.Module) -> Iterator[StoredTensor]:
             for weight in ("w1", "w2", "w3"):
                 param = getattr(container, weight)
                 if param is not None:
+                    # A non-gated layer's w3 placeholder (always zero) is a pack holding no expert.
+                    held = () if weight == "w3" and getattr(container, "w3_is_placeholder", False) else tuple(offsets)
                     experts[id(param)] = StoredTensor(f"{prefix}.packed.{weight}@ep{host.moe_ep_rank}", param,
-                                                      tuple(offsets), 2 if weight == "w2" else 1, prefix, weight)
+                                                      held, 2 if weight == "w2" else 1, prefix, weight)
     for name, param in model.named_parameters():
         yield experts.get(id(param)) or StoredTensor(logical_dense_key(name, prefixes), param)
 

@@ -118,7 +118,7 @@ def _per_expert_grads(experts):
     out = []
     w1g = experts.w1.grad[0].split(experts.expert_sizes, dim=0)
     w2g = experts.w2.grad[0].split(experts.expert_sizes, dim=1)
-    w3g = experts.w3.grad[0].split(experts.expert_sizes, dim=0) if experts.w3 is not None else None
+    w3g = experts.w3.grad[0].split(experts.expert_sizes, dim=0) if not experts.w3_is_placeholder else None
     for i in range(len(experts.expert_sizes)):
         out.append((w1g[i], w2g[i]) + ((w3g[i],) if w3g is not None else ()))
     return out
