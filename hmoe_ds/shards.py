@@ -71,6 +71,13 @@ def stored_tensors(model: torch.nn.Module) -> Iterator[StoredTensor]:
     experts: dict[int, StoredTensor] = {}
     for _, prefix, layer in layers:
         host = layer.moe_core
+        if getattr(host, "sliced_experts", None) is not None:
+            # Each TP rank holds a hidden slice of every expert under the expert's one logical name; the
+            # index has no TP dimension, so the slices would be taken for replicas of each other.
+            raise ValueError(
+                f"{prefix}: its experts are split over a tensor-parallel group (enable_expert_tensor_parallelism, "
+                f"TP size {host.sliced_experts.size}); hmoe-ds's sharded checkpoints do not hold expert slices. "
+                "Use DeepSpeed's own engine.save_checkpoint / load_checkpoint, which write one file per TP rank")
         container = host.experts
         if hasattr(container, "deepspeed_experts"):  # module list: the built-in FFN or the user's modules
             for slot, expert in enumerate(container.deepspeed_experts):

@@ -220,6 +220,11 @@ def _errors(rank: int, world_size: int) -> dict:
     layer = HMoE(D, expert_sizes=[8, 16], enable_expert_tensor_parallelism=True, mpu=mpu)
     assert [e.w1.weight.shape[0] for e in layer.deepspeed_moe.experts.deepspeed_experts] == [4, 8]
     assert layer.deepspeed_moe.expert_params == (3 * D * 8, 3 * D * 16)  # statistics count whole experts
+    # hmoe-ds's sharded checkpoints have no TP dimension: expert slices are refused, not stored as replicas.
+    from hmoe_ds.shards import stored_tensors
+
+    with pytest.raises(ValueError, match=r"split over a tensor-parallel group .*TP size 2.*engine.save_checkpoint"):
+        list(stored_tensors(nn.Sequential(layer)))
     return {"ok": True}
 
 
