@@ -50,7 +50,7 @@ def template_expert(d: int) -> nn.Module:
 
 
 CASES = {
-    # DeepSpeed's own call, unchanged, built inside zero.Init: HMoE returns the ZeRO-3 layer.
+    # DeepSpeed's own call (Residual MoE), unchanged, built inside zero.Init: HMoE returns the ZeRO-3 layer.
     "template": dict(kind="template", d=D),
     "factory": dict(kind="factory", d=BIG_D),
 }
@@ -65,7 +65,8 @@ class Toy(nn.Module):
         if kind == "template":
             torch.manual_seed(5)  # the template's values: every rank builds the same template
             self.moe = HMoE(d, template_expert(d), 4, ep_size=ep_size, k=2, drop_tokens=False,
-                            top2_2nd_expert_sampling=False)
+                            top2_2nd_expert_sampling=False, use_residual=True)  # Residual MoE, as DeepSpeed's
+            assert self.moe.mlp is not None and self.moe.coefficient is not None
         else:
             config = HMoELayerConfig(expert_sizes=BIG_SIZES, routing="top_p", top_p=0.6, p_penalty_coef=0.1,
                                      entropy_coef=0.03, ep_size=ep_size, frontend="autoep" if zero3 else "moe")
@@ -77,20 +78,27 @@ class Toy(nn.Module):
         return torch.nn.functional.mse_loss(self.out(h), y) + aux
 
 
+def _dense_params(model: Toy) -> dict[str, torch.Tensor]:
+    """Everything but the experts, by a name both front-ends share (Residual MoE's MLP and coefficient too)."""
+    params = {f"inp.{k}": v for k, v in model.inp.named_parameters()}
+    params.update({f"out.{k}": v for k, v in model.out.named_parameters()})
+    params["gate"] = model.moe.moe_core.gate.wg.weight
+    for branch in ("mlp", "coefficient"):
+        module = getattr(model.moe, branch, None)
+        if module is not None:
+            params.update({f"{branch}.{k}": v for k, v in module.named_parameters()})
+    return params
+
+
 def _dense(model: Toy) -> dict[str, torch.Tensor]:
-    core = model.moe.moe_core
-    state = {f"inp.{k}": v for k, v in model.inp.named_parameters()}
-    state.update({f"out.{k}": v for k, v in model.out.named_parameters()})
-    state["gate"] = core.gate.wg.weight
-    return {k: v.detach().clone() for k, v in state.items()}
+    return {k: v.detach().clone() for k, v in _dense_params(model).items()}
 
 
 def _load(model: Toy, dense: dict[str, torch.Tensor], experts: dict[int, dict[str, torch.Tensor]]) -> None:
     from hmoe_ds.partitioned import write_full
 
-    params = {f"inp.{k}": v for k, v in model.inp.named_parameters()}
-    params.update({f"out.{k}": v for k, v in model.out.named_parameters()})
-    params["gate"] = model.moe.moe_core.gate.wg.weight
+    params = _dense_params(model)
+    assert sorted(params) == sorted(dense)
     for key, param in params.items():
         write_full(param, dense[key])
     model.moe.moe_core.load_local_expert_parameters(experts)
@@ -333,10 +341,11 @@ def _deepspeed_checkpoint_round_trip(rank: int, world_size: int, kind: str, d: i
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("ep_size", [1, 2])
-def test_user_experts_zero3_deepspeed_checkpoint_resumes_exactly(ep_size, tmp_path):
-    """2 ranks, ZeRO-3: DeepSpeed's own save_checkpoint/load_checkpoint restores user experts and Adam exactly."""
-    spec = CASES["factory"]
+@pytest.mark.parametrize("case, ep_size", [("factory", 1), ("factory", 2), ("template", 2)])
+def test_user_experts_zero3_deepspeed_checkpoint_resumes_exactly(case, ep_size, tmp_path):
+    """2 ranks, ZeRO-3: DeepSpeed's own save_checkpoint/load_checkpoint restores user experts and Adam exactly
+    (unequal experts of the user's type; DeepSpeed-style template copies with Residual MoE)."""
+    spec = CASES[case]
     results = run_distributed(_deepspeed_checkpoint_round_trip, world_size=2, timeout=900, kind=spec["kind"],
                               d=spec["d"], ep_size=ep_size, ckpt_dir=str(tmp_path / "ckpt"))
     for rank, result in enumerate(results):
