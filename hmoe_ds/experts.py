@@ -76,7 +76,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -313,40 +313,43 @@ def _act_backward(grad: torch.Tensor, h1: torch.Tensor, activation: ExpertActiva
     return torch.ops.aten.threshold_backward(grad, h1, 0)
 
 
-@dataclass(frozen=True)
-class _WeightOwners:
-    """How an expert autograd node finds its weights again in backward when they are views.
+@contextlib.contextmanager
+def _pack_views_saved_by_position(packs: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside it, autograd saves a view of one of ``packs`` as its position in the pack, not as the view.
 
-    The per-expert weights a node computes with may be *views* of larger
-    parameters (the ZeRO-3 packs of :class:`PackedHeteroExperts`). Saving the
-    views for backward would keep the storage of the gathered parameters alive
-    from forward to backward on every rank: ZeRO-3 releases a gathered
-    parameter by swapping its ``.data`` for an empty tensor, which frees the
-    gathered buffer only when nothing else refers to it, so every layer's
-    experts would stay gathered (the whole model, whatever the rank count).
-    DeepSpeed's own ``LinearFunctionForZeroStage3`` saves the ``Parameter``
-    object instead and reads it in backward, after ZeRO-3's pre-backward hook
-    has gathered it again; so do these nodes: the parameters are passed as
-    the first ``count`` tensors (no gradient through them: the gradient flows
-    through the views), and :attr:`views` rebuilds the flat per-expert weights,
-    in the node's order, from them.
+    Expert weights are views of larger parameters in the ZeRO-3 storages
+    (:class:`PackedHeteroExperts`, :class:`PackedModuleExperts`), and the
+    nodes that compute with them (this module's, or the user's modules'
+    ``F.linear``) save them for backward. A saved view would keep the storage
+    of the gathered parameter alive from forward to backward on every rank:
+    ZeRO-3 releases a gathered parameter by swapping its ``.data`` for an
+    empty tensor, which frees the gathered buffer only when nothing else
+    refers to it, so every layer's experts would stay gathered (the whole
+    model, whatever the rank count). So a view is saved as (pack, offset,
+    shape, strides) and backward reads the same elements from the pack as
+    ZeRO-3 has gathered it again (same shape, contiguous), as DeepSpeed's own
+    ``LinearFunctionForZeroStage3`` reads its weight ``Parameter`` again.
+    Several packs may be views of one gathered buffer (DeepSpeed's coalesced
+    all-gather), so a view belongs to the pack whose elements contain its
+    first one. Other saved tensors are kept as usual.
     """
+    def pack_hook(tensor: torch.Tensor) -> object:
+        storage, start = tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+        for index, pack in enumerate(packs):
+            if (pack.numel() and storage == pack.untyped_storage().data_ptr()
+                    and pack.storage_offset() <= start < pack.storage_offset() + pack.numel()):
+                return (index, start - pack.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        return tensor
 
-    count: int
-    views: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+    def unpack_hook(saved: object) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        index, offset, shape, stride = saved  # type: ignore[misc]
+        pack = packs[index].detach()
+        return pack.as_strided(shape, stride, pack.storage_offset() + offset)
 
-
-def _split_inputs(owners: "_WeightOwners | None", tensors: Sequence[torch.Tensor]
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(tensors to save, flat weights)`` of a node's trailing tensor inputs."""
-    if owners is None:
-        return list(tensors), list(tensors)
-    return list(tensors[:owners.count]), list(tensors[owners.count:])
-
-
-def _weights_again(owners: "_WeightOwners | None", kept: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The flat weights in backward, from what forward saved."""
-    return list(kept) if owners is None else owners.views(kept)
+    with torch.autograd.graph.saved_tensors_hooks(pack_hook, unpack_hook):
+        yield
 
 
 @dataclass(frozen=True)
@@ -380,8 +383,7 @@ class _GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: torch.Tensor, plan: "_GroupedPlan", runtime: list[_BucketRuntime],  # type: ignore[override]
-                owners: _WeightOwners | None, *tensors: torch.Tensor) -> torch.Tensor:
-        to_save, flat_weights = _split_inputs(owners, tensors)
+                *flat_weights: torch.Tensor) -> torch.Tensor:
         weights = plan.unflatten(flat_weights)
         x_RD = x_RD.contiguous()
         y_RD = x_RD.new_empty(x_RD.shape)
@@ -402,8 +404,8 @@ class _GroupedFFN(torch.autograd.Function):
                                                          offs=rt.offs)
             del z
             saved += [a1, a3 if a3 is not None else x_RD.new_empty(0)]
-        ctx.plan, ctx.runtime, ctx.owners = plan, runtime, owners
-        ctx.save_for_backward(x_RD, *to_save)
+        ctx.plan, ctx.runtime = plan, runtime
+        ctx.save_for_backward(x_RD, *flat_weights)
         # Intermediates (not inputs or outputs) may live on ctx directly; unlike saved tensors,
         # backward can then drop each bucket's pair as soon as it is used, which keeps the peak of
         # backward (all weight gradients + remaining activations) at the per-expert loop's level.
@@ -414,10 +416,10 @@ class _GroupedFFN(torch.autograd.Function):
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         plan: _GroupedPlan = ctx.plan
         runtime: list[_BucketRuntime] = ctx.runtime
-        x_RD, *kept = ctx.saved_tensors
+        x_RD, *flat_weights = ctx.saved_tensors
         saved: list[torch.Tensor | None] = ctx.activations
         ctx.activations = None
-        weights = plan.unflatten(_weights_again(ctx.owners, kept))
+        weights = plan.unflatten(flat_weights)
         grad_RD = grad_RD.contiguous()
         grad_x = x_RD.new_empty(x_RD.shape) if ctx.needs_input_grad[0] else None
         grads: list[list[torch.Tensor | None]] = [[None, None, None] for _ in weights]
@@ -457,8 +459,7 @@ class _GroupedFFN(torch.autograd.Function):
             for g, (slot, h) in enumerate(zip(bucket.slots, bucket.sizes)):
                 grads[slot] = [dw1[g, :h], dw2[g, :, :h], dw3[g, :h] if gated else None]
         flat_grads = [g for slot_grads, w in zip(grads, weights) for g, wt in zip(slot_grads, w) if wt is not None]
-        owner_grads = [None] * (ctx.owners.count if ctx.owners is not None else 0)
-        return (grad_x, None, None, None, *owner_grads, *flat_grads)
+        return (grad_x, None, None, *flat_grads)
 
 
 class _GroupedPlan:
@@ -524,15 +525,10 @@ class _GroupedPlan:
         return out
 
 
-def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights, plan: _GroupedPlan,
-                        owners: tuple[Sequence[torch.Tensor], _WeightOwners] | None = None) -> torch.Tensor:
-    """Apply every local expert to its rows (grouped in ``plan.compute_order``) with grouped GEMMs.
-
-    ``owners``: the parameters ``weights`` are views of, and how to rebuild them (:class:`_WeightOwners`).
-    """
+def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights, plan: _GroupedPlan) -> torch.Tensor:
+    """Apply every local expert to its rows (grouped in ``plan.compute_order``) with grouped GEMMs."""
     plan = plan.on(x_RD.device)
-    params, how = owners if owners is not None else ((), None)
-    return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), how, *params, *plan.flatten(weights))
+    return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), *plan.flatten(weights))
 
 
 class _ExpertLoopFFN(torch.autograd.Function):
@@ -549,8 +545,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: torch.Tensor, spans: list[tuple[int, int]], activation: ExpertActivation,  # type: ignore[override]
-                owners: _WeightOwners | None, *tensors: torch.Tensor) -> torch.Tensor:
-        to_save, flat_weights = _split_inputs(owners, tensors)
+                *flat_weights: torch.Tensor) -> torch.Tensor:
         gated = activation.gated
         weights = _unflatten(flat_weights, gated)
         x_RD = x_RD.contiguous()
@@ -566,8 +561,8 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 z = z.mul_(a3)
             torch.mm(z, w2.t(), out=y_RD[start:end])
             saved.append((a1, a3))
-        ctx.spans, ctx.activation, ctx.owners = spans, activation, owners
-        ctx.save_for_backward(x_RD, *to_save)
+        ctx.spans, ctx.activation = spans, activation
+        ctx.save_for_backward(x_RD, *flat_weights)
         ctx.activations = saved  # intermediates on ctx, so backward can drop each expert's pair early
         return y_RD
 
@@ -575,8 +570,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         activation: ExpertActivation = ctx.activation
         gated = activation.gated
-        x_RD, *kept = ctx.saved_tensors
-        flat_weights = _weights_again(ctx.owners, kept)
+        x_RD, *flat_weights = ctx.saved_tensors
         saved = ctx.activations
         ctx.activations = None
         grad_RD = grad_RD.contiguous()
@@ -604,8 +598,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 if gated:
                     dx.addmm_(da3, w3)
             flat_grads += [dw1, dw2] + ([dw3] if gated else [])
-        owner_grads = [None] * (ctx.owners.count if ctx.owners is not None else 0)
-        return (grad_x, None, None, None, *owner_grads, *flat_grads)
+        return (grad_x, None, None, *flat_grads)
 
 
 def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -614,14 +607,12 @@ def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Te
 
 
 def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights,
-                     activation: ExpertActivation | str,
-                     owners: tuple[Sequence[torch.Tensor], _WeightOwners] | None = None) -> torch.Tensor:
+                     activation: ExpertActivation | str) -> torch.Tensor:
     """Apply expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``, one GEMM chain per expert.
 
     One autograd node for all experts (:class:`_ExpertLoopFFN`); the operator
     count grows with the number of experts, the bytes moved do not exceed the
-    GEMMs' own. ``owners``: the parameters ``weights`` are views of, and how to
-    rebuild them (:class:`_WeightOwners`).
+    GEMMs' own.
     """
     activation = ExpertActivation(activation)
     spans, row = [], 0
@@ -629,8 +620,7 @@ def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights
         spans.append((row, row + int(count)))
         row += int(count)
     flat = [w for triple in weights for w in triple if w is not None]
-    params, how = owners if owners is not None else ((), None)
-    return _ExpertLoopFFN.apply(x_RD, spans, activation, how, *params, *flat)
+    return _ExpertLoopFFN.apply(x_RD, spans, activation, *flat)
 
 
 class _ExpertComputeMixin:
@@ -690,18 +680,11 @@ class _ExpertComputeMixin:
         if sum(int(c) for c in counts) != x_RD.shape[0]:
             raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
         if self._plan is None:
-            return loop_ffn_forward(x_RD, counts, weights, self.activation, self._weight_owners(None))
+            return loop_ffn_forward(x_RD, counts, weights, self.activation)
         if not self.runs_grouped(x_RD.device, x_RD.dtype):
             # Same math, rows still in the grouped path's compute order (fixed at construction for dispatch).
-            order = self._plan.compute_order
-            return loop_ffn_forward(x_RD, counts, [weights[j] for j in order], self.activation,
-                                    self._weight_owners(order))
-        return grouped_ffn_forward(x_RD, counts, weights, self._plan, self._weight_owners(None))
-
-    def _weight_owners(self, order: Sequence[int] | None) -> tuple[Sequence[torch.Tensor], _WeightOwners] | None:
-        """The parameters :meth:`per_expert_weights` are views of, and how to rebuild the flat weights in
-        ``order`` (slot order when None) from them; None when the weights are parameters themselves."""
-        return None
+            return loop_ffn_forward(x_RD, counts, [weights[j] for j in self._plan.compute_order], self.activation)
+        return grouped_ffn_forward(x_RD, counts, weights, self._plan)
 
 
 class FFNExpert(nn.Module):
@@ -844,7 +827,38 @@ class HeteroExperts(_DeepSpeedExpertList, _ExpertComputeMixin, nn.Module):
         return self._compute(x_RD, counts)
 
 
-class ModuleExperts(_DeepSpeedExpertList, nn.Module):
+class _UserModulesOneByOne:
+    """What both storages of the user's own expert modules share: slot order, no buckets, the loop."""
+
+    expert_compute = ExpertCompute.LOOP
+    num_local_experts: int
+
+    @property
+    def compute_order(self) -> list[int]:
+        return list(range(self.num_local_experts))
+
+    @property
+    def width_buckets(self) -> list[WidthBucket]:
+        return []
+
+    def _one_by_one(self, x_RD: torch.Tensor, counts: Sequence[int],
+                    run: Callable[[int, torch.Tensor], Any]) -> torch.Tensor:
+        """``run(j, rows)`` for local expert j on rows ``[sum(counts[:j]), sum(counts[:j+1]))``, concatenated.
+
+        Every expert runs, also on 0 rows, so its parameters always receive a
+        gradient (ZeRO's hooks fire). A tuple output's first item is used, as
+        DeepSpeed does for Megatron-style ``(output, bias)``.
+        """
+        if len(counts) != self.num_local_experts:
+            raise ValueError(f"got {len(counts)} token counts for {self.num_local_experts} local experts")
+        outputs = []
+        for j, chunk in enumerate(torch.split(x_RD, list(counts), dim=0)):
+            out = run(j, chunk)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs, dim=0)
+
+
+class ModuleExperts(_DeepSpeedExpertList, _UserModulesOneByOne, nn.Module):
     """This rank's experts as the user's own modules, run one by one (DeepSpeed's ``Experts``).
 
     Each module maps ``[rows, D] -> [rows, D]`` (a tuple output's first item
@@ -860,8 +874,6 @@ class ModuleExperts(_DeepSpeedExpertList, nn.Module):
         expert_group_name: DeepSpeed expert-parallel group name.
     """
 
-    expert_compute = ExpertCompute.LOOP
-
     def __init__(self, experts: Sequence[nn.Module], expert_group_name: str) -> None:
         super().__init__()
         self.deepspeed_experts = nn.ModuleList(experts)
@@ -869,23 +881,9 @@ class ModuleExperts(_DeepSpeedExpertList, nn.Module):
         self.expert_group_name = expert_group_name
         self.tag_expert_parameters()
 
-    @property
-    def compute_order(self) -> list[int]:
-        return list(range(self.num_local_experts))
-
-    @property
-    def width_buckets(self) -> list[WidthBucket]:
-        return []
-
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
-        if len(counts) != self.num_local_experts:
-            raise ValueError(f"got {len(counts)} token counts for {self.num_local_experts} local experts")
-        outputs = []
-        for chunk, expert in zip(torch.split(x_RD, list(counts), dim=0), self.deepspeed_experts):
-            out = expert(chunk)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outputs, dim=0)
+        return self._one_by_one(x_RD, counts, lambda j, rows: self.deepspeed_experts[j](rows))
 
     def extra_repr(self) -> str:
         return f"user expert modules, {self.num_local_experts} local, computed one by one (loop path)"
@@ -957,7 +955,7 @@ def _skeleton(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo={id(p): None for p in module.parameters()})
 
 
-class PackedModuleExperts(nn.Module):
+class PackedModuleExperts(_UserModulesOneByOne, nn.Module):
     """This rank's user expert modules with their parameters packed, for ZeRO-3 (the AutoEP front-end).
 
     ZeRO-3 (DeepSpeed 0.19.8) partitions expert parameters over the
@@ -997,8 +995,6 @@ class PackedModuleExperts(nn.Module):
             (under ``deepspeed.zero.Init`` that is when it is partitioned).
     """
 
-    expert_compute = ExpertCompute.LOOP
-
     def __init__(self, hidden_size: int, experts: Sequence[nn.Module], rows: int,
                  tag_parameter: Callable[[nn.Parameter], None] | None = None) -> None:
         super().__init__()
@@ -1033,14 +1029,6 @@ class PackedModuleExperts(nn.Module):
         if tag_parameter is not None:
             for param in self.parameters():
                 tag_parameter(param)
-
-    @property
-    def compute_order(self) -> list[int]:
-        return list(range(self.num_local_experts))
-
-    @property
-    def width_buckets(self) -> list[WidthBucket]:
-        return []
 
     @property
     def skeletons(self) -> list[nn.Module]:
@@ -1087,47 +1075,10 @@ class PackedModuleExperts(nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert j (the user's module) to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
-        if len(counts) != self.num_local_experts:
-            raise ValueError(f"got {len(counts)} token counts for {self.num_local_experts} local experts")
         params = self.expert_parameters()
-        outputs = []
-        with torch.autograd.graph.saved_tensors_hooks(*self._save_pack_views_by_position()):
-            for chunk, skeleton, named in zip(torch.split(x_RD, list(counts), dim=0), self._skeletons, params):
-                # Every expert runs, also on 0 rows, so the packs always receive a gradient (ZeRO's hooks fire).
-                out = torch.func.functional_call(skeleton, named, (chunk,))
-                outputs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outputs, dim=0)
-
-    def _save_pack_views_by_position(self) -> tuple[Callable[[torch.Tensor], object], Callable[[object], torch.Tensor]]:
-        """Saved-tensor hooks: a view of a pack is saved as (pack, offset, shape, strides), not as the view.
-
-        The user's modules save what they like for backward (``F.linear`` saves
-        its weight: here a view of a pack). A saved view would keep the gathered
-        pack's buffer alive from forward to backward, after ZeRO-3 has released
-        the parameter (it swaps ``.data`` for an empty tensor), so every layer's
-        experts would stay gathered (see :class:`_WeightOwners` for the built-in
-        experts). Instead the position is saved, and backward reads the same
-        elements from the pack as ZeRO-3 has gathered it again (same shape,
-        contiguous). Other tensors are saved as usual.
-        """
-        packs = self.packs()
-
-        def pack_hook(tensor: torch.Tensor) -> object:
-            storage = tensor.untyped_storage().data_ptr()
-            for index, pack in enumerate(packs):
-                if pack.numel() and storage == pack.untyped_storage().data_ptr():
-                    return (index, tensor.storage_offset() - pack.storage_offset(), tuple(tensor.shape),
-                            tuple(tensor.stride()))
-            return tensor
-
-        def unpack_hook(saved: object) -> torch.Tensor:
-            if isinstance(saved, torch.Tensor):
-                return saved
-            index, offset, shape, stride = saved  # type: ignore[misc]
-            pack = packs[index].detach()
-            return pack.as_strided(shape, stride, pack.storage_offset() + offset)
-
-        return pack_hook, unpack_hook
+        with _pack_views_saved_by_position(self.packs()):
+            return self._one_by_one(
+                x_RD, counts, lambda j, rows: torch.func.functional_call(self._skeletons[j], params[j], (rows,)))
 
     def train(self, mode: bool = True) -> "PackedModuleExperts":
         super().train(mode)
@@ -1223,21 +1174,13 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
         """Views ``(w1 [h, D], w2 [D, h], w3 [h, D] | None)`` of each local expert."""
         return _pack_views(self.expert_sizes, self.w1, self.w2, self._w3())
 
+    def packs(self) -> list[nn.Parameter]:
+        """The parameters :meth:`per_expert_weights` are views of (``w3`` only when gated)."""
+        return [self.w1, self.w2] + ([] if self.w3_is_placeholder else [self.w3])
+
     def _w3(self) -> torch.Tensor | None:
         """The up-projection pack, or None for a non-gated activation (``w3`` is then a placeholder)."""
         return None if self.w3_is_placeholder else self.w3
-
-    def _weight_owners(self, order: Sequence[int] | None) -> tuple[Sequence[torch.Tensor], _WeightOwners]:
-        packs = [p for p in (self.w1, self.w2, self._w3()) if p is not None]
-        sizes, gated = list(self.expert_sizes), not self.w3_is_placeholder
-
-        def views(saved: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            per_expert = _pack_views(sizes, saved[0], saved[1], saved[2] if gated else None)
-            if order is not None:
-                per_expert = [per_expert[j] for j in order]
-            return [w for triple in per_expert for w in triple if w is not None]
-
-        return packs, _WeightOwners(len(packs), views)
 
     def full_values(self, per_expert: Sequence[ExpertWeights]) -> list[tuple[nn.Parameter, torch.Tensor]]:
         """``(parameter, its full packed value)`` for storing ``per_expert`` (one tuple per local expert).
@@ -1261,7 +1204,8 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
-        out = self._compute(x_RD, counts)
+        with _pack_views_saved_by_position(self.packs()):
+            out = self._compute(x_RD, counts)
         if self.w3_is_placeholder:
             out = _ZeroGradientTie.apply(out, self.w3)
         return out

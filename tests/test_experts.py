@@ -350,19 +350,38 @@ def test_module_list_buckets_stay_views_after_dtype_conversion_with_the_same_par
             assert len({p.untyped_storage().data_ptr() for p in pieces}) == 1
 
 
-@pytest.mark.parametrize("compute", ["loop", "grouped", "auto"])
-def test_packed_backward_reads_the_regathered_parameters_not_the_forward_buffers(compute):
-    """What ZeRO-3 does to a pack between forward and backward, done by hand.
+def _gathered_into_one_buffer(params) -> None:
+    """What DeepSpeed's coalesced all-gather does: several parameters become views of one flat buffer."""
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for param in params:
+        param.data = flat[offset:offset + param.numel()].view(param.shape)
+        offset += param.numel()
 
-    After its module's forward, ZeRO-3 releases a gathered parameter by
-    swapping its ``.data`` for an empty tensor, and gathers it again into a
-    *new* buffer before the module's backward. If the autograd node saved
-    views of the forward-time buffer, that buffer stayed alive (every layer's
-    experts gathered at once, whatever the rank count: the ZeRO-3 memory
-    benchmark's non-shrinking part) and backward read it. Here the forward
-    buffers are overwritten with NaN after the swap: backward must still give
-    the reference gradients, so it read the re-gathered parameters.
+
+def _released_and_gathered_again(params) -> None:
+    """What ZeRO-3 does between a module's forward and its backward, done by hand.
+
+    It releases a gathered parameter by swapping its ``.data`` for an empty
+    tensor, and gathers it again into a *new* buffer before the module's
+    backward. The forward-time buffers are then overwritten with NaN: a
+    backward that still reads them (saved views, which would also have kept
+    them alive: every layer's experts gathered at once, whatever the rank
+    count) gives NaN instead of the reference gradients.
     """
+    forward_buffers = [param.data for param in params]
+    for param in params:
+        param.data = torch.empty(0)
+    for param, buffer in zip(params, forward_buffers):
+        param.data = buffer.clone()
+        buffer.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("coalesced", [False, True], ids=["own buffers", "one gathered buffer"])
+@pytest.mark.parametrize("compute", ["loop", "grouped", "auto"])
+def test_packed_backward_reads_the_regathered_parameters_not_the_forward_buffers(compute, coalesced):
+    """Built-in packs: after ZeRO-3's release and re-gather, backward still gives the reference gradients
+    (:func:`_released_and_gathered_again`), also when the packs were gathered as views of one buffer."""
     sizes = [32, 48, 48, 20]
     counts_by_slot = [5, 0, 7, 3]
     experts = _make("packed", "swiglu", compute, sizes=sizes)
@@ -373,15 +392,11 @@ def test_packed_backward_reads_the_regathered_parameters_not_the_forward_buffers
     upstream = torch.randn(sum(counts), D)
     out_ref, dx_ref, dw_ref = _run(reference, x, counts, upstream)
 
+    if coalesced:
+        _gathered_into_one_buffer(list(experts.parameters()))
     x_in = x.clone().requires_grad_(True)
     out = experts(x_in, counts)
-    forward_buffers = []
-    for param in experts.parameters():  # released after forward...
-        forward_buffers.append(param.data)
-        param.data = torch.empty(0)
-    for param, buffer in zip(experts.parameters(), forward_buffers):  # ...gathered again into a new buffer
-        param.data = buffer.clone()
-        buffer.fill_(float("nan"))
+    _released_and_gathered_again(list(experts.parameters()))
     (out * upstream).sum().backward()
     torch.testing.assert_close(out.detach(), out_ref)
     torch.testing.assert_close(x_in.grad, dx_ref)
@@ -449,10 +464,10 @@ def test_packed_user_experts_compute_the_users_modules_with_their_gradients():
         packed.full_values([{**values[0], "0.weight": torch.zeros(1)}, values[1], values[2]])
 
 
-def test_packed_user_experts_backward_reads_the_regathered_packs_not_the_forward_buffers():
-    """As for the built-in packs: ZeRO-3 releases the packs after forward and gathers them again into new
-    buffers before backward; the user's modules' saved weights must come from the new buffers (the old
-    ones, overwritten with NaN here, would otherwise be kept alive, and read)."""
+@pytest.mark.parametrize("coalesced", [False, True], ids=["own buffers", "one gathered buffer"])
+def test_packed_user_experts_backward_reads_the_regathered_packs_not_the_forward_buffers(coalesced):
+    """As for the built-in packs (:func:`_released_and_gathered_again`): the user's modules' saved weights
+    must come from the re-gathered packs, also when the packs were gathered as views of one buffer."""
     from hmoe_ds.experts import PackedModuleExperts, packed_rows
 
     d = 12
@@ -465,15 +480,11 @@ def test_packed_user_experts_backward_reads_the_regathered_packs_not_the_forward
     ref = torch.cat([m(c) for m, c in zip(modules, torch.split(xr, counts))])
     (ref * upstream).sum().backward()
 
+    if coalesced:
+        _gathered_into_one_buffer(packed.packs())
     xp = x.clone().requires_grad_(True)
     out = packed(xp, counts)
-    forward_buffers = []
-    for pack in packed.packs():
-        forward_buffers.append(pack.data)
-        pack.data = torch.empty(0)
-    for pack, buffer in zip(packed.packs(), forward_buffers):
-        pack.data = buffer.clone()
-        buffer.fill_(float("nan"))
+    _released_and_gathered_again(packed.packs())
     (out * upstream).sum().backward()
     torch.testing.assert_close(xp.grad, xr.grad)
     grads = packed.expert_parameters([p.grad for p in packed.packs()])
