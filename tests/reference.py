@@ -6,7 +6,7 @@ Everything here loops over tokens (and experts) in plain Python.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -123,3 +123,23 @@ def experts_reference(x_RD: torch.Tensor, counts: Sequence[int], order: Sequence
     if not rows:
         return x_RD[:0] * 0
     return torch.stack(rows)
+
+
+def train_data_parallel_in_one_process(model: torch.nn.Module, batch: Callable[[int, int], tuple],
+                                       world_size: int, steps: int, lr: float) -> list[list[float]]:
+    """What data-parallel training on ``world_size`` ranks computes, in one plain process.
+
+    Each step every rank's loss on ``batch(rank, step)``; their mean is
+    back-propagated once (the gradient all-reduce average), then one AdamW
+    step (weight decay 0.01, as the tests' DeepSpeed configs). Returns every
+    step's per-rank losses.
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    history = []
+    for step in range(steps):
+        opt.zero_grad()
+        losses = [model(*batch(rank, step)) for rank in range(world_size)]
+        (sum(losses) / world_size).backward()
+        opt.step()
+        history.append([loss.item() for loss in losses])
+    return history

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .distributed import run_distributed
+from .reference import train_data_parallel_in_one_process
 
 D = 16
 STEPS = 6
@@ -218,14 +219,7 @@ def _shards_and_elastic(rank: int, engine, model: Toy, kind: str, d: int, shard_
 
 def _train_reference(kind: str, d: int, world_size: int, steps: int = STEPS):
     model = _reference(kind, d)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    history = []
-    for step in range(steps):
-        opt.zero_grad()
-        losses = [model(*_batch(r, step, d)) for r in range(world_size)]
-        (sum(losses) / world_size).backward()
-        opt.step()
-        history.append([loss.item() for loss in losses])
+    history = train_data_parallel_in_one_process(model, lambda r, step: _batch(r, step, d), world_size, steps, LR)
     return history, _dense(model), model.moe.moe_core.local_expert_parameters()
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from .distributed import run_distributed
+from .reference import train_data_parallel_in_one_process
 
 D = 16
 SIZES = [16, 24, 32, 40, 48, 56, 64, 72]
@@ -128,14 +129,8 @@ def _train_with_deepspeed(rank: int, world_size: int, ep_size: int, stage: int, 
 
 def _train_reference(world_size: int, routing: str, empty_rank: int | None):
     model = _reference_model(routing, empty_rank)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    history = []
-    for step in range(STEPS):
-        opt.zero_grad()
-        losses = [model(*_batch(r, step, empty_rank)) for r in range(world_size)]
-        (sum(losses) / world_size).backward()
-        opt.step()
-        history.append([loss.item() for loss in losses])
+    history = train_data_parallel_in_one_process(model, lambda r, step: _batch(r, step, empty_rank), world_size,
+                                                 STEPS, LR)
     return history, model.dense_state(), model.moe.moe_core.local_expert_weights()
 
 
