@@ -383,7 +383,7 @@ class _GroupedFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: torch.Tensor, plan: "_GroupedPlan", runtime: list[_BucketRuntime],  # type: ignore[override]
-                *flat_weights: torch.Tensor) -> torch.Tensor:
+                output_grad_is_scratch: bool, *flat_weights: torch.Tensor) -> torch.Tensor:
         weights = plan.unflatten(flat_weights)
         x_RD = x_RD.contiguous()
         y_RD = x_RD.new_empty(x_RD.shape)
@@ -404,7 +404,7 @@ class _GroupedFFN(torch.autograd.Function):
                                                          offs=rt.offs)
             del z
             saved += [a1, a3 if a3 is not None else x_RD.new_empty(0)]
-        ctx.plan, ctx.runtime = plan, runtime
+        ctx.plan, ctx.runtime, ctx.output_grad_is_scratch = plan, runtime, output_grad_is_scratch
         ctx.save_for_backward(x_RD, *flat_weights)
         # Intermediates (not inputs or outputs) may live on ctx directly; unlike saved tensors,
         # backward can then drop each bucket's pair as soon as it is used, which keeps the peak of
@@ -421,7 +421,7 @@ class _GroupedFFN(torch.autograd.Function):
         ctx.activations = None
         weights = plan.unflatten(flat_weights)
         grad_RD = grad_RD.contiguous()
-        grad_x = x_RD.new_empty(x_RD.shape) if ctx.needs_input_grad[0] else None
+        grad_x = _input_grad_buffer(ctx, x_RD, grad_RD)
         grads: list[list[torch.Tensor | None]] = [[None, None, None] for _ in weights]
         for b, (bucket, rt, index) in enumerate(zip(plan.buckets, runtime, plan.indices)):
             if rt.offs is None:  # no rows: zero gradients, so every expert's gradient hook still fires
@@ -459,7 +459,22 @@ class _GroupedFFN(torch.autograd.Function):
             for g, (slot, h) in enumerate(zip(bucket.slots, bucket.sizes)):
                 grads[slot] = [dw1[g, :h], dw2[g, :, :h], dw3[g, :h] if gated else None]
         flat_grads = [g for slot_grads, w in zip(grads, weights) for g, wt in zip(slot_grads, w) if wt is not None]
-        return (grad_x, None, None, *flat_grads)
+        return (grad_x, None, None, None, *flat_grads)
+
+
+def _input_grad_buffer(ctx: Any, x_RD: torch.Tensor, grad_RD: torch.Tensor) -> torch.Tensor | None:
+    """Where backward writes the input gradient: the output gradient's own rows, when the caller allows it.
+
+    Each expert (bucket) reads its rows of ``grad_RD`` (dW2 and dZ) before it
+    writes the same rows of dX, so dX can overwrite dY in place. That spares a
+    second ``[rows, D]`` buffer at the end of backward, when every weight
+    gradient is alive: the moment the layer's peak memory is set.
+    """
+    if not ctx.needs_input_grad[0]:
+        return None
+    if ctx.output_grad_is_scratch and grad_RD.dtype == x_RD.dtype and grad_RD.shape == x_RD.shape:
+        return grad_RD
+    return x_RD.new_empty(x_RD.shape)
 
 
 class _GroupedPlan:
@@ -525,10 +540,15 @@ class _GroupedPlan:
         return out
 
 
-def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights, plan: _GroupedPlan) -> torch.Tensor:
-    """Apply every local expert to its rows (grouped in ``plan.compute_order``) with grouped GEMMs."""
+def grouped_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights, plan: _GroupedPlan,
+                        output_grad_is_scratch: bool = False) -> torch.Tensor:
+    """Apply every local expert to its rows (grouped in ``plan.compute_order``) with grouped GEMMs.
+
+    ``output_grad_is_scratch``: see :meth:`HeteroExperts.forward`.
+    """
     plan = plan.on(x_RD.device)
-    return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), *plan.flatten(weights))
+    return _GroupedFFN.apply(x_RD, plan, plan.runtime(counts, x_RD.device), output_grad_is_scratch,
+                             *plan.flatten(weights))
 
 
 class _ExpertLoopFFN(torch.autograd.Function):
@@ -545,7 +565,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_RD: torch.Tensor, spans: list[tuple[int, int]], activation: ExpertActivation,  # type: ignore[override]
-                *flat_weights: torch.Tensor) -> torch.Tensor:
+                output_grad_is_scratch: bool, *flat_weights: torch.Tensor) -> torch.Tensor:
         gated = activation.gated
         weights = _unflatten(flat_weights, gated)
         x_RD = x_RD.contiguous()
@@ -561,7 +581,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 z = z.mul_(a3)
             torch.mm(z, w2.t(), out=y_RD[start:end])
             saved.append((a1, a3))
-        ctx.spans, ctx.activation = spans, activation
+        ctx.spans, ctx.activation, ctx.output_grad_is_scratch = spans, activation, output_grad_is_scratch
         ctx.save_for_backward(x_RD, *flat_weights)
         ctx.activations = saved  # intermediates on ctx, so backward can drop each expert's pair early
         return y_RD
@@ -574,7 +594,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
         saved = ctx.activations
         ctx.activations = None
         grad_RD = grad_RD.contiguous()
-        grad_x = torch.empty_like(x_RD) if ctx.needs_input_grad[0] else None
+        grad_x = _input_grad_buffer(ctx, x_RD, grad_RD)
         flat_grads: list[torch.Tensor] = []
         for j, ((start, end), (w1, w2, w3)) in enumerate(zip(ctx.spans, _unflatten(flat_weights, gated))):
             a1, a3 = saved[j]
@@ -598,7 +618,7 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 if gated:
                     dx.addmm_(da3, w3)
             flat_grads += [dw1, dw2] + ([dw3] if gated else [])
-        return (grad_x, None, None, *flat_grads)
+        return (grad_x, None, None, None, *flat_grads)
 
 
 def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -607,12 +627,12 @@ def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Te
 
 
 def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights,
-                     activation: ExpertActivation | str) -> torch.Tensor:
+                     activation: ExpertActivation | str, output_grad_is_scratch: bool = False) -> torch.Tensor:
     """Apply expert j to rows ``[sum(counts[:j]), sum(counts[:j+1]))``, one GEMM chain per expert.
 
     One autograd node for all experts (:class:`_ExpertLoopFFN`); the operator
     count grows with the number of experts, the bytes moved do not exceed the
-    GEMMs' own.
+    GEMMs' own. ``output_grad_is_scratch``: see :meth:`HeteroExperts.forward`.
     """
     activation = ExpertActivation(activation)
     spans, row = [], 0
@@ -620,12 +640,14 @@ def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights
         spans.append((row, row + int(count)))
         row += int(count)
     flat = [w for triple in weights for w in triple if w is not None]
-    return _ExpertLoopFFN.apply(x_RD, spans, activation, *flat)
+    return _ExpertLoopFFN.apply(x_RD, spans, activation, output_grad_is_scratch, *flat)
 
 
 class _ExpertComputeMixin:
     """What both storages share: the path choice, the bucket plan, and ``forward``."""
 
+    #: ``forward`` takes ``output_grad_is_scratch`` (the MoE layer passes it; user expert modules do not).
+    supports_scratch_output_grad = True
     activation: ExpertActivation
     expert_compute: ExpertCompute
     _requested_compute: ExpertCompute
@@ -673,18 +695,19 @@ class _ExpertComputeMixin:
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         raise NotImplementedError
 
-    def _compute(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    def _compute(self, x_RD: torch.Tensor, counts: Sequence[int], output_grad_is_scratch: bool) -> torch.Tensor:
         weights = self.per_expert_weights()
         if len(counts) != len(weights):
             raise ValueError(f"got {len(counts)} token counts for {len(weights)} local experts")
         if sum(int(c) for c in counts) != x_RD.shape[0]:
             raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
         if self._plan is None:
-            return loop_ffn_forward(x_RD, counts, weights, self.activation)
+            return loop_ffn_forward(x_RD, counts, weights, self.activation, output_grad_is_scratch)
         if not self.runs_grouped(x_RD.device, x_RD.dtype):
             # Same math, rows still in the grouped path's compute order (fixed at construction for dispatch).
-            return loop_ffn_forward(x_RD, counts, [weights[j] for j in self._plan.compute_order], self.activation)
-        return grouped_ffn_forward(x_RD, counts, weights, self._plan)
+            return loop_ffn_forward(x_RD, counts, [weights[j] for j in self._plan.compute_order], self.activation,
+                                    output_grad_is_scratch)
+        return grouped_ffn_forward(x_RD, counts, weights, self._plan, output_grad_is_scratch)
 
 
 class FFNExpert(nn.Module):
@@ -822,9 +845,18 @@ class HeteroExperts(_DeepSpeedExpertList, _ExpertComputeMixin, nn.Module):
                     out.append((linear.weight, value))
         return out
 
-    def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
-        return self._compute(x_RD, counts)
+    def forward(self, x_RD: torch.Tensor, counts: Sequence[int], *,
+                output_grad_is_scratch: bool = False) -> torch.Tensor:
+        """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``.
+
+        ``output_grad_is_scratch``: the caller promises that the gradient
+        arriving for the output is a buffer nothing else reads, so backward may
+        overwrite it with the input gradient instead of allocating another
+        ``[rows, D]`` buffer. True inside the MoE layer, where that gradient
+        comes fresh from the gate-weighted combine or the all-to-all; leave it
+        False when the output has other users.
+        """
+        return self._compute(x_RD, counts, output_grad_is_scratch)
 
 
 class _UserModulesOneByOne:
@@ -1202,10 +1234,14 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
             out.append((self.w3, pack(2, 0)))
         return out
 
-    def forward(self, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``."""
+    def forward(self, x_RD: torch.Tensor, counts: Sequence[int], *,
+                output_grad_is_scratch: bool = False) -> torch.Tensor:
+        """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``.
+
+        ``output_grad_is_scratch``: as for :meth:`HeteroExperts.forward`.
+        """
         with _pack_views_saved_by_position(self.packs()):
-            out = self._compute(x_RD, counts)
+            out = self._compute(x_RD, counts, output_grad_is_scratch)
         if self.w3_is_placeholder:
             out = _ZeroGradientTie.apply(out, self.w3)
         return out

@@ -563,7 +563,10 @@ class MoECore:
         plan = plan_dispatch(router, capacity=capacity, slot_to_expert_S=self._constant("slot_to_expert", x.device))
         x_AD = x_TD.index_select(0, plan.token_idx_A)
         x_RD, local_counts, context = self.exchange.to_experts(x_AD, plan.counts)
-        y_RD = self.experts(x_RD, local_counts)
+        # The gradient reaching y_RD comes fresh from scatter_to_tokens or the all-to-all and has no other
+        # reader, so the built-in experts may write their input gradient into it (one [rows, D] buffer less).
+        scratch = {"output_grad_is_scratch": True} if getattr(self.experts, "supports_scratch_output_grad", False) else {}
+        y_RD = self.experts(x_RD, local_counts, **scratch)
         y_AD = self.exchange.from_experts(y_RD, context)
         out = scatter_to_tokens(y_AD, plan, num_tokens).reshape(x.shape)
 

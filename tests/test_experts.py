@@ -111,6 +111,38 @@ def test_grouped_equals_reference_and_loop_in_output_and_every_gradient(storage,
         torch.testing.assert_close(g, l, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("storage", ["module", "packed"])
+@pytest.mark.parametrize("compute", ["loop", "grouped", "auto"])
+@pytest.mark.parametrize("pattern", ["random", "one token", "no token", "all on the widest, rest empty"])
+def test_input_gradient_written_into_a_scratch_output_gradient(storage, compute, pattern):
+    """``output_grad_is_scratch``: the input gradient overwrites the output gradient's buffer, with the same values.
+
+    Without the flag (a caller whose output has other readers) the output
+    gradient is left as it was.
+    """
+    experts = _make(storage, "swiglu", compute, max_buckets=2)
+    slot_counts = COUNT_PATTERNS[pattern]
+    counts = [slot_counts[s] for s in experts.compute_order]
+    x = torch.randn(sum(counts), D)
+    upstream = torch.randn(sum(counts), D)
+    results = {}
+    for scratch in (False, True):
+        experts.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_(True)
+        grad_out = upstream.clone()
+        experts(x_in, counts, output_grad_is_scratch=scratch).backward(grad_out)
+        results[scratch] = (x_in.grad, [w.grad.clone() for w in experts.parameters()], grad_out)
+    dx_private, dw_private, grad_out_private = results[False]
+    dx_scratch, dw_scratch, grad_out_scratch = results[True]
+    torch.testing.assert_close(grad_out_private, upstream, rtol=0, atol=0)
+    torch.testing.assert_close(dx_scratch, dx_private, rtol=1e-6, atol=1e-6)
+    for a, b in zip(dw_scratch, dw_private):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The scratch buffer now holds the input gradient: no second [rows, D] buffer was needed.
+    # (x_in.grad itself is AccumulateGrad's copy, since this test still holds grad_out.)
+    torch.testing.assert_close(grad_out_scratch, dx_private, rtol=1e-6, atol=1e-6)
+
+
 def _per_expert_grads(experts):
     if isinstance(experts, HeteroExperts):
         return [tuple(w.grad for w in (e.w1.weight, e.w2.weight) + ((e.w3.weight,) if e.w3 is not None else ()))
