@@ -304,13 +304,19 @@ def _act_forward(h1: torch.Tensor, activation: ExpertActivation) -> torch.Tensor
     return F.relu(h1)
 
 
-def _act_backward(grad: torch.Tensor, h1: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
-    """``grad * act'(h1)`` with ATen's own derivative kernels (the loop path's autograd uses the same)."""
+def _act_backward(grad: torch.Tensor, h1: torch.Tensor, activation: ExpertActivation,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad * act'(h1)`` with ATen's own derivative kernels (autograd uses the same); into ``out`` if given.
+
+    ``out`` may be ``h1`` itself (elementwise, each element read before it is written).
+    """
+    if out is None:
+        out = torch.empty_like(h1)
     if activation is ExpertActivation.SWIGLU:
-        return torch.ops.aten.silu_backward(grad, h1)
+        return torch.ops.aten.silu_backward.grad_input(grad, h1, grad_input=out)
     if activation in (ExpertActivation.GEGLU, ExpertActivation.GELU):
-        return torch.ops.aten.gelu_backward(grad, h1)
-    return torch.ops.aten.threshold_backward(grad, h1, 0)
+        return torch.ops.aten.gelu_backward.grad_input(grad, h1, grad_input=out)
+    return torch.ops.aten.threshold_backward.grad_input(grad, h1, 0, grad_input=out)
 
 
 @contextlib.contextmanager
@@ -405,6 +411,7 @@ class _GroupedFFN(torch.autograd.Function):
             del z
             saved += [a1, a3 if a3 is not None else x_RD.new_empty(0)]
         ctx.plan, ctx.runtime, ctx.output_grad_is_scratch = plan, runtime, output_grad_is_scratch
+        ctx.input_meta = (x_RD.shape, x_RD.dtype, x_RD.device)
         ctx.save_for_backward(x_RD, *flat_weights)
         # Intermediates (not inputs or outputs) may live on ctx directly; unlike saved tensors,
         # backward can then drop each bucket's pair as soon as it is used, which keeps the peak of
@@ -421,7 +428,7 @@ class _GroupedFFN(torch.autograd.Function):
         ctx.activations = None
         weights = plan.unflatten(flat_weights)
         grad_RD = grad_RD.contiguous()
-        grad_x = _input_grad_buffer(ctx, x_RD, grad_RD)
+        grad_x = _input_grad_buffer(ctx, grad_RD)
         grads: list[list[torch.Tensor | None]] = [[None, None, None] for _ in weights]
         for b, (bucket, rt, index) in enumerate(zip(plan.buckets, runtime, plan.indices)):
             if rt.offs is None:  # no rows: zero gradients, so every expert's gradient hook still fires
@@ -462,19 +469,20 @@ class _GroupedFFN(torch.autograd.Function):
         return (grad_x, None, None, None, *flat_grads)
 
 
-def _input_grad_buffer(ctx: Any, x_RD: torch.Tensor, grad_RD: torch.Tensor) -> torch.Tensor | None:
+def _input_grad_buffer(ctx: Any, grad_RD: torch.Tensor) -> torch.Tensor | None:
     """Where backward writes the input gradient: the output gradient's own rows, when the caller allows it.
 
     Each expert (bucket) reads its rows of ``grad_RD`` (dW2 and dZ) before it
     writes the same rows of dX, so dX can overwrite dY in place. That spares a
     second ``[rows, D]`` buffer at the end of backward, when every weight
-    gradient is alive: the moment the layer's peak memory is set.
+    gradient is alive: the moment the layer's peak memory is set at small batches.
     """
     if not ctx.needs_input_grad[0]:
         return None
-    if ctx.output_grad_is_scratch and grad_RD.dtype == x_RD.dtype and grad_RD.shape == x_RD.shape:
+    shape, dtype, device = ctx.input_meta
+    if ctx.output_grad_is_scratch and grad_RD.dtype == dtype and grad_RD.shape == shape:
         return grad_RD
-    return x_RD.new_empty(x_RD.shape)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class _GroupedPlan:
@@ -556,11 +564,18 @@ class _ExpertLoopFFN(torch.autograd.Function):
 
     Expert j reads rows ``spans[j]`` of the grouped input and writes the same
     rows of a preallocated output, so no per-expert output is concatenated.
-    The math per expert is :class:`_GroupedFFN`'s with G = 1 (same saved
-    tensors: the input view and the pre-activations ``w1 x`` and ``w3 x``; the
-    activation is recomputed in backward, and each expert's pair is released
-    as soon as its backward is done). An expert without rows still returns a
-    zero gradient (an ``[h, 0] x [0, D]`` product), so ZeRO's hooks fire.
+    The math per expert is :class:`_GroupedFFN`'s with G = 1; the activation
+    is recomputed in backward. An expert without rows still returns a zero
+    gradient (an ``[h, 0] x [0, D]`` product), so ZeRO's hooks fire.
+
+    Memory, measured against per-expert autograd (the plain loop): forward
+    keeps, per expert, a copy of its input rows and the pre-activations
+    ``w1 x`` and ``w3 x`` (autograd keeps four ``[n, h]`` tensors); backward
+    releases each expert's three as soon as it is done, from the expert with
+    the most ``rows x width`` down, so that when every weight gradient is alive
+    (the end of backward, where the peak is at small batches) only the smallest
+    expert's temporaries are. The row copies cost one ``[rows, D]`` copy in
+    forward; holding the whole input instead would keep it alive to the end.
     """
 
     @staticmethod
@@ -568,11 +583,10 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 output_grad_is_scratch: bool, *flat_weights: torch.Tensor) -> torch.Tensor:
         gated = activation.gated
         weights = _unflatten(flat_weights, gated)
-        x_RD = x_RD.contiguous()
         y_RD = x_RD.new_empty(x_RD.shape)
-        saved: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
+        saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None] = []
         for (start, end), (w1, w2, w3) in zip(spans, weights):
-            x_nD = x_RD[start:end]
+            x_nD = x_RD[start:end].clone(memory_format=torch.contiguous_format)
             a1 = torch.mm(x_nD, w1.t())
             z = _act_forward(a1, activation)
             a3 = None
@@ -580,45 +594,50 @@ class _ExpertLoopFFN(torch.autograd.Function):
                 a3 = torch.mm(x_nD, w3.t())
                 z = z.mul_(a3)
             torch.mm(z, w2.t(), out=y_RD[start:end])
-            saved.append((a1, a3))
+            saved.append((x_nD, a1, a3))
         ctx.spans, ctx.activation, ctx.output_grad_is_scratch = spans, activation, output_grad_is_scratch
-        ctx.save_for_backward(x_RD, *flat_weights)
-        ctx.activations = saved  # intermediates on ctx, so backward can drop each expert's pair early
+        ctx.input_meta = (x_RD.shape, x_RD.dtype, x_RD.device)
+        ctx.save_for_backward(*flat_weights)
+        ctx.activations = saved  # intermediates on ctx, so backward can drop each expert's three early
         return y_RD
 
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         activation: ExpertActivation = ctx.activation
         gated = activation.gated
-        x_RD, *flat_weights = ctx.saved_tensors
+        weights = _unflatten(ctx.saved_tensors, gated)
         saved = ctx.activations
         ctx.activations = None
         grad_RD = grad_RD.contiguous()
-        grad_x = _input_grad_buffer(ctx, x_RD, grad_RD)
-        flat_grads: list[torch.Tensor] = []
-        for j, ((start, end), (w1, w2, w3)) in enumerate(zip(ctx.spans, _unflatten(flat_weights, gated))):
-            a1, a3 = saved[j]
+        grad_x = _input_grad_buffer(ctx, grad_RD)
+        grads: list[list[torch.Tensor]] = [[] for _ in weights]
+        heaviest_first = sorted(range(len(weights)),
+                                key=lambda j: -(ctx.spans[j][1] - ctx.spans[j][0]) * weights[j][0].shape[0])
+        for j in heaviest_first:
+            (start, end), (w1, w2, w3) = ctx.spans[j], weights[j]
+            x_nD, a1, a3 = saved[j]
             saved[j] = None
-            x_nD, dy = x_RD[start:end], grad_RD[start:end]
+            dy = grad_RD[start:end]
             act = _act_forward(a1, activation)
             dw2 = torch.mm(dy.t(), act * a3 if gated else act)  # [D, h]
             dz = torch.mm(dy, w2)  # [n, h]
             da3 = dw3 = None
             if gated:
-                da3 = dz * act
+                da3 = act.mul_(dz)  # act is not needed again
                 dw3 = torch.mm(da3.t(), x_nD)
                 dz = dz.mul_(a3)
-            del act
-            da1 = _act_backward(dz, a1, activation)
-            del dz, a1, a3
+            del act, a3
+            da1 = _act_backward(dz, a1, activation, out=a1)  # a1 is not needed again
+            del dz
             dw1 = torch.mm(da1.t(), x_nD)
+            del x_nD
             if grad_x is not None:
                 dx = grad_x[start:end]
                 torch.mm(da1, w1, out=dx)
                 if gated:
                     dx.addmm_(da3, w3)
-            flat_grads += [dw1, dw2] + ([dw3] if gated else [])
-        return (grad_x, None, None, None, *flat_grads)
+            grads[j] = [dw1, dw2] + ([dw3] if gated else [])
+        return (grad_x, None, None, None, *[g for expert in grads for g in expert])
 
 
 def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
