@@ -12,7 +12,8 @@ per-row reference in ``tests/reference.py``):
 ``loop``: one GEMM chain per expert on contiguous slices of the grouped token
 buffer, 3 matmuls forward and 6 backward *per expert*, all experts in one
 autograd node (:class:`_ExpertLoopFFN`) that writes each expert's rows of the
-output in place and keeps only the two pre-activations per expert. Its
+output in place and keeps only a copy of its input rows and the two
+pre-activations per expert, freed expert by expert in backward. Its
 operator count grows with the number of experts; its GEMMs are exactly the
 experts' own, with no padding and no weight copy.
 
