@@ -143,6 +143,29 @@ def test_input_gradient_written_into_a_scratch_output_gradient(storage, compute,
     torch.testing.assert_close(grad_out_scratch, dx_private, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("storage", ["module", "packed"])
+def test_loop_path_does_not_hold_the_whole_input_until_backward(storage):
+    """The loop keeps per-expert copies of its rows, freed one by one in backward, not the grouped input buffer.
+
+    Holding the buffer would keep one ``[rows, D]`` tensor alive to the end of
+    backward, when every weight gradient is: the layer's peak at small batches.
+    """
+    import gc
+    import weakref
+
+    experts = _make(storage, "swiglu", "loop")
+    counts = COUNT_PATTERNS["random"]
+    base = torch.randn(sum(counts), D, requires_grad=True)
+    x_RD = base * 1.0  # a non-leaf, as the layer's gathered rows are; MulBackward saves no tensor of it
+    out = experts(x_RD, counts)
+    alive = weakref.ref(x_RD)
+    del x_RD
+    gc.collect()
+    assert alive() is None
+    out.backward(torch.ones_like(out))
+    assert base.grad is not None and torch.isfinite(base.grad).all()
+
+
 def _per_expert_grads(experts):
     if isinstance(experts, HeteroExperts):
         return [tuple(w.grad for w in (e.w1.weight, e.w2.weight) + ((e.w3.weight,) if e.w3 is not None else ()))
