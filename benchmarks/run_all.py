@@ -44,9 +44,10 @@ def target_summary(layer: Table) -> list[str]:
     for (experts, d_model, tokens), bound in FLOOR_TARGETS.items():
         rows = [r for r in layer.rows if r[col["E"]] == experts and r[col["T"]] == tokens
                 and (d_model is None or r[col["d"]] == d_model)]
-        where = f"E={experts}, T={tokens}" + ("" if d_model is None else f", d={d_model}")
+        where = f"E={experts}, T={tokens}"
         if not rows:
-            lines.append(f"HMoE top-2 at most {bound}x the dense floor at {where}: not measured in this mode")
+            d_any = "" if d_model is None else f", d={d_model}"
+            lines.append(f"HMoE top-2 at most {bound}x the dense floor at {where}{d_any}: not measured in this mode")
         for r in rows:
             ratio = r[col["HMoE/floor"]]
             lines.append(f"HMoE top-2 at most {bound}x the dense floor at {where}, d={r[col['d']]}: {ratio:.2f}x -> "

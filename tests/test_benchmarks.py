@@ -82,3 +82,30 @@ def test_quick_memory_benchmark_produces_a_complete_table(tmp_path: Path) -> Non
     targets = next(t for t in result["tables"] if t["title"].startswith("ZeRO-3 memory targets"))
     assert [row[:2] for row in targets["rows"]] == [["zero3", 2]], targets
     assert all(row[3] in ("PASS", "FAIL") for row in targets["rows"]), targets
+
+
+def test_target_summary_checks_each_issue_target_once_per_row() -> None:
+    """The layer benchmark's verdicts: each CPU target against its rows, with MET/MISSED and the rows that miss."""
+    from benchmarks.common import Table
+    from benchmarks.run_all import target_summary
+
+    headers = ["T", "E", "d", "HMoE/floor", "HMoE/DS", "HMoE/plain", "HMoE MiB", "plain MiB"]
+    rows = [
+        [2048, 8, 256, 1.05, 0.9, 0.9, 34.0, 49.0],
+        [8192, 8, 256, 1.01, 0.8, 0.9, 138.0, 194.0],
+        [8192, 32, 512, 1.2, 1.01, 0.7, 278.0, 393.0],
+        [2048, 32, 256, 1.6, 0.9, 0.8, 57.0, 55.0],
+    ]
+    lines = target_summary(Table("layer", headers, rows, []))
+    assert "HMoE top-2 at most 1.1x the dense floor at E=8, T=2048, d=256: 1.05x -> MET" in lines
+    assert "HMoE top-2 at most 1.0x the dense floor at E=8, T=8192, d=256: 1.01x -> MISSED" in lines
+    assert "HMoE top-2 at most 1.3x the dense floor at E=32, T=8192, d=512: 1.20x -> MET" in lines
+    assert "HMoE top-2 at most 1.5x the dense floor at E=32, T=2048, d=256: 1.60x -> MISSED" in lines
+    assert "HMoE faster than DeepSpeed MoE: 3/4 rows; not at T=8192 E=32 d=512 (1.01x)" in lines
+    assert "HMoE faster than the plain per-expert loop: 4/4 rows" in lines
+    assert ("HMoE peak memory no higher than the plain loop's: 3/4 rows; higher at T=2048 E=32 d=256 "
+            "(57 vs 55 MiB)") in lines
+    assert not any(line.count("d=") > 1 for line in lines)
+    # A target whose configuration the run did not include says so.
+    only_e8 = target_summary(Table("layer", headers, rows[:1], []))
+    assert "HMoE top-2 at most 1.3x the dense floor at E=32, T=8192, d=512: not measured in this mode" in only_e8
