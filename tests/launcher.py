@@ -55,10 +55,23 @@ DS_CONFIG: dict[str, Any] = {
 }
 
 
-def environment(cache: Path, **extra: str) -> dict[str, str]:
-    """This environment, offline, CPU accelerator, one thread per rank, data cached in ``cache``, plus ``extra``."""
+#: Added to a launched run's environment unless the test asks for the user's own (``as_user=True``).
+#: ``TORCHDYNAMO_DISABLE=1`` (PyTorch's switch) turns ``torch.compile`` into a no-op decorator. hmoe-ds
+#: compiles nothing, but DeepSpeed's ZeRO optimizer check imports its Muon optimizer, whose
+#: ``@torch.compile`` decorators import torch._inductor: 1.5 s of CPU per rank, about a tenth of a tiny run's
+#: start-up. The runs of ``tests/test_train_e2e.py`` (ZeRO-2 and ZeRO-3) keep the environment as a user has it.
+FAST_START: dict[str, str] = {"TORCHDYNAMO_DISABLE": "1"}
+
+
+def environment(cache: Path, as_user: bool = False, **extra: str) -> dict[str, str]:
+    """This environment, offline, CPU accelerator, one thread per rank, data cached in ``cache``, plus ``extra``.
+
+    Unless ``as_user``, also :data:`FAST_START`.
+    """
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if not as_user:
+        env.update(FAST_START)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HMOE_DS_CACHE=str(cache), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **extra)
     return env
@@ -107,16 +120,18 @@ def write_configs(tmp: Path, experiment: dict[str, Any], ds: dict[str, Any]) -> 
 
 def train(tmp: Path, *extra: str, experiment: dict[str, Any] = EXPERIMENT, ds: dict[str, Any] = DS_CONFIG,
           ranks: int = 2, cache: Path | None = None, env: dict[str, str] | None = None,
-          timeout: float = 300, watch: Callable[[int], None] | None = None) -> subprocess.CompletedProcess:
+          timeout: float = 300, watch: Callable[[int], None] | None = None,
+          as_user: bool = False) -> subprocess.CompletedProcess:
     """``deepspeed --num_accelerators <ranks> run/train.py`` into ``tmp/out``; ``extra`` are train.py arguments.
 
-    The run's master port is ``tests.distributed.PORTS[-1]`` afterwards; ``watch`` as for :func:`run`.
+    The run's master port is ``tests.distributed.PORTS[-1]`` afterwards; ``watch`` as for :func:`run`;
+    ``as_user`` as for :func:`environment`.
     """
     exp_file, ds_file = write_configs(tmp, experiment, ds)
     cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(free_port()), "run/train.py",
            "--config", str(exp_file), "--deepspeed_config", str(ds_file), "--set", f"run.output_dir={tmp / 'out'}",
            *extra]
-    return run(cmd, environment(cache or tmp / "cache", **(env or {})), timeout, watch)
+    return run(cmd, environment(cache or tmp / "cache", as_user, **(env or {})), timeout, watch)
 
 
 def output(proc: subprocess.CompletedProcess) -> str:

@@ -45,7 +45,9 @@ def load_driver() -> ModuleType:
 
 
 def run_driver(tmp: Path, *args: str, timeout: float = 300, **env_extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HMOE_DS_CACHE": str(tmp / "cache"), **env_extra}
+    from .launcher import FAST_START
+
+    env = {**os.environ, **FAST_START, "DS_ACCELERATOR": "cpu", "HMOE_DS_CACHE": str(tmp / "cache"), **env_extra}
     cmd = [sys.executable, str(SCRIPT), "--scale", "0.5", "--steps", str(STEPS), "--arms", ",".join(ARMS),
            "--seeds", str(len(SEEDS)), "--out", str(tmp / "out"),
            "--set", "data.max_chars=150000", "data.vocab_size=512", *args]

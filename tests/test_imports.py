@@ -205,3 +205,24 @@ def test_architecture_doc_lists_every_layer() -> None:
         for entry in entries:
             short = entry.removeprefix("hmoe_ds.").replace(".", "/") if entry != "hmoe_ds" else "hmoe_ds/__init__"
             assert short in doc, f"{entry} ({name}) is not in docs/ARCHITECTURE.md"
+
+
+# --------------------------------------------------------------------------- start-up: what a process imports
+
+
+#: Heavy packages a training rank imports only when it uses them (a figure, an evaluation harness); checked by
+#: ``sys.modules`` in a fresh interpreter, not by timing. torch is the one heavy import of these modules.
+NOT_AT_IMPORT = ("matplotlib", "lm_eval", "scipy", "pandas", "sklearn", "tensorboard", "torch._inductor")
+
+
+@pytest.mark.parametrize("module", ["hmoe_ds.training.trainer", "hmoe_ds.training.metrics", "hmoe_ds.launch"])
+def test_importing_the_training_modules_imports_no_heavy_package(module: str) -> None:
+    import subprocess
+    import sys
+
+    code = (f"import sys, {module}\n"
+            f"print(sorted(m for m in {NOT_AT_IMPORT!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", f"importing {module} imported {proc.stdout.strip()}"

@@ -166,3 +166,26 @@ def test_defect5_an_output_dir_held_by_a_live_run_is_refused_before_the_runner(f
     finally:
         lock.release()
     assert run_main(["--num_accelerators", "2", *train_args(files)]) is None
+
+
+def test_entry_points_build_deepspeeds_ops_with_this_environments_ninja(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another ``ninja`` first on PATH (plain ``mpirun .venv/bin/python run/train.py``): the venv's bin goes first.
+
+    DeepSpeed's op builds run ``ninja`` from PATH; two ninja versions cannot read each other's build log, so
+    each switch rebuilt the ops from scratch (test_multinode's plain-mpirun run took 90 s instead of 15 s).
+    """
+    from hmoe_ds.env import use_this_environments_ninja
+
+    own = Path(sys.executable).parent / "ninja"
+    if not own.is_file():
+        pytest.skip("this environment has no ninja of its own")
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\nexit 0\n")
+    (other / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    use_this_environments_ninja()
+    assert os.environ["PATH"] == f"{own.parent}{os.pathsep}{other}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    use_this_environments_ninja()  # already first: PATH unchanged
+    assert os.environ["PATH"].split(os.pathsep).count(str(own.parent)) == 1

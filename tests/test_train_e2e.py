@@ -25,7 +25,7 @@ STEPS = EXPERIMENT["run"]["train_steps"]
 
 
 def launch(tmp: Path, *extra: str, ds: dict[str, Any] = DS_CONFIG, timeout: float = 150) -> subprocess.CompletedProcess:
-    return train(tmp, *extra, ds=ds, timeout=timeout)
+    return train(tmp, *extra, ds=ds, timeout=timeout, as_user=True)  # the environment as a user has it
 
 
 @pytest.fixture(scope="module")
