@@ -20,6 +20,37 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# --------------------------------------------------------------------------- pytest-xdist: one worker per shared run
+
+#: Session fixtures that launch training runs: every test using one of them runs on one pytest-xdist worker.
+SESSION_RUNS = frozenset({"zero2_ep2_run", "zero3_ep2_run", "zero2_export", "zero2_sigkilled_run"})
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    """The group of tests that must share ``item``'s pytest-xdist worker, or None if it may run on any.
+
+    A session or module fixture is set up once per worker, so the tests of one launched run must share a
+    worker, or the run is launched on each: the users of :data:`SESSION_RUNS` form one group, and the users of
+    a test module's own module- or session-scoped fixture (``trained``, ``base_run``, ...) one per module.
+    """
+    names = set(getattr(item, "fixturenames", ()))
+    if names & SESSION_RUNS:
+        return "session_runs"
+    info = getattr(item, "_fixtureinfo", None)
+    for name in sorted(names):
+        for fixturedef in (info.name2fixturedefs.get(name, ()) if info is not None else ()):
+            if fixturedef.scope in ("module", "session") and fixturedef.func.__module__ == item.module.__name__:
+                return item.module.__name__
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 # --------------------------------------------------------------------------- trained runs shared by test modules
 
 
