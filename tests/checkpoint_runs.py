@@ -11,8 +11,9 @@ import copy
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from .distributed import PORTS
 from .launcher import DS_CONFIG, EXPERIMENT, output, read_metrics, train
 
 STEPS = 6
@@ -41,6 +42,7 @@ class Run:
     ds_name: str
     proc: subprocess.CompletedProcess
     cache: Path
+    port: int  # its MASTER_PORT, part of its /dev/shm segments' names
 
     @property
     def out(self) -> Path:
@@ -55,10 +57,10 @@ class Run:
 
 
 def launch(tmp: Path, ds_name: str, cache: Path, *extra: str, env: dict[str, str] | None = None,
-           ranks: int = 2, exp: dict[str, Any] | None = None) -> Run:
+           ranks: int = 2, exp: dict[str, Any] | None = None, watch: Callable[[int], None] | None = None) -> Run:
     proc = train(tmp, *extra, experiment=exp or experiment(), ds=DS_CONFIGS[ds_name], cache=cache, env=env,
-                 ranks=ranks, timeout=400)
-    return Run(tmp, ds_name, proc, cache)
+                 ranks=ranks, timeout=400, watch=watch)
+    return Run(tmp, ds_name, proc, cache, PORTS[-1])
 
 
 def reference_run(tmp: Path, ds_name: str, cache: Path) -> Run:

@@ -20,6 +20,37 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+# --------------------------------------------------------------------------- pytest-xdist: one worker per shared run
+
+#: Session fixtures that launch training runs: every test using one of them runs on one pytest-xdist worker.
+SESSION_RUNS = frozenset({"zero2_ep2_run", "zero3_ep2_run", "zero2_export", "zero2_sigkilled_run"})
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    """The group of tests that must share ``item``'s pytest-xdist worker, or None if it may run on any.
+
+    A session or module fixture is set up once per worker, so the tests of one launched run must share a
+    worker, or the run is launched on each: the users of :data:`SESSION_RUNS` form one group, and the users of
+    a test module's own module- or session-scoped fixture (``trained``, ``base_run``, ...) one per module.
+    """
+    names = set(getattr(item, "fixturenames", ()))
+    if names & SESSION_RUNS:
+        return "session_runs"
+    info = getattr(item, "_fixtureinfo", None)
+    for name in sorted(names):
+        for fixturedef in (info.name2fixturedefs.get(name, ()) if info is not None else ()):
+            if fixturedef.scope in ("module", "session") and fixturedef.func.__module__ == item.module.__name__:
+                return item.module.__name__
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 # --------------------------------------------------------------------------- trained runs shared by test modules
 
 
@@ -43,6 +74,22 @@ def zero3_ep2_run(tmp_path_factory: pytest.TempPathFactory, data_cache):
     from .checkpoint_runs import reference_run
 
     return reference_run(tmp_path_factory.mktemp("zero3_ep2"), "zero3", data_cache)
+
+
+@pytest.fixture(scope="session")
+def zero2_sigkilled_run(zero2_ep2_run, tmp_path_factory: pytest.TempPathFactory):
+    """The ZeRO-2 EP 2 reference experiment again, rank 1 SIGKILLed inside step 5 (after the step-3 save).
+
+    Returns ``(run, segments)``: :class:`MappedSegments` saw the run's /dev/shm segments while it ran.
+    ``tests/test_checkpoint.py`` resumes the run in place and compares it with the reference;
+    ``tests/test_clean_exit.py`` checks that the kill left no segment behind.
+    """
+    from .checkpoint_runs import launch
+
+    segments = MappedSegments()
+    run = launch(tmp_path_factory.mktemp("zero2_sigkilled"), "zero2_offload", zero2_ep2_run.cache,
+                 env={"HMOE_DS_TEST_KILL_DURING_STEP": "5", "HMOE_DS_TEST_KILL_RANK": "1"}, watch=segments)
+    return run, segments
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +121,39 @@ def shm_names_of_ports(ports: set[str]) -> list[str]:
     if not SHM_DIR.is_dir():
         return []
     return sorted(p.name for p in SHM_DIR.glob(f"{SHM_PREFIX}_*") if p.name.rsplit("_", 2)[-2] in ports)
+
+
+class MappedSegments:
+    """``watch`` for :func:`tests.launcher.train`: the latest run's shm segments that its processes map, each
+    with whether a process's mapping already showed it unlinked (``(deleted)`` in ``/proc/<pid>/maps``)."""
+
+    def __init__(self) -> None:
+        self.mapped: dict[str, bool] = {}
+
+    def __call__(self, pgid: int) -> None:
+        from pathlib import Path
+
+        from hmoe_ds.distributed_env import SHM_PREFIX
+
+        from .distributed import PORTS
+
+        port = str(PORTS[-1])
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getpgid(int(pid)) != pgid:  # only this run's runner and ranks
+                    continue
+                maps = Path(f"/proc/{pid}/maps").read_text()
+            except OSError:  # the process ended meanwhile (ProcessLookupError is an OSError)
+                continue
+            for line in maps.splitlines():
+                if f"/dev/shm/{SHM_PREFIX}_" not in line:
+                    continue
+                entry = line.split("/dev/shm/", 1)[1]
+                name = entry.removesuffix(" (deleted)")
+                if name.rsplit("_", 2)[-2] == port:
+                    self.mapped[name] = self.mapped.get(name, False) or entry.endswith(" (deleted)")
 
 
 #: OpenMPI's shared-memory files (``sm_segment.<host>.<uid>.<job>.<rank>``): a process that initialises MPI

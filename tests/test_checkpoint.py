@@ -52,17 +52,19 @@ def digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_sigkill_during_a_step_then_resume_is_bitwise_identical(zero2_ep2_run: Run, tmp_path: Path) -> None:
-    """ZeRO-2 + CPU offload, EP=2: rank 1 dies inside step 5; --resume continues from step 3."""
-    crashed = launch(tmp_path, "zero2_offload", zero2_ep2_run.cache,
-                     env={"HMOE_DS_TEST_KILL_DURING_STEP": "5", "HMOE_DS_TEST_KILL_RANK": "1"})
+def test_sigkill_during_a_step_then_resume_is_bitwise_identical(zero2_ep2_run: Run, zero2_sigkilled_run) -> None:
+    """ZeRO-2 + CPU offload, EP=2: rank 1 dies inside step 5; --resume continues from step 3.
+
+    The crashed run is the session's (``tests/conftest.py``; ``tests/test_clean_exit.py`` checks its /dev/shm).
+    """
+    crashed, _ = zero2_sigkilled_run
     assert crashed.proc.returncode != 0, output(crashed.proc)
     assert "SIGKILL during step 5" in crashed.proc.stdout + crashed.proc.stderr
     checkpoints = crashed.out / "checkpoints"
     assert read_latest(checkpoints) == f"step_{SAVE_EVERY}"
     assert not (checkpoints / f"step_{STEPS}").exists()
 
-    resumed = launch(tmp_path, "zero2_offload", zero2_ep2_run.cache, "--resume")
+    resumed = launch(crashed.tmp, "zero2_offload", zero2_ep2_run.cache, "--resume")
     assert resumed.proc.returncode == 0, output(resumed.proc)
     assert f"resumed from {checkpoints / f'step_{SAVE_EVERY}'} at step {SAVE_EVERY}" in resumed.proc.stdout
     assert_same_steps(resumed, zero2_ep2_run)

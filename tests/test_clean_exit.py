@@ -5,12 +5,12 @@ run's MASTER_PORT (``hmoe_ds.distributed_env``); the entry points unlink the
 names once every rank has mapped them. Here: while a run trains, its ranks map
 the segments and the names are already gone; a rank SIGKILLed mid-run leaves
 nothing; a finished ZeRO-3 run exits 0 on every rank without an abort at exit.
-``tests/conftest.py`` checks /dev/shm after every multi-rank test as well.
+Both runs are the session's (``tests/conftest.py``), shared with the checkpoint
+tests. ``tests/conftest.py`` checks /dev/shm after every multi-rank test as well.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
@@ -18,40 +18,11 @@ import pytest
 
 from hmoe_ds.distributed_env import SHM_DIR, SHM_PREFIX
 
-from .conftest import shm_names_of_ports
-from .distributed import PORTS
-from .launcher import DS_CONFIG, EXPERIMENT, output, train
+from .checkpoint_runs import Run
+from .conftest import MappedSegments, shm_names_of_ports
+from .launcher import DS_CONFIG, EXPERIMENT, output
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-ZERO3 = {**copy.deepcopy(DS_CONFIG), "zero_optimization": {"stage": 3}}
-
-
-class MappedSegments:
-    """``watch`` for :func:`tests.launcher.train`: the latest run's shm segments that its processes map, each
-    with whether a process's mapping already showed it unlinked (``(deleted)`` in ``/proc/<pid>/maps``)."""
-
-    def __init__(self) -> None:
-        self.mapped: dict[str, bool] = {}
-
-    def __call__(self, pgid: int) -> None:
-        port = str(PORTS[-1])
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                if os.getpgid(int(pid)) != pgid:  # only this run's runner and ranks
-                    continue
-                maps = Path(f"/proc/{pid}/maps").read_text()
-            except OSError:  # the process ended meanwhile (ProcessLookupError is an OSError)
-                continue
-            for line in maps.splitlines():
-                if f"/dev/shm/{SHM_PREFIX}_" not in line:
-                    continue
-                entry = line.split("/dev/shm/", 1)[1]
-                name = entry.removesuffix(" (deleted)")
-                if name.rsplit("_", 2)[-2] == port:
-                    self.mapped[name] = self.mapped.get(name, False) or entry.endswith(" (deleted)")
 
 
 def _requires_shm() -> None:
@@ -59,15 +30,16 @@ def _requires_shm() -> None:
         pytest.skip("needs Linux /dev/shm and /proc")
 
 
-def test_sigkilled_rank_leaves_no_shared_memory(tmp_path: Path) -> None:
-    """Rank 1 SIGKILLs itself in step 3: the run fails, yet no segment of its port is left in /dev/shm."""
+def test_sigkilled_rank_leaves_no_shared_memory(zero2_sigkilled_run: tuple[Run, MappedSegments]) -> None:
+    """Rank 1 SIGKILLs itself in step 5: the run fails, yet no segment of its port is left in /dev/shm.
+
+    The run is the session's (``tests/conftest.py``), which ``tests/test_checkpoint.py`` resumes.
+    """
     _requires_shm()
-    watch = MappedSegments()
-    proc = train(tmp_path, ds=ZERO3, env={"HMOE_DS_TEST_KILL_DURING_STEP": "3", "HMOE_DS_TEST_KILL_RANK": "1"},
-                 timeout=240, watch=watch)
-    port = str(PORTS[-1])
+    run, watch = zero2_sigkilled_run
+    proc, port = run.proc, str(run.port)
     assert proc.returncode != 0, output(proc)
-    assert "SIGKILL during step 3" in proc.stdout + proc.stderr, output(proc)
+    assert "SIGKILL during step 5" in proc.stdout + proc.stderr, output(proc)
     # The segments existed and were mapped by the live ranks (so the check below is not vacuous) ...
     assert sorted(watch.mapped) == sorted(f"{SHM_PREFIX}_{os.getuid()}_127.0.0.1_{port}_{r}" for r in (0, 1)), \
         watch.mapped
@@ -77,17 +49,20 @@ def test_sigkilled_rank_leaves_no_shared_memory(tmp_path: Path) -> None:
     assert shm_names_of_ports({port}) == []
 
 
-def test_finished_zero3_run_exits_zero_on_every_rank(tmp_path: Path) -> None:
-    """A finished 2-rank ZeRO-3 run: launcher exit 0 (every rank 0), no abort at exit, nothing in /dev/shm."""
+def test_finished_zero3_run_exits_zero_on_every_rank(zero3_ep2_run: Run) -> None:
+    """A finished 2-rank ZeRO-3 run: launcher exit 0 (every rank 0), no abort at exit, nothing in /dev/shm.
+
+    The run is the session's ZeRO-3 EP 2 reference (``tests/checkpoint_runs.py``).
+    """
     _requires_shm()
-    proc = train(tmp_path, ds=ZERO3, timeout=240)
+    proc = zero3_ep2_run.proc
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, output(proc)
     assert "done: " in proc.stdout, output(proc)  # rank 0's summary: the run really finished
     # DeepSpeed's launcher names any rank that exits non-zero; a teardown abort prints "terminate called".
     for sign in ("terminate called", "exits with return code", "Fatal Python error", "final barrier failed"):
         assert sign not in text, output(proc)
-    assert shm_names_of_ports({str(PORTS[-1])}) == []
+    assert shm_names_of_ports({str(zero3_ep2_run.port)}) == []
 
 
 def test_a_lone_process_starts_no_mpi_and_leaves_no_openmpi_segment(tmp_path: Path) -> None:

@@ -93,6 +93,7 @@ def test_the_initial_model_does_not_depend_on_zero_stage_ep_size_or_placement(
     ],
 )
 def test_zero3_at_realistic_sizes_trains_like_zero1(name: str, stage: int, ranks: int, moe: dict, offload: bool,
+                                                    zero1_reference: dict[int, float],
                                                     tmp_path_factory: pytest.TempPathFactory, data_cache) -> None:
     """ZeRO-3 with DeepSpeed's default buckets, any placement, EP 1 and EP 2 (x DP 2), +- offload: ZeRO-1's losses.
 
@@ -101,7 +102,7 @@ def test_zero3_at_realistic_sizes_trains_like_zero1(name: str, stage: int, ranks
     all-gathers of different sizes on the two ranks and gloo aborted with a
     collective mismatch on the first step.
     """
-    reference = _zero1_reference(tmp_path_factory, data_cache)
+    reference = zero1_reference
     out = _train_ok(tmp_path_factory.mktemp(name), experiment=_experiment(REALISTIC, **moe),
                     ds=_ds(stage, ranks, offload), ranks=ranks, cache=data_cache, timeout=600)
     losses = _losses(out)
@@ -110,15 +111,12 @@ def test_zero3_at_realistic_sizes_trains_like_zero1(name: str, stage: int, ranks
         assert losses[step] == pytest.approx(value, rel=1e-5), (losses, reference)
 
 
-_REFERENCE: dict[str, dict[int, float]] = {}
-
-
-def _zero1_reference(tmp_path_factory: pytest.TempPathFactory, data_cache) -> dict[int, float]:
-    if "losses" not in _REFERENCE:
-        out = _train_ok(tmp_path_factory.mktemp("zero1_reference"), experiment=REALISTIC, ds=_ds(1, 2), ranks=2,
-                        cache=data_cache, timeout=600)
-        _REFERENCE["losses"] = _losses(out)
-    return _REFERENCE["losses"]
+@pytest.fixture(scope="module")
+def zero1_reference(tmp_path_factory: pytest.TempPathFactory, data_cache) -> dict[int, float]:
+    """The realistic-size experiment's step losses under ZeRO-1 on 2 ranks, DeepSpeed's defaults."""
+    out = _train_ok(tmp_path_factory.mktemp("zero1_reference"), experiment=REALISTIC, ds=_ds(1, 2), ranks=2,
+                    cache=data_cache, timeout=600)
+    return _losses(out)
 
 
 def test_elastic_resume_at_another_world_size_carries_the_optimizer_state(tmp_path: Path, data_cache) -> None:
