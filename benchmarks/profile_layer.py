@@ -34,8 +34,13 @@ from .common import Table, default_dtype, pick_device, setup_threads, time_inter
 # --------------------------------------------------------------------------- prototypes
 
 
-def _fused_gate_up_forward(self: Any, x_RD: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:  # noqa: D401
-    """Prototype: one [2h, d] GEMM for gate+up per expert (w1 and w3 concatenated), output preallocated."""
+def _fused_gate_up_forward(
+    self: Any, x_RD: torch.Tensor, counts: Sequence[int], *, output_grad_is_scratch: bool = False
+) -> torch.Tensor:  # noqa: D401
+    """Prototype: one [2h, d] GEMM for gate+up per expert (w1 and w3 concatenated), output preallocated.
+
+    Plain autograd, so ``output_grad_is_scratch`` (the layer's offer of its gradient buffer) is ignored.
+    """
     chunks = torch.split(x_RD, list(counts), dim=0)
     outputs = []
     for expert, chunk in zip(self.deepspeed_experts, chunks):
@@ -140,7 +145,7 @@ def run(cfg: LayerConfig, threads: int, repeats: int = 5) -> list[Table]:
     hidden = round(stats[0].activated_expert_params_per_token / (3 * cfg.d_model))
     floor = build_module(dict(base, kind="floor", hidden=hidden)).to(device, dtype)
     routing = build_module(dict(base, kind="hmoe", variant="hmoe")).to(device, dtype)
-    routing.deepspeed_moe.experts.forward = lambda x_RD, counts: x_RD  # identity experts
+    routing.deepspeed_moe.experts.forward = lambda x_RD, counts, **_: x_RD  # identity experts (ignores output_grad_is_scratch)
 
     chunked_floor = _TokenChunked(floor, cfg.experts)
     steps: dict[str, Callable[[], None]] = {

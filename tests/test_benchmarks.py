@@ -47,6 +47,20 @@ def test_quick_benchmarks_print_tables_with_finite_ratios(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_layer_profile_runs_its_phases_prototypes_and_op_table(tmp_path: Path) -> None:
+    """``benchmarks.profile_layer`` monkeypatches the experts' forward; it must follow the experts' call signature."""
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.profile_layer", "--tokens", "256", "--experts", "4", "--d-model", "64",
+         "--repeats", "1", "--threads", "1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for text in ("routing only", "experts only", "HMoE + ", "aten::mm"):
+        assert text in proc.stdout, (text, proc.stdout[-4000:])
+
+
+@pytest.mark.slow
 def test_quick_memory_benchmark_produces_a_complete_table(tmp_path: Path) -> None:
     """``bench_memory --quick`` launches the real train/resume/export jobs at 1 and 2 ranks and tabulates them.
 
