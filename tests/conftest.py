@@ -44,11 +44,34 @@ def xdist_group(item: pytest.Item) -> str | None:
     return None
 
 
+def longest_units_first(items: list[pytest.Item], groups: list[str | None]) -> list[pytest.Item]:
+    """``items`` reordered so that pytest-xdist hands out the longest work units first.
+
+    A unit is a group (all its tests go to one worker) or a lone test. Its cost is estimated by its number of
+    ``slow`` tests, then its number of tests: on 2 workers the long launched runs then overlap each other, and
+    the run ends on many short units that keep both workers busy, not on one long run with the other worker
+    idle. The order inside a unit, and between units of equal cost, is the collection order.
+    """
+    units: dict[str, list[pytest.Item]] = {}
+    for item, group in zip(items, groups):
+        units.setdefault(group if group is not None else item.nodeid, []).append(item)
+
+    def cost(unit: list[pytest.Item]) -> tuple[int, int]:
+        return sum(item.get_closest_marker("slow") is not None for item in unit), len(unit)
+
+    return [item for unit in sorted(units.values(), key=cost, reverse=True) for item in unit]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the markers to group the tests
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        group = xdist_group(item)
+    groups = [xdist_group(item) for item in items]
+    for item, group in zip(items, groups):
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    # Only in pytest-xdist's workers (they collect; the controller schedules in their order, given
+    # --no-loadscope-reorder): a plain run keeps pytest's order, which sets up each module fixture once.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items[:] = longest_units_first(items, groups)
 
 
 # --------------------------------------------------------------------------- trained runs shared by test modules
