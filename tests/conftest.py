@@ -203,6 +203,24 @@ def mpi_segment_users() -> dict[str, set[int]]:
     return names
 
 
+def abandoned_mpi_segments(before: set[str], owners: frozenset[int] = frozenset()) -> list[str]:
+    """OpenMPI segments made since ``before`` that no process other than ``owners`` maps, twice 0.5 s apart.
+
+    With two pytest-xdist workers, another worker's MPI run may be creating its segment at this moment: the
+    file exists a moment before its creator maps it. A leaked segment stays unmapped; a new one does not.
+    """
+    import time
+
+    def unmapped() -> set[str]:
+        return {name for name, users in mpi_segment_users().items() if name not in before and users <= owners}
+
+    first = unmapped()
+    if not first:
+        return []
+    time.sleep(0.5)
+    return sorted(first & unmapped())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _mpi_segments_of_the_session():
     """Remove the OpenMPI segments this session's processes made and no other process uses, at its end.
@@ -218,9 +236,8 @@ def _mpi_segments_of_the_session():
     yield
     from pathlib import Path
 
-    for name, users in mpi_segment_users().items():
-        if name not in before and users <= {os.getpid()}:
-            (Path("/dev/shm") / name).unlink(missing_ok=True)
+    for name in abandoned_mpi_segments(before, owners=frozenset({os.getpid()})):
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)
@@ -240,7 +257,7 @@ def _no_shm_segments_left(request: pytest.FixtureRequest):
 
     left = shm_names_of_ports({str(p) for p in PORTS})
     # OpenMPI segments that appeared during the test and that no process maps any more: a launched process leaked
-    mpi_left = sorted(name for name, users in mpi_segment_users().items() if name not in mpi_before and not users)
+    mpi_left = abandoned_mpi_segments(mpi_before)
     if not left and not mpi_left:
         return
     from hmoe_ds.distributed_env import SHM_DIR

@@ -145,3 +145,39 @@ def test_only_rank0_reports_a_plan_error_and_the_others_wait_for_it(
         assert "train_batch_size=100 != train_micro_batch_size_per_gpu (4)" in err
     else:
         assert err == "" and took >= 0.5
+
+
+def test_a_leaked_openmpi_segment_is_found_and_one_being_created_is_not() -> None:
+    """The /dev/shm checks of ``tests/conftest.py`` with two pytest-xdist workers: a segment nobody maps is a
+    leak; one whose creator maps it within the 0.5 s re-check is another worker's run starting, left alone."""
+    import mmap
+    import threading
+    import time
+    import uuid
+
+    from .conftest import abandoned_mpi_segments, mpi_segment_users
+
+    before = set(mpi_segment_users())
+    leaked = Path(f"/dev/shm/sm_segment.test-{uuid.uuid4().hex}.0.1.0")
+    starting = Path(f"/dev/shm/sm_segment.test-{uuid.uuid4().hex}.0.2.0")
+    mapped: list[mmap.mmap] = []
+
+    def create_then_map() -> None:
+        starting.write_bytes(b"\0" * 4096)
+        time.sleep(0.2)  # the creator maps it a moment after the file appears
+        with open(starting, "r+b") as f:
+            mapped.append(mmap.mmap(f.fileno(), 4096))
+
+    try:
+        leaked.write_bytes(b"\0" * 4096)
+        creator = threading.Thread(target=create_then_map)
+        creator.start()
+        time.sleep(0.05)
+        found = abandoned_mpi_segments(before)
+        creator.join()
+        assert leaked.name in found and starting.name not in found, found
+    finally:
+        for segment in mapped:
+            segment.close()
+        leaked.unlink(missing_ok=True)
+        starting.unlink(missing_ok=True)

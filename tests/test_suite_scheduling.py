@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,7 @@ def test_alone(i, request):
 def test_tests_of_one_shared_run_share_a_worker_and_long_units_go_first(tmp_path: Path) -> None:
     session_run = sorted(SESSION_RUNS)[0]
     for name in ("test_first.py", "test_second.py"):
-        (tmp_path / name).write_text(textwrap.dedent(MODULE_WITH_A_SHARED_RUN.format(session_run=session_run)))
+        (tmp_path / name).write_text(MODULE_WITH_A_SHARED_RUN.format(session_run=session_run))
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: slow\n    distributed: ranks\n"
                                          "    xdist_group(name): group\n")
     record = tmp_path / "record.jsonl"

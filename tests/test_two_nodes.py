@@ -68,10 +68,9 @@ ZERO: dict[str, dict] = {
 }
 
 
-#: Where the checkpoints go: one directory both nodes share, or each node's own (node-local storage).
-STORAGE = ("shared", "node_local")
-#: Each ZeRO set-up and each storage mode once (a full grid adds a 4-rank lost-node run and resume, ~50 s, and
-#: nothing the two cases do not reach: the storage code does not depend on the ZeRO stage).
+#: (ZeRO set-up, where the checkpoints go: one directory both nodes share, or each node's own (node-local
+#: storage)). Each set-up and each storage mode once (a full grid adds a 4-rank lost-node run and resume, ~50 s,
+#: and nothing the two cases do not reach: the storage code does not depend on the ZeRO stage).
 CASES = [("zero2_offload", "shared"), ("zero3", "node_local")]
 
 
