@@ -37,9 +37,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .eval_tasks import GROUP, TASK_DIR, TASK_NAMES, EvalDataMissing, prepare_bigbench
+from .eval_tasks import BIGBENCH_TASKS, GROUP, TASK_DIR, TASK_NAMES, EvalDataMissing, prepare_bigbench, task_file
 
-__all__ = ["build_parser", "evaluate_zero_shot", "format_table", "main"]
+__all__ = ["build_parser", "check_tasks", "evaluate_zero_shot", "format_table", "main"]
 
 #: Metrics reported per task, in this order (the harness names them ``<metric>,none``).
 METRICS = ("acc", "acc_norm")
@@ -47,6 +47,33 @@ METRICS = ("acc", "acc_norm")
 
 class ZeroShotError(RuntimeError):
     """A user-facing failure: printed as one line, exit 2."""
+
+
+def _task_manager(tasks: Sequence[str]) -> Any:
+    """The harness's task index: the shipped tasks, plus the harness's own only when ``tasks`` needs them.
+
+    Indexing the harness's own task configs (about 15,000 YAML files) costs
+    about 10 s of CPU in every process; the shipped tasks need none of them.
+    """
+    from lm_eval.tasks import TaskManager
+
+    shipped_only = all(task in (GROUP, *TASK_NAMES) for task in tasks)
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=not shipped_only)
+
+
+def check_tasks(tasks: Sequence[str], manager: Any) -> None:
+    """Refuse unknown task names and shipped tasks without their data, before any model is exported or loaded."""
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ZeroShotError(f"unknown task(s) {', '.join(unknown)}: not registered with lm-evaluation-harness "
+                            f"(shipped offline: {', '.join([GROUP, *TASK_NAMES])}; harness tasks need their "
+                            "dataset in the local Hugging Face cache)")
+    needed = BIGBENCH_TASKS if GROUP in tasks else [t.removeprefix(f"{GROUP}_") for t in tasks if t in TASK_NAMES]
+    for task in needed:
+        try:
+            task_file(task)
+        except EvalDataMissing as exc:
+            raise ZeroShotError(str(exc)) from None
 
 
 def _is_export(path: Path) -> bool:
@@ -134,10 +161,13 @@ def evaluate_zero_shot(path: str | Path, *, tasks: Sequence[str] = (GROUP,), tag
     per-request truncation warnings are many with a short-context model). Collective
     when launched on several processes.
     """
+    logging.getLogger("lm_eval").setLevel(log_level.upper())
+    manager = _task_manager(tasks)
+    check_tasks(tasks, manager)  # every rank alike, so a refusal needs no collective
+
     import torch
     import torch.distributed as dist
 
-    logging.getLogger("lm_eval").setLevel(log_level.upper())
     path = Path(path)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -172,7 +202,7 @@ def evaluate_zero_shot(path: str | Path, *, tasks: Sequence[str] = (GROUP,), tag
                 raise ZeroShotError(error)
         _check_export(model_dir)
         lm = _data_parallel_lm(model_dir, batch_size, dtype, device)
-        summary = _run_harness(lm, path, model_dir, source, list(tasks), limit)
+        summary = _run_harness(lm, path, model_dir, source, list(tasks), limit, manager)
         finished = True
         return summary
     finally:
@@ -187,11 +217,9 @@ def evaluate_zero_shot(path: str | Path, *, tasks: Sequence[str] = (GROUP,), tag
 
 
 def _run_harness(lm: Any, path: Path, model_dir: Path, source: str, tasks: list[str],
-                 limit: int | float | None) -> dict[str, Any] | None:
+                 limit: int | float | None, manager: Any) -> dict[str, Any] | None:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(TASK_DIR))
     try:
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=0, limit=limit, task_manager=manager,
                                           log_samples=False)

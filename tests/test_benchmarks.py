@@ -19,7 +19,8 @@ def test_quick_benchmarks_print_tables_with_finite_ratios(tmp_path: Path) -> Non
     out_json = tmp_path / "bench.json"
     env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--json", str(out_json)],
+        # One thread: a smoke test beside another pytest worker, where a second OpenMP thread only spins.
+        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--threads", "1", "--json", str(out_json)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,9 +1,10 @@
 """run/experiments/paper_comparison.py: the paper's MoE vs HMoE comparison, end to end at a tiny size.
 
 The slow tests run the real command once (2 arms: homogeneous MoE Top-K and the headline HMoE Top-P
-arm, 2 seeds each, every run trained by ``run/train.py`` through the deepspeed launcher on 2 CPU ranks
-for 2 steps, then evaluated by ``run/eval.py``) on a 150k-character slice of the default corpus: about
-3-5 minutes on 2 free cores. They check the tables (mean ± std per arm, the paired interval of the
+arm, 2 seeds each, every run trained by ``run/train.py`` through the deepspeed launcher for 2 steps,
+then evaluated by ``run/eval.py``) on a 150k-character slice of the default corpus: about 3 minutes on 2
+free cores. The runs train on one rank (``--num-ranks 1``): the subject here is the driver, and every
+multi-rank training path has its own end-to-end test. They check the tables (mean ± std per arm, the paired interval of the
 HMoE-vs-MoE difference, training FLOPs, the zero-shot column), plots and summary, that the runs of one
 seed used the same data, seed and token budget and that the seed changes the initial weights, that
 total parameters are equal, and ``--report-only`` / ``--resume``. The fast tests check the ``--scale``
@@ -49,7 +50,7 @@ def run_driver(tmp: Path, *args: str, timeout: float = 300, **env_extra: str) ->
 
     env = {**os.environ, **FAST_START, "DS_ACCELERATOR": "cpu", "HMOE_DS_CACHE": str(tmp / "cache"), **env_extra}
     cmd = [sys.executable, str(SCRIPT), "--scale", "0.5", "--steps", str(STEPS), "--arms", ",".join(ARMS),
-           "--seeds", str(len(SEEDS)), "--out", str(tmp / "out"),
+           "--seeds", str(len(SEEDS)), "--num-ranks", "1", "--out", str(tmp / "out"),
            "--set", "data.max_chars=150000", "data.vocab_size=512", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

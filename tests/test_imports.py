@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                     "hmoe_ds.hf.configuration_hmoe", "hmoe_ds.data", "hmoe_ds.eval_tasks"]),
     ("layer math", ["hmoe_ds.routing", "hmoe_ds.losses", "hmoe_ds.dispatch", "hmoe_ds.tensor_parallel", "hmoe_ds.experts", "hmoe_ds.naming", "hmoe_ds.moe_core", "hmoe_ds.hf.modeling_hmoe"]),
     ("DeepSpeed front-ends", ["hmoe_ds.layer_autoep", "hmoe_ds.layer", "hmoe_ds"]),
-    ("model", ["hmoe_ds.modeling", "hmoe_ds.initialization"]),
+    ("model", ["hmoe_ds.model_config", "hmoe_ds.modeling", "hmoe_ds.initialization"]),
     ("persistence", ["hmoe_ds.shards", "hmoe_ds.checkpoint", "hmoe_ds.export"]),
     ("training", ["hmoe_ds.training"]),
     ("drivers", sorted(DRIVERS)),

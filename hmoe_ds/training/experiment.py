@@ -159,7 +159,7 @@ class Experiment:
 
     def model_config(self, tokenizer_vocab_size: int | None = None) -> Any:
         """``HMoEConfig`` with ``vocab_size: auto`` replaced by the tokenizer's size."""
-        from hmoe_ds.modeling import HMoEConfig
+        from hmoe_ds.model_config import HMoEConfig
 
         kwargs = _resolve_expert_sizes(copy.deepcopy(self.model))
         if kwargs.get("vocab_size", "auto") == "auto":
@@ -380,7 +380,7 @@ def model_schema() -> dict[str, Any]:
 
 def model_default(name: str) -> Any:
     """Default of an HMoEConfig field (e.g. max_position_embeddings when the YAML omits it)."""
-    from hmoe_ds.modeling import HMoEConfig
+    from hmoe_ds.model_config import HMoEConfig
 
     f = getattr(HMoEConfig, "__dataclass_fields__", {}).get(name)
     if f is not None and f.default is not dataclasses.MISSING:
@@ -412,7 +412,7 @@ def _resolve_expert_sizes(model: dict[str, Any]) -> dict[str, Any]:
 
 def _validate_model(model: dict[str, Any], source: str, overridden: set[str]) -> None:
     from hmoe_ds.config import HMoELayerConfig
-    from hmoe_ds.modeling import HMoEConfig
+    from hmoe_ds.model_config import HMoEConfig
 
     check_schema(model, model_schema(), "model", source, overridden)
     vocab = model.get("vocab_size", "auto")
@@ -566,7 +566,7 @@ HIDDEN_SIZE_AUTO: dict[str, Callable[[int], int]] = {
 #: only when the trace uses it again within d² elements; DeepSpeed's 1e9 keeps every parameter of a
 #: smaller model gathered from its forward to its backward, so each rank holds the whole model.
 #: ``stage3_max_live_parameters``: twice the largest layer a rank gathers
-#: (:func:`hmoe_ds.modeling.largest_layer_params_per_rank`), the layer running and the one prefetched;
+#: (:func:`hmoe_ds.model_config.largest_layer_params_per_rank`), the layer running and the one prefetched;
 #: the prefetcher stops there. Without that bound DeepSpeed's prefetcher marks every gathered parameter
 #: that its look-ahead passes in the backward part of the trace as "used soon" and keeps it, which at
 #: the forward/backward turn held 5 of 12 layers of the memory benchmark's model on each rank.
@@ -584,7 +584,7 @@ def fill_model_autos(ds: dict[str, Any], model_config: Any) -> list[str]:
     zero = ds.get("zero_optimization")
     if not isinstance(zero, dict) or not any(zero.get(key) == "auto" for key in MODEL_AUTO):
         return []
-    from hmoe_ds.modeling import largest_layer_params_per_rank
+    from hmoe_ds.model_config import largest_layer_params_per_rank
 
     largest, d = largest_layer_params_per_rank(model_config), int(model_config.hidden_size)
     filled = []
