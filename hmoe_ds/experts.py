@@ -15,7 +15,10 @@ autograd node (:class:`_ExpertLoopFFN`) that writes each expert's rows of the
 output in place and keeps only a copy of its input rows and the two
 pre-activations per expert, freed expert by expert in backward. Its
 operator count grows with the number of experts; its GEMMs are exactly the
-experts' own, with no padding and no weight copy.
+experts' own, with no padding and no weight copy. With a :class:`TokenRoute`
+(``ep_size == 1``: nothing stands between the layer's row gather, the experts
+and the gate-weighted scatter-add), :class:`_RoutedLoopFFN` does the gather
+and the scatter-add per expert too, so no ``[assignments, D]`` tensor exists.
 
 ``grouped``: experts are put in *width buckets*;
 each bucket is computed with one ``torch.nn.functional.grouped_mm`` per
@@ -663,11 +666,145 @@ def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights
     return _ExpertLoopFFN.apply(x_RD, spans, activation, output_grad_is_scratch, *flat)
 
 
+@dataclass(frozen=True)
+class TokenRoute:
+    """Where each row of the experts' input comes from and how much of it goes back (``ep_size == 1``).
+
+    Given to the built-in experts' ``forward`` (``route=``), it lets them
+    gather their rows from the tokens ``[T, D]`` and add their gate-weighted
+    outputs back into ``[T, D]`` themselves (:func:`routed_loop_ffn_forward`),
+    instead of the layer gathering an ``[assignments, D]`` buffer before and
+    scattering one after.
+
+    Attributes:
+        token_idx_A: the source token of each assignment, grouped by expert in compute order.
+        gate_A: each assignment's gate weight (fp32, differentiable w.r.t. the router).
+    """
+
+    token_idx_A: torch.Tensor
+    gate_A: torch.Tensor
+
+
+class _RoutedLoopFFN(torch.autograd.Function):
+    """``out_TD = sum_a onehot(token_a) g_a FFN_e(a)(x_token_a)`` for every local expert as one autograd node.
+
+    The ``loop`` path of :class:`_ExpertLoopFFN` with the row gather before it
+    and the gate-weighted scatter-add after it
+    (:func:`hmoe_ds.dispatch.scatter_to_tokens`) folded in, for ``ep_size ==
+    1``, where no exchange separates them. Per expert: gather its tokens'
+    rows, the SwiGLU chain, ``out.index_add_(rows, g * y)`` (fp32). Backward
+    per expert, heaviest first: gather its rows of the output gradient, the
+    gate gradient ``<dout_t, y_a>``, then :class:`_ExpertLoopFFN`'s backward on
+    ``g * dout``, and ``dx.index_add_`` into the input gradient.
+
+    Memory: no ``[assignments, D]`` tensor exists at any time. Saved per
+    expert: the pre-activations ``w1 x``, ``w3 x`` and the output ``y`` (the
+    gate gradient needs it), released expert by expert in backward; the input
+    rows are gathered again from ``x_TD`` (alive anyway: it is the layer's
+    input) instead of kept. The summation order into each token is the
+    unfused path's (assignments in expert order), so both give the same
+    numbers up to fp32 round-off.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, gate_A: torch.Tensor, token_idx_A: torch.Tensor,  # type: ignore[override]
+                spans: list[tuple[int, int]], activation: ExpertActivation, *flat_weights: torch.Tensor) -> torch.Tensor:
+        gated = activation.gated
+        weights = _unflatten(flat_weights, gated)
+        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
+        saved: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None] = []
+        for (start, end), (w1, w2, w3) in zip(spans, weights):
+            rows = token_idx_A[start:end]
+            x_nD = x_TD.index_select(0, rows)
+            a1 = torch.mm(x_nD, w1.t())
+            z = _act_forward(a1, activation)
+            a3 = None
+            if gated:
+                a3 = torch.mm(x_nD, w3.t())
+                z = z.mul_(a3)
+            del x_nD
+            y = torch.mm(z, w2.t())
+            del z
+            out_TD.index_add_(0, rows, y.float() * gate_A[start:end, None])
+            saved.append((a1, a3, y))
+        ctx.spans, ctx.activation = spans, activation
+        ctx.save_for_backward(x_TD, gate_A, token_idx_A, *flat_weights)
+        ctx.activations = saved  # intermediates on ctx, so backward can drop each expert's three early
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):  # type: ignore[override]
+        activation: ExpertActivation = ctx.activation
+        gated = activation.gated
+        x_TD, gate_A, token_idx_A, *flat_weights = ctx.saved_tensors
+        weights = _unflatten(flat_weights, gated)
+        saved = ctx.activations
+        ctx.activations = None
+        grad_TD = grad_TD.float()
+        grad_x = torch.zeros_like(x_TD) if ctx.needs_input_grad[0] else None
+        grad_gate = torch.empty_like(gate_A) if ctx.needs_input_grad[1] else None
+        grads: list[list[torch.Tensor]] = [[] for _ in weights]
+        heaviest_first = sorted(range(len(weights)),
+                                key=lambda j: -(ctx.spans[j][1] - ctx.spans[j][0]) * weights[j][0].shape[0])
+        for j in heaviest_first:
+            (start, end), (w1, w2, w3) = ctx.spans[j], weights[j]
+            a1, a3, y = saved[j]
+            saved[j] = None
+            rows = token_idx_A[start:end]
+            dout = grad_TD.index_select(0, rows)  # fp32 [n, D]
+            if grad_gate is not None:
+                grad_gate[start:end] = (dout * y.float()).sum(dim=1)
+            del y
+            dy = dout.mul_(gate_A[start:end, None]).to(x_TD.dtype)
+            del dout
+            x_nD = x_TD.index_select(0, rows)
+            act = _act_forward(a1, activation)
+            dw2 = torch.mm(dy.t(), act * a3 if gated else act)  # [D, h]
+            dz = torch.mm(dy, w2)  # [n, h]
+            del dy
+            da3 = dw3 = None
+            if gated:
+                da3 = act.mul_(dz)  # act is not needed again
+                dw3 = torch.mm(da3.t(), x_nD)
+                dz = dz.mul_(a3)
+            del act, a3
+            da1 = _act_backward(dz, a1, activation, out=a1)  # a1 is not needed again
+            del dz
+            dw1 = torch.mm(da1.t(), x_nD)
+            del x_nD
+            if grad_x is not None:
+                dx = torch.mm(da1, w1)
+                if gated:
+                    dx.addmm_(da3, w3)
+                grad_x.index_add_(0, rows, dx)
+                del dx
+            grads[j] = [dw1, dw2] + ([dw3] if gated else [])
+        return (grad_x, grad_gate, None, None, None, *[g for expert in grads for g in expert])
+
+
+def routed_loop_ffn_forward(x_TD: torch.Tensor, counts: Sequence[int], route: TokenRoute, weights: Weights,
+                            activation: ExpertActivation | str) -> torch.Tensor:
+    """The fp32 ``[T, D]`` sum over each token's experts of ``gate * FFN(x)``; expert j takes assignments
+    ``[sum(counts[:j]), sum(counts[:j+1]))`` of ``route`` (see :class:`_RoutedLoopFFN`)."""
+    activation = ExpertActivation(activation)
+    spans, row = [], 0
+    for count in counts:
+        spans.append((row, row + int(count)))
+        row += int(count)
+    if row != route.token_idx_A.shape[0]:
+        raise ValueError(f"token counts {list(counts)} do not add up to the {route.token_idx_A.shape[0]} assignments "
+                         "routed")
+    flat = [w for triple in weights for w in triple if w is not None]
+    return _RoutedLoopFFN.apply(x_TD, route.gate_A, route.token_idx_A, spans, activation, *flat)
+
+
 class _ExpertComputeMixin:
     """What both storages share: the path choice, the bucket plan, and ``forward``."""
 
     #: ``forward`` takes ``output_grad_is_scratch`` (the MoE layer passes it; user expert modules do not).
     supports_scratch_output_grad = True
+    #: ``forward`` takes ``route`` (a :class:`TokenRoute`) on the per-expert loop.
+    supports_token_route = True
     activation: ExpertActivation
     expert_compute: ExpertCompute
     _requested_compute: ExpertCompute
@@ -714,6 +851,15 @@ class _ExpertComputeMixin:
 
     def per_expert_weights(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         raise NotImplementedError
+
+    def _compute_routed(self, x_TD: torch.Tensor, counts: Sequence[int], route: TokenRoute) -> torch.Tensor:
+        weights = self.per_expert_weights()
+        if len(counts) != len(weights):
+            raise ValueError(f"got {len(counts)} token counts for {len(weights)} local experts")
+        if self.runs_grouped(x_TD.device, x_TD.dtype):
+            raise ValueError("route= is for the per-expert loop; the grouped path takes grouped rows")
+        order = range(len(weights)) if self._plan is None else self._plan.compute_order
+        return routed_loop_ffn_forward(x_TD, counts, route, [weights[j] for j in order], self.activation)
 
     def _compute(self, x_RD: torch.Tensor, counts: Sequence[int], output_grad_is_scratch: bool) -> torch.Tensor:
         weights = self.per_expert_weights()
@@ -866,7 +1012,7 @@ class HeteroExperts(_DeepSpeedExpertList, _ExpertComputeMixin, nn.Module):
         return out
 
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int], *,
-                output_grad_is_scratch: bool = False) -> torch.Tensor:
+                output_grad_is_scratch: bool = False, route: TokenRoute | None = None) -> torch.Tensor:
         """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``.
 
         ``output_grad_is_scratch``: the caller promises that the gradient
@@ -875,7 +1021,14 @@ class HeteroExperts(_DeepSpeedExpertList, _ExpertComputeMixin, nn.Module):
         ``[rows, D]`` buffer. True inside the MoE layer, where that gradient
         comes fresh from the gate-weighted combine or the all-to-all; leave it
         False when the output has other users.
+
+        ``route`` (per-expert loop only, see :meth:`runs_grouped`): the input is
+        the tokens ``[T, D]`` instead of grouped rows, ``counts`` count the
+        assignments of ``route`` per expert, and the result is the fp32 ``[T, D]``
+        gate-weighted sum of each token's expert outputs (:class:`TokenRoute`).
         """
+        if route is not None:
+            return self._compute_routed(x_RD, counts, route)
         return self._compute(x_RD, counts, output_grad_is_scratch)
 
 
@@ -1255,13 +1408,16 @@ class PackedHeteroExperts(_ExpertComputeMixin, nn.Module):
         return out
 
     def forward(self, x_RD: torch.Tensor, counts: Sequence[int], *,
-                output_grad_is_scratch: bool = False) -> torch.Tensor:
+                output_grad_is_scratch: bool = False, route: TokenRoute | None = None) -> torch.Tensor:
         """Apply local expert ``compute_order[j]`` to rows ``[sum(counts[:j]), sum(counts[:j+1]))``.
 
-        ``output_grad_is_scratch``: as for :meth:`HeteroExperts.forward`.
+        ``output_grad_is_scratch`` and ``route``: as for :meth:`HeteroExperts.forward`.
         """
         with _pack_views_saved_by_position(self.packs()):
-            out = self._compute(x_RD, counts, output_grad_is_scratch)
+            if route is not None:
+                out = self._compute_routed(x_RD, counts, route)
+            else:
+                out = self._compute(x_RD, counts, output_grad_is_scratch)
         if self.w3_is_placeholder:
             out = _ZeroGradientTie.apply(out, self.w3)
         return out

@@ -31,7 +31,7 @@ from torch import nn
 from . import losses as L
 from .config import DEEPSPEED_JITTER_EPS, GateConvention, HMoELayerConfig, NoisyGatePolicy
 from .dispatch import LocalExchange, TokenExchange, AllToAllExchange, expert_capacity, plan_dispatch, scatter_to_tokens
-from .experts import FFNExpert, expert_compute_order
+from .experts import FFNExpert, TokenRoute, expert_compute_order
 from .partitioned import full_numel, write_full
 from .placement import ExpertPlacement
 from .routing import RouterOutput, multiplicative_jitter, route, route_deepspeed
@@ -534,6 +534,17 @@ class MoECore:
                                   mask_TE=router.mask_TE & keep_T1, weights_TE=router.weights_TE * keep_T1)
         return router
 
+    #: Whether the built-in experts on the per-expert loop gather their rows and add their gated outputs
+    #: back themselves when no exchange stands between (``ep_size == 1``, no expert tensor parallelism).
+    #: The same numbers either way (``tests/test_layer.py``); False (for tests and measurements) runs the
+    #: separate gather -> experts -> :func:`~hmoe_ds.dispatch.scatter_to_tokens`.
+    experts_route_tokens: bool = True
+
+    def _experts_route_tokens(self, x_TD: torch.Tensor) -> bool:
+        return (self.experts_route_tokens and type(self.exchange) is LocalExchange
+                and getattr(self.experts, "supports_token_route", False)
+                and not self.experts.runs_grouped(x_TD.device, x_TD.dtype))
+
     def _moe_forward(self, x: torch.Tensor, used_token: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(output, l_aux, exp_counts)``; the :class:`RoutingStats` go to :func:`collect_routing_stats`.
@@ -561,14 +572,21 @@ class MoECore:
             # DeepSpeed sizes capacity from every token (k per token), padding included.
             capacity = self._capacity(num_tokens * cfg.top_k if deepspeed_gate else int(selected_E.sum()))
         plan = plan_dispatch(router, capacity=capacity, slot_to_expert_S=self._constant("slot_to_expert", x.device))
-        x_AD = x_TD.index_select(0, plan.token_idx_A)
-        x_RD, local_counts, context = self.exchange.to_experts(x_AD, plan.counts)
-        # The gradient reaching y_RD comes fresh from scatter_to_tokens or the all-to-all and has no other
-        # reader, so the built-in experts may write their input gradient into it (one [rows, D] buffer less).
-        scratch = {"output_grad_is_scratch": True} if getattr(self.experts, "supports_scratch_output_grad", False) else {}
-        y_RD = self.experts(x_RD, local_counts, **scratch)
-        y_AD = self.exchange.from_experts(y_RD, context)
-        out = scatter_to_tokens(y_AD, plan, num_tokens).reshape(x.shape)
+        if self._experts_route_tokens(x_TD):
+            # Nothing between the gather and the experts, nor between them and the scatter-add: the built-in
+            # loop does all three per expert, with no [assignments, D] buffer (experts.TokenRoute).
+            route = TokenRoute(token_idx_A=plan.token_idx_A, gate_A=plan.gate_A)
+            out = self.experts(x_TD, plan.counts, route=route).to(x.dtype).reshape(x.shape)
+        else:
+            x_AD = x_TD.index_select(0, plan.token_idx_A)
+            x_RD, local_counts, context = self.exchange.to_experts(x_AD, plan.counts)
+            # The gradient reaching y_RD comes fresh from scatter_to_tokens or the all-to-all and has no other
+            # reader, so the built-in experts may write their input gradient into it (one [rows, D] buffer less).
+            scratch = ({"output_grad_is_scratch": True}
+                       if getattr(self.experts, "supports_scratch_output_grad", False) else {})
+            y_RD = self.experts(x_RD, local_counts, **scratch)
+            y_AD = self.exchange.from_experts(y_RD, context)
+            out = scatter_to_tokens(y_AD, plan, num_tokens).reshape(x.shape)
 
         self.l_aux = l_aux
         # DeepSpeed's exp_counts are the router's choices before any drop; HMoE's, the computed assignments.

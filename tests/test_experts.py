@@ -554,3 +554,88 @@ def test_packed_user_experts_refuse_buffers():
     module = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
     with pytest.raises(ValueError, match="has buffers"):
         PackedModuleExperts(8, [module], 4)
+
+
+# --------------------------------------------------------------------------- ep_size 1: the experts route the tokens
+
+
+def _routed_inputs(experts, pattern: str, tokens: int = 40, dtype=torch.float32):
+    """Tokens, and assignments grouped by expert in compute order (as the dispatch plan makes them)."""
+    counts = [COUNT_PATTERNS[pattern][s] for s in experts.compute_order]
+    generator = torch.Generator().manual_seed(5)
+    # Each expert's tokens are distinct and ascending (a token meets an expert at most once), as in the plan.
+    token_idx = torch.cat([torch.randperm(tokens, generator=generator)[:c].sort().values for c in counts])
+    x = torch.randn(tokens, D, generator=generator).to(dtype)
+    gate = torch.rand(token_idx.shape[0], generator=generator)
+    upstream = torch.randn(tokens, D, generator=generator)
+    return x, token_idx, gate, counts, upstream
+
+
+@pytest.mark.parametrize("storage", ["module", "packed"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("pattern", list(COUNT_PATTERNS))
+def test_routed_loop_equals_gather_experts_scatter_and_the_reference(storage, activation, pattern):
+    """``route=``: the same output and gradients (input, gates, every weight) as gather -> loop -> scatter-add,
+    and as the per-row reference weighted and summed by hand."""
+    from hmoe_ds.dispatch import _GatedScatterAdd
+    from hmoe_ds.experts import TokenRoute
+
+    routed, plain = _make(storage, activation, "auto"), _make(storage, activation, "auto")
+    _copy_weights(routed, plain)
+    x, token_idx, gate, counts, upstream = _routed_inputs(routed, pattern)
+    results = []
+    for experts, use_route in ((routed, True), (plain, False)):
+        xi, gi = x.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+        if use_route:
+            out = experts(xi, counts, route=TokenRoute(token_idx_A=token_idx, gate_A=gi))
+        else:
+            out = _GatedScatterAdd.apply(experts(xi.index_select(0, token_idx), counts), gi, token_idx, x.shape[0])
+        (out * upstream).sum().backward()
+        results.append((out.detach(), xi.grad, gi.grad, [p.grad for p in experts.parameters()]))
+    (out_r, dx_r, dg_r, dw_r), (out_p, dx_p, dg_p, dw_p) = results
+    torch.testing.assert_close(out_r, out_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_r, dx_p, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dg_r, dg_p, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip(dw_r, dw_p):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+        assert grad is not None  # an expert without tokens still gets its (zero) gradient
+    weights = [routed.per_expert_weights()[s] for s in routed.compute_order]
+    y_ref = experts_reference(x.index_select(0, token_idx), counts, list(range(len(counts))), weights, activation)
+    expected = torch.zeros(x.shape).index_add_(0, token_idx, y_ref.detach() * gate[:, None])
+    torch.testing.assert_close(out_r, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("routing", [dict(routing="top_k", top_k=2), dict(routing="top_p", top_p=0.7),
+                                     dict(routing="top_k", top_k=2, capacity_factor=0.5, min_capacity=1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_with_experts_routing_the_tokens_equals_the_separate_gather_and_scatter(routing, dtype, monkeypatch):
+    """Whole ep_size-1 layers on CPU (the loop): the fused path runs, and gives the unfused path's output, aux
+    loss and every gradient (router included, through the gates); bf16 within its rounding."""
+    import hmoe_ds.experts as experts_module
+
+    calls = []
+    original = experts_module._RoutedLoopFFN.apply
+    monkeypatch.setattr(experts_module._RoutedLoopFFN, "apply", lambda *a: calls.append(1) or original(*a))
+    layers = {}
+    for fused in (True, False):
+        torch.manual_seed(3)
+        layers[fused] = HMoE(D, SIZES, placement="balanced", **routing).to(dtype)
+        layers[fused].moe_core.experts_route_tokens = fused
+    layers[False].load_state_dict(layers[True].state_dict())
+    x = torch.randn(4, 9, D).to(dtype)
+    results = {}
+    for fused, layer in layers.items():
+        xi = x.clone().requires_grad_(True)
+        out, aux, counts = layer(xi)
+        ((out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + aux).backward()
+        results[fused] = (out.detach(), aux.detach(), counts, xi.grad,
+                          {n: p.grad for n, p in layer.named_parameters()})
+    assert len(calls) == 1  # the fused layer only
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    f, u = results[True], results[False]
+    torch.testing.assert_close(f[0], u[0], **tol)
+    torch.testing.assert_close(f[1], u[1])
+    assert f[2].tolist() == u[2].tolist()
+    torch.testing.assert_close(f[3], u[3], **tol)
+    for name, grad in f[4].items():
+        torch.testing.assert_close(grad, u[4][name], **tol, msg=name)
