@@ -84,7 +84,10 @@ def build_module(job: dict[str, Any]) -> nn.Module:
     if name.startswith("HMoE"):
         opts = dict(routing="top_k", top_k=2) if name == "HMoE top-k" else dict(routing="top_p", top_p=0.6, entropy_coef=0.03)
         layer = HMoE(d, _sizes(e, d), **opts)
-        layer.deepspeed_moe.experts.forward = lambda x_RD, counts, **_: x_RD  # identity experts (ignores output_grad_is_scratch)
+        # Identity experts; the layer itself gathers the rows and scatter-adds them back (at ep_size 1 the
+        # built-in experts would do both inside their forward, which this replaces), so those are measured.
+        layer.deepspeed_moe.experts_route_tokens = False
+        layer.deepspeed_moe.experts.forward = lambda x_RD, counts, **_: x_RD  # ignores output_grad_is_scratch
         layer.deepspeed_moe.gate.wg.weight.data.copy_(weight)
         return layer
     if name == "DS MOELayer":

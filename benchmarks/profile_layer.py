@@ -54,13 +54,18 @@ def _fused_gate_up_forward(
 def fused_gate_up() -> Iterator[None]:
     """Patch ``HeteroExperts.forward`` with :func:`_fused_gate_up_forward` (SwiGLU only)."""
     from hmoe_ds.experts import HeteroExperts
+    from hmoe_ds.moe_core import MoECore
 
     original = HeteroExperts.forward
+    # The prototype takes grouped rows: the layer gathers and scatter-adds around it (no TokenRoute).
+    original_route = MoECore.experts_route_tokens
+    MoECore.experts_route_tokens = False  # type: ignore[misc]
     HeteroExperts.forward = _fused_gate_up_forward  # type: ignore[method-assign]
     try:
         yield
     finally:
         HeteroExperts.forward = original  # type: ignore[method-assign]
+        MoECore.experts_route_tokens = original_route  # type: ignore[misc]
 
 
 PROTOTYPES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
@@ -145,7 +150,10 @@ def run(cfg: LayerConfig, threads: int, repeats: int = 5) -> list[Table]:
     hidden = round(stats[0].activated_expert_params_per_token / (3 * cfg.d_model))
     floor = build_module(dict(base, kind="floor", hidden=hidden)).to(device, dtype)
     routing = build_module(dict(base, kind="hmoe", variant="hmoe")).to(device, dtype)
-    routing.deepspeed_moe.experts.forward = lambda x_RD, counts, **_: x_RD  # identity experts (ignores output_grad_is_scratch)
+    # Identity experts; the layer itself gathers the rows and scatter-adds them back (at ep_size 1 the built-in
+    # experts would do both inside their forward, which this replaces), so "routing only" includes both.
+    routing.deepspeed_moe.experts_route_tokens = False
+    routing.deepspeed_moe.experts.forward = lambda x_RD, counts, **_: x_RD  # ignores output_grad_is_scratch
 
     chunked_floor = _TokenChunked(floor, cfg.experts)
     steps: dict[str, Callable[[], None]] = {
