@@ -215,7 +215,9 @@ def build_module(job: dict[str, Any]) -> nn.Module:
         layer.deepspeed_moe.gate.wg.weight.data.copy_(weight)
         return layer if kind == "hmoe" else PlainLoopMoE.from_hmoe(layer)
     if kind == "ds":
-        layer = MoE(cfg.d_model, FFNExpert(cfg.d_model, cfg.homogeneous_hidden), num_experts=cfg.experts, k=2)
+        # drop_tokens=False: DeepSpeed's dropless mode, every expert padded to the busiest one's load.
+        layer = MoE(cfg.d_model, FFNExpert(cfg.d_model, cfg.homogeneous_hidden), num_experts=cfg.experts, k=2,
+                    drop_tokens=job.get("drop_tokens", True))
         layer.deepspeed_moe.gate.wg.weight.data.copy_(weight)
         return layer
     raise ValueError(f"unknown candidate kind {kind!r}")
@@ -314,6 +316,7 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True, configs: lis
         jobs["floor"] = dict(base, kind="floor", hidden=hidden)
         jobs["floor-chunked"] = dict(base, kind="floor-chunked", hidden=hidden)
         jobs["ds"] = dict(base, kind="ds", router_scale=scale)
+        jobs["ds-dropless"] = dict(base, kind="ds", router_scale=scale, drop_tokens=False)
         for name, job in jobs.items():
             modules[name] = layer if name == "hmoe" else build_module(job).to(device, dtype)
             inputs[name] = (x, g)
@@ -336,6 +339,7 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True, configs: lis
         mem = dict(zip(mem_jobs, run_memory_jobs("benchmarks.bench_layer", list(mem_jobs.values()), threads))) \
             if memory else {}
         t_h, t_g, t_p, t_ds = times["hmoe"], times["hmoe-grouped"], times["plain"], times["ds"]
+        t_dsd = times["ds-dropless"]
         t_f = min(times["floor"], times["floor-chunked"])
         # The same ratio from each candidate's fastest sample: on a shared machine, noise only adds time.
         best_ratio = times.min_s["hmoe"] / min(times.min_s["floor"], times.min_s["floor-chunked"])
@@ -346,7 +350,7 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True, configs: lis
         rows.append([
             cfg.tokens, cfg.experts, cfg.d_model, "top-k", path_label, st.experts_per_token,
             1e3 * t_h, 1e3 * t_f, t_h / t_f, best_ratio, t_g / t_f, t_p / t_f, t_h / t_p,
-            1e3 * t_ds, 100 * ds_dropped, t_h / t_ds,
+            1e3 * t_ds, 100 * ds_dropped, t_h / t_ds, 1e3 * t_dsd, t_h / t_dsd,
             1e3 * t_hb, t_hb / t_fb,
             1e3 * achieved if peak is None else 100 * achieved / peak,
             mem.get("hmoe", float("nan")), mem.get("hmoe-grouped", float("nan")), mem.get("plain", float("nan")),
@@ -359,7 +363,8 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True, configs: lis
         title="Layer forward+backward: HMoE vs dense floor, plain per-expert loop and DeepSpeed MoE",
         headers=[
             "T", "E", "d", "HMoE", "path", "exp/tok", "HMoE ms", "floor ms", "HMoE/floor", "HMoE/floor min", "grouped/floor",
-            "plain/floor", "HMoE/plain", "DS-MoE ms", "DS drop %", "HMoE/DS", "bf16 HMoE ms", "bf16 HMoE/floor",
+            "plain/floor", "HMoE/plain", "DS-MoE ms", "DS drop %", "HMoE/DS", "DS dropless ms", "HMoE/DS dropless",
+            "bf16 HMoE ms", "bf16 HMoE/floor",
             "HMoE GFLOP/s" if peak is None else "HMoE MFU %",
             "HMoE MiB", "grouped MiB", "plain MiB", "floor MiB", "DS MiB", "ops HMoE", "ops grouped", "ops plain",
             "others CPU %",
@@ -373,7 +378,9 @@ def run(quick: bool = False, threads: int = 2, memory: bool = True, configs: lis
             "plain: the 40-line per-expert loop (index-select, SwiGLU, index-add), same weights",
             "floor: dense SwiGLU of width (activated expert params per token) / 3d, better of one matmul and "
             f"{FLOOR_CHUNK_ROWS}-row chunks",
-            "DS-MoE: deepspeed.moe.layer.MoE, E experts of width 2d, top-2, capacity_factor 1.0, defaults",
+            "DS-MoE: deepspeed.moe.layer.MoE, E experts of width 2d, top-2, capacity_factor 1.0, defaults "
+            "(it drops the assignments over capacity: DS drop %); DS dropless: the same with drop_tokens=False "
+            "(every expert padded to the busiest one's load), the same work as the dropless HMoE",
             "bf16: HMoE and floor with bf16 weights and inputs (router, Top-K and losses in fp32 inside the layer)",
             "HMoE GFLOP/s: useful expert FLOPs (18 T d h_act) / HMoE time" if peak is None
             else f"MFU against a peak of {peak:.0f} TFLOP/s",

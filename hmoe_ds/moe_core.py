@@ -536,7 +536,7 @@ class MoECore:
 
     #: Whether the built-in experts on the per-expert loop gather their rows and add their gated outputs
     #: back themselves when no exchange stands between (``ep_size == 1``, no expert tensor parallelism).
-    #: The same numbers either way (``tests/test_layer.py``); False (for tests and measurements) runs the
+    #: The same numbers either way (``tests/test_experts.py``); False (for tests and measurements) runs the
     #: separate gather -> experts -> :func:`~hmoe_ds.dispatch.scatter_to_tokens`.
     experts_route_tokens: bool = True
 

@@ -30,7 +30,8 @@ def test_quick_benchmarks_print_tables_with_finite_ratios(tmp_path: Path) -> Non
     tables = {t["title"]: t for t in json.loads(out_json.read_text())["tables"]}
     layer = next(t for title, t in tables.items() if title.startswith("Layer forward+backward"))
     assert layer["rows"], "empty layer table"
-    for name in ("HMoE/floor", "HMoE/DS", "HMoE/plain", "HMoE ms", "floor ms", "DS-MoE ms", "bf16 HMoE/floor",
+    for name in ("HMoE/floor", "HMoE/DS", "HMoE/DS dropless", "HMoE/plain", "HMoE ms", "floor ms", "DS-MoE ms",
+                 "DS dropless ms", "bf16 HMoE/floor",
                  "HMoE MiB", "plain MiB", "DS MiB"):
         i = layer["headers"].index(name)
         for row in layer["rows"]:
@@ -131,12 +132,12 @@ def test_target_summary_checks_each_issue_target_once_per_row() -> None:
     from benchmarks.common import Table
     from benchmarks.run_all import target_summary
 
-    headers = ["T", "E", "d", "HMoE/floor", "HMoE/DS", "HMoE/plain", "HMoE MiB", "plain MiB"]
+    headers = ["T", "E", "d", "HMoE/floor", "HMoE/DS", "HMoE/DS dropless", "HMoE/plain", "HMoE MiB", "plain MiB"]
     rows = [
-        [2048, 8, 256, 1.05, 0.9, 0.9, 34.0, 49.0],
-        [8192, 8, 256, 1.01, 0.8, 0.9, 138.0, 194.0],
-        [8192, 32, 512, 1.2, 1.01, 0.7, 278.0, 393.0],
-        [2048, 32, 256, 1.6, 0.9, 0.8, 57.0, 55.0],
+        [2048, 8, 256, 1.05, 0.9, 0.8, 0.9, 34.0, 49.0],
+        [8192, 8, 256, 1.01, 0.8, 0.7, 0.9, 138.0, 194.0],
+        [8192, 32, 512, 1.2, 1.01, 0.9, 0.7, 278.0, 393.0],
+        [2048, 32, 256, 1.6, 0.9, 1.0, 0.8, 57.0, 55.0],
     ]
     lines = target_summary(Table("layer", headers, rows, []))
     assert "HMoE top-2 at most 1.1x the dense floor at E=8, T=2048, d=256: 1.05x -> MET" in lines
@@ -145,6 +146,7 @@ def test_target_summary_checks_each_issue_target_once_per_row() -> None:
     assert "HMoE top-2 at most 1.5x the dense floor at E=32, T=2048, d=256: 1.60x -> MISSED" in lines
     assert "HMoE faster than DeepSpeed MoE: 3/4 rows; not at T=8192 E=32 d=512 (1.01x)" in lines
     assert "HMoE faster than the plain per-expert loop: 4/4 rows" in lines
+    assert "HMoE faster than DeepSpeed MoE without drops: 3/4 rows; not at T=2048 E=32 d=256 (1.00x)" in lines
     assert ("HMoE peak memory no higher than the plain loop's: 3/4 rows; higher at T=2048 E=32 d=256 "
             "(57 vs 55 MiB)") in lines
     assert not any(line.count("d=") > 1 for line in lines)
