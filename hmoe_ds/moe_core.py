@@ -4,7 +4,9 @@ Shape legend: T tokens, D width, E experts, A kept assignments, R rows
 received by this rank's experts.
 
 One forward of an HMoE layer is router -> auxiliary losses -> dispatch plan
--> token exchange -> experts -> scatter back to tokens. That math lives here
+-> token exchange -> experts -> scatter back to tokens (at ``ep_size`` 1 on the
+per-expert loop, with no exchange in between, the experts gather their tokens and
+scatter back themselves: :class:`~hmoe_ds.experts.TokenRoute`). That math lives here
 once, in :class:`MoECore`, and depends on no DeepSpeed base class. The two
 front-ends (``hmoe_ds.layer.HMoE`` for ZeRO 0-2 and
 ``hmoe_ds.layer_autoep.HMoEAutoEP`` for any stage including 3) are thin
