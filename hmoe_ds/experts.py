@@ -585,20 +585,14 @@ class _ExpertLoopFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD: torch.Tensor, spans: list[tuple[int, int]], activation: ExpertActivation,  # type: ignore[override]
                 output_grad_is_scratch: bool, *flat_weights: torch.Tensor) -> torch.Tensor:
-        gated = activation.gated
-        weights = _unflatten(flat_weights, gated)
+        weights = _unflatten(flat_weights, activation.gated)
         y_RD = x_RD.new_empty(x_RD.shape)
-        saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None] = []
+        saved: list[list[torch.Tensor | None] | None] = []
         for (start, end), (w1, w2, w3) in zip(spans, weights):
             x_nD = x_RD[start:end].clone(memory_format=torch.contiguous_format)
-            a1 = torch.mm(x_nD, w1.t())
-            z = _act_forward(a1, activation)
-            a3 = None
-            if gated:
-                a3 = torch.mm(x_nD, w3.t())
-                z = z.mul_(a3)
+            a1, a3, z = _expert_hidden(x_nD, w1, w3, activation)
             torch.mm(z, w2.t(), out=y_RD[start:end])
-            saved.append((x_nD, a1, a3))
+            saved.append([x_nD, a1, a3])
         ctx.spans, ctx.activation, ctx.output_grad_is_scratch = spans, activation, output_grad_is_scratch
         ctx.input_meta = (x_RD.shape, x_RD.dtype, x_RD.device)
         ctx.save_for_backward(*flat_weights)
@@ -608,45 +602,85 @@ class _ExpertLoopFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):  # type: ignore[override]
         activation: ExpertActivation = ctx.activation
-        gated = activation.gated
-        weights = _unflatten(ctx.saved_tensors, gated)
+        weights = _unflatten(ctx.saved_tensors, activation.gated)
         saved = ctx.activations
         ctx.activations = None
         grad_RD = grad_RD.contiguous()
         grad_x = _input_grad_buffer(ctx, grad_RD)
         grads: list[list[torch.Tensor]] = [[] for _ in weights]
-        heaviest_first = sorted(range(len(weights)),
-                                key=lambda j: -(ctx.spans[j][1] - ctx.spans[j][0]) * weights[j][0].shape[0])
-        for j in heaviest_first:
-            (start, end), (w1, w2, w3) = ctx.spans[j], weights[j]
-            x_nD, a1, a3 = saved[j]
-            saved[j] = None
-            dy = grad_RD[start:end]
-            act = _act_forward(a1, activation)
-            dw2 = torch.mm(dy.t(), act * a3 if gated else act)  # [D, h]
-            dz = torch.mm(dy, w2)  # [n, h]
-            da3 = dw3 = None
-            if gated:
-                da3 = act.mul_(dz)  # act is not needed again
-                dw3 = torch.mm(da3.t(), x_nD)
-                dz = dz.mul_(a3)
-            del act, a3
-            da1 = _act_backward(dz, a1, activation, out=a1)  # a1 is not needed again
-            del dz
-            dw1 = torch.mm(da1.t(), x_nD)
-            del x_nD
-            if grad_x is not None:
-                dx = grad_x[start:end]
-                torch.mm(da1, w1, out=dx)
-                if gated:
-                    dx.addmm_(da3, w3)
-            grads[j] = [dw1, dw2] + ([dw3] if gated else [])
+        for j in _heaviest_first(ctx.spans, weights):
+            start, end = ctx.spans[j]
+            state, saved[j] = saved[j], None
+            grads[j], _ = _expert_backward([grad_RD[start:end], *state], weights[j], activation, grad_x is not None,
+                                           out=None if grad_x is None else grad_x[start:end])
         return (grad_x, None, None, None, *[g for expert in grads for g in expert])
 
 
 def _unflatten(flat: Sequence[torch.Tensor], gated: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     step = 3 if gated else 2
     return [(flat[i], flat[i + 1], flat[i + 2] if gated else None) for i in range(0, len(flat), step)]
+
+
+def _spans(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each expert's rows when expert j has ``counts[j]`` of them, in order."""
+    spans, row = [], 0
+    for count in counts:
+        spans.append((row, row + int(count)))
+        row += int(count)
+    return spans
+
+
+def _heaviest_first(spans: Sequence[tuple[int, int]], weights: Weights) -> list[int]:
+    """Experts by ``rows x width``, largest first: the order backward frees their saved tensors in, so that when
+    every weight gradient is alive (the end of backward) only the smallest expert's temporaries are."""
+    return sorted(range(len(weights)), key=lambda j: -(spans[j][1] - spans[j][0]) * weights[j][0].shape[0])
+
+
+def _expert_hidden(x_nD: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, activation: ExpertActivation
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One expert's pre-activations ``a1 = x w1^T``, ``a3 = x w3^T`` (gated only) and ``z = act(a1) * a3``."""
+    a1 = torch.mm(x_nD, w1.t())
+    z = _act_forward(a1, activation)
+    a3 = None
+    if activation.gated:
+        a3 = torch.mm(x_nD, w3.t())
+        z = z.mul_(a3)
+    return a1, a3, z
+
+
+def _expert_backward(state: list[torch.Tensor | None], weights: ExpertWeights, activation: ExpertActivation,
+                     input_grad: bool, out: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """One expert's weight gradients ``[dw1, dw2(, dw3)]`` and input gradient (into ``out`` when given).
+
+    ``state`` is ``[dy, x_nD, a1, a3]``: the output gradient, the input rows and
+    the pre-activations of :func:`_expert_hidden`. It is emptied here, so that
+    each tensor is freed at its last use (the activation is recomputed from
+    ``a1``, and ``a1``'s storage takes its own gradient).
+    """
+    w1, w2, w3 = weights
+    gated = activation.gated
+    dy, x_nD, a1, a3 = state
+    state.clear()
+    act = _act_forward(a1, activation)
+    dw2 = torch.mm(dy.t(), act * a3 if gated else act)  # [D, h]
+    dz = torch.mm(dy, w2)  # [n, h]
+    del dy
+    da3 = dw3 = None
+    if gated:
+        da3 = act.mul_(dz)  # act is not needed again
+        dw3 = torch.mm(da3.t(), x_nD)
+        dz = dz.mul_(a3)
+    del act, a3
+    da1 = _act_backward(dz, a1, activation, out=a1)  # a1 is not needed again
+    del dz
+    dw1 = torch.mm(da1.t(), x_nD)
+    del x_nD
+    dx = None
+    if input_grad:
+        dx = torch.mm(da1, w1) if out is None else torch.mm(da1, w1, out=out)
+        if gated:
+            dx.addmm_(da3, w3)
+    return [dw1, dw2] + ([dw3] if gated else []), dx
 
 
 def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights,
@@ -658,12 +692,8 @@ def loop_ffn_forward(x_RD: torch.Tensor, counts: Sequence[int], weights: Weights
     GEMMs' own. ``output_grad_is_scratch``: see :meth:`HeteroExperts.forward`.
     """
     activation = ExpertActivation(activation)
-    spans, row = [], 0
-    for count in counts:
-        spans.append((row, row + int(count)))
-        row += int(count)
     flat = [w for triple in weights for w in triple if w is not None]
-    return _ExpertLoopFFN.apply(x_RD, spans, activation, output_grad_is_scratch, *flat)
+    return _ExpertLoopFFN.apply(x_RD, _spans(counts), activation, output_grad_is_scratch, *flat)
 
 
 @dataclass(frozen=True)
@@ -709,20 +739,12 @@ class _RoutedLoopFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, gate_A: torch.Tensor, token_idx_A: torch.Tensor,  # type: ignore[override]
                 spans: list[tuple[int, int]], activation: ExpertActivation, *flat_weights: torch.Tensor) -> torch.Tensor:
-        gated = activation.gated
-        weights = _unflatten(flat_weights, gated)
+        weights = _unflatten(flat_weights, activation.gated)
         out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
         saved: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None] = []
         for (start, end), (w1, w2, w3) in zip(spans, weights):
             rows = token_idx_A[start:end]
-            x_nD = x_TD.index_select(0, rows)
-            a1 = torch.mm(x_nD, w1.t())
-            z = _act_forward(a1, activation)
-            a3 = None
-            if gated:
-                a3 = torch.mm(x_nD, w3.t())
-                z = z.mul_(a3)
-            del x_nD
+            a1, a3, z = _expert_hidden(x_TD.index_select(0, rows), w1, w3, activation)
             y = torch.mm(z, w2.t())
             del z
             out_TD.index_add_(0, rows, y.float() * gate_A[start:end, None])
@@ -735,19 +757,16 @@ class _RoutedLoopFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):  # type: ignore[override]
         activation: ExpertActivation = ctx.activation
-        gated = activation.gated
         x_TD, gate_A, token_idx_A, *flat_weights = ctx.saved_tensors
-        weights = _unflatten(flat_weights, gated)
+        weights = _unflatten(flat_weights, activation.gated)
         saved = ctx.activations
         ctx.activations = None
         grad_TD = grad_TD.float()
         grad_x = torch.zeros_like(x_TD) if ctx.needs_input_grad[0] else None
         grad_gate = torch.empty_like(gate_A) if ctx.needs_input_grad[1] else None
         grads: list[list[torch.Tensor]] = [[] for _ in weights]
-        heaviest_first = sorted(range(len(weights)),
-                                key=lambda j: -(ctx.spans[j][1] - ctx.spans[j][0]) * weights[j][0].shape[0])
-        for j in heaviest_first:
-            (start, end), (w1, w2, w3) = ctx.spans[j], weights[j]
+        for j in _heaviest_first(ctx.spans, weights):
+            start, end = ctx.spans[j]
             a1, a3, y = saved[j]
             saved[j] = None
             rows = token_idx_A[start:end]
@@ -755,30 +774,12 @@ class _RoutedLoopFFN(torch.autograd.Function):
             if grad_gate is not None:
                 grad_gate[start:end] = (dout * y.float()).sum(dim=1)
             del y
-            dy = dout.mul_(gate_A[start:end, None]).to(x_TD.dtype)
-            del dout
-            x_nD = x_TD.index_select(0, rows)
-            act = _act_forward(a1, activation)
-            dw2 = torch.mm(dy.t(), act * a3 if gated else act)  # [D, h]
-            dz = torch.mm(dy, w2)  # [n, h]
-            del dy
-            da3 = dw3 = None
-            if gated:
-                da3 = act.mul_(dz)  # act is not needed again
-                dw3 = torch.mm(da3.t(), x_nD)
-                dz = dz.mul_(a3)
-            del act, a3
-            da1 = _act_backward(dz, a1, activation, out=a1)  # a1 is not needed again
-            del dz
-            dw1 = torch.mm(da1.t(), x_nD)
-            del x_nD
-            if grad_x is not None:
-                dx = torch.mm(da1, w1)
-                if gated:
-                    dx.addmm_(da3, w3)
+            state = [dout.mul_(gate_A[start:end, None]).to(x_TD.dtype), x_TD.index_select(0, rows), a1, a3]
+            del dout, a1, a3
+            grads[j], dx = _expert_backward(state, weights[j], activation, grad_x is not None)
+            if dx is not None:
                 grad_x.index_add_(0, rows, dx)
-                del dx
-            grads[j] = [dw1, dw2] + ([dw3] if gated else [])
+            del dx
         return (grad_x, grad_gate, None, None, None, *[g for expert in grads for g in expert])
 
 
@@ -787,10 +788,8 @@ def routed_loop_ffn_forward(x_TD: torch.Tensor, counts: Sequence[int], route: To
     """The fp32 ``[T, D]`` sum over each token's experts of ``gate * FFN(x)``; expert j takes assignments
     ``[sum(counts[:j]), sum(counts[:j+1]))`` of ``route`` (see :class:`_RoutedLoopFFN`)."""
     activation = ExpertActivation(activation)
-    spans, row = [], 0
-    for count in counts:
-        spans.append((row, row + int(count)))
-        row += int(count)
+    spans = _spans(counts)
+    row = spans[-1][1] if spans else 0
     if row != route.token_idx_A.shape[0]:
         raise ValueError(f"token counts {list(counts)} do not add up to the {route.token_idx_A.shape[0]} assignments "
                          "routed")
@@ -858,8 +857,12 @@ class _ExpertComputeMixin:
             raise ValueError(f"got {len(counts)} token counts for {len(weights)} local experts")
         if self.runs_grouped(x_TD.device, x_TD.dtype):
             raise ValueError("route= is for the per-expert loop; the grouped path takes grouped rows")
-        order = range(len(weights)) if self._plan is None else self._plan.compute_order
-        return routed_loop_ffn_forward(x_TD, counts, route, [weights[j] for j in order], self.activation)
+        return routed_loop_ffn_forward(x_TD, counts, route, self._in_compute_order(weights), self.activation)
+
+    def _in_compute_order(self, weights: Weights) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per-expert weights in the order rows arrive (slot order for the loop path, bucket order when a grouped
+        plan fixed the dispatch order)."""
+        return list(weights) if self._plan is None else [weights[j] for j in self._plan.compute_order]
 
     def _compute(self, x_RD: torch.Tensor, counts: Sequence[int], output_grad_is_scratch: bool) -> torch.Tensor:
         weights = self.per_expert_weights()
@@ -867,11 +870,9 @@ class _ExpertComputeMixin:
             raise ValueError(f"got {len(counts)} token counts for {len(weights)} local experts")
         if sum(int(c) for c in counts) != x_RD.shape[0]:
             raise ValueError(f"token counts {list(counts)} do not add up to the {x_RD.shape[0]} rows received")
-        if self._plan is None:
-            return loop_ffn_forward(x_RD, counts, weights, self.activation, output_grad_is_scratch)
-        if not self.runs_grouped(x_RD.device, x_RD.dtype):
-            # Same math, rows still in the grouped path's compute order (fixed at construction for dispatch).
-            return loop_ffn_forward(x_RD, counts, [weights[j] for j in self._plan.compute_order], self.activation,
+        if self._plan is None or not self.runs_grouped(x_RD.device, x_RD.dtype):
+            # With a grouped plan the rows still come in its compute order (fixed at construction for dispatch).
+            return loop_ffn_forward(x_RD, counts, self._in_compute_order(weights), self.activation,
                                     output_grad_is_scratch)
         return grouped_ffn_forward(x_RD, counts, weights, self._plan, output_grad_is_scratch)
 

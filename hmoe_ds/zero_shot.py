@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from .eval_tasks import BIGBENCH_TASKS, GROUP, TASK_DIR, TASK_NAMES, EvalDataMissing, prepare_bigbench, task_file
+from .eval_tasks import BIGBENCH_TASKS, GROUP, TASK_DIR, TASK_NAMES, EvalDataMissing, check_prepared, prepare_bigbench
 
 __all__ = ["build_parser", "check_tasks", "evaluate_zero_shot", "format_table", "main"]
 
@@ -69,11 +69,10 @@ def check_tasks(tasks: Sequence[str], manager: Any) -> None:
                             f"(shipped offline: {', '.join([GROUP, *TASK_NAMES])}; harness tasks need their "
                             "dataset in the local Hugging Face cache)")
     needed = BIGBENCH_TASKS if GROUP in tasks else [t.removeprefix(f"{GROUP}_") for t in tasks if t in TASK_NAMES]
-    for task in needed:
-        try:
-            task_file(task)
-        except EvalDataMissing as exc:
-            raise ZeroShotError(str(exc)) from None
+    try:
+        check_prepared(needed)
+    except EvalDataMissing as exc:
+        raise ZeroShotError(str(exc)) from None
 
 
 def _is_export(path: Path) -> bool:

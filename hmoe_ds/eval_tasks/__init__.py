@@ -28,10 +28,10 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 __all__ = ["BIGBENCH_SHA256", "BIGBENCH_TASKS", "BIGBENCH_VERSION", "GROUP", "TASK_DIR", "TASK_NAMES",
-           "EvalDataMissing", "data_dir", "prepare_bigbench", "task_file"]
+           "EvalDataMissing", "check_prepared", "data_dir", "prepare_bigbench", "task_file"]
 
 #: The ``bigbench`` sdist on PyPI whose ``task.json`` files are the data.
 BIGBENCH_VERSION = "1.0.0"
@@ -77,6 +77,12 @@ def task_file(task: str, root: Path | None = None) -> Path:
             f"{BIGBENCH_VERSION} source distribution on PyPI. Run `python run/zero_shot.py --prepare_data` "
             f"(run/setup.sh does it), or set HMOE_EVAL_DATA to a directory prepared elsewhere")
     return path
+
+
+def check_prepared(tasks: Sequence[str] = BIGBENCH_TASKS, root: Path | None = None) -> None:
+    """:class:`EvalDataMissing` (with the fix) unless every BIG-bench task in ``tasks`` has its prepared file."""
+    for task in tasks:
+        task_file(task, root)
 
 
 def _examples(task_json: dict[str, Any]) -> Iterator[dict[str, Any]]:

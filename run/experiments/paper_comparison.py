@@ -353,11 +353,10 @@ def check_zero_shot_ready() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise SystemExit("--zero-shot: lm-evaluation-harness is not installed; `pip install -e .[eval]` "
                          "(run/setup.sh does it)")
-    from hmoe_ds.eval_tasks import BIGBENCH_TASKS, EvalDataMissing, task_file
+    from hmoe_ds.eval_tasks import EvalDataMissing, check_prepared
 
     try:
-        for task in BIGBENCH_TASKS:
-            task_file(task)
+        check_prepared()
     except EvalDataMissing as exc:
         raise SystemExit(f"--zero-shot: {exc}") from None
 
