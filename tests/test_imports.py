@@ -226,3 +226,33 @@ def test_importing_the_training_modules_imports_no_heavy_package(module: str) ->
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", f"importing {module} imported {proc.stdout.strip()}"
+
+
+def test_validating_an_experiment_imports_no_modeling_code(tmp_path) -> None:
+    """A bad experiment is refused before the ranks import transformers' modeling stack (~3.5 s of CPU each:
+    ``modeling_utils`` pulls in torch._dynamo, DTensor and scipy); a good one is validated without it too."""
+    import subprocess
+    import sys
+
+    good = tmp_path / "good.yaml"
+    good.write_text((PACKAGE.parent / "run" / "configs" / "quickstart.yaml").read_text(encoding="utf-8"),
+                    encoding="utf-8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hidden_size: 64, num_hidden_layers: 2, moe: {expert_sizes: [32, 64], top_k: 0}}\n"
+                   "run: {output_dir: out}\n", encoding="utf-8")
+    code = ("import sys\n"
+            "from hmoe_ds.errors import ExperimentError\n"
+            "from hmoe_ds.training.experiment import load_experiment\n"
+            f"load_experiment({str(good)!r})\n"
+            "try:\n"
+            f"    load_experiment({str(bad)!r})\n"
+            "    print('accepted')\n"
+            "except ExperimentError as exc:\n"
+            "    print('refused:', exc)\n"
+            "print(sorted(m for m in ('hmoe_ds.modeling', 'transformers.modeling_utils') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2].startswith("refused:") and "top_k" in lines[-2], proc.stdout
+    assert lines[-1] == "[]", f"validating an experiment imported {lines[-1]}"
